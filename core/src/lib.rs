@@ -1,0 +1,20 @@
+//! e4m3-core: the graph of ops and their reference semantics (the CPU backend), Gemma models,
+//! checkpoint formats, tokenizer, chat template, sampling and KV-cache management.
+
+pub mod backend;
+pub mod chat;
+pub mod checkpoint;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod generate;
+pub mod generation_config;
+pub mod gguf;
+pub mod graph;
+pub mod import_gguf;
+pub mod model;
+pub mod sampling;
+pub mod tensor;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
