@@ -1,1 +1,163 @@
-//! (in progress)
+//! The interface every backend implements: it takes a whole graph (so a GPU backend can fuse and capture
+//! it) and executes one step for a batch of sequences.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::graph::{Graph, Op, WeightMap};
+use crate::tensor::Mat;
+
+/// Which positions of a sequence's step produce logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    None,
+    Last,
+    All,
+}
+
+/// One sequence's share of a step: its new tokens, appended to its KV-cache slot at `start_pos`.
+#[derive(Debug, Clone)]
+pub struct SeqStep {
+    pub slot: usize,
+    /// Must equal the slot's current length, or 0 to restart the slot.
+    pub start_pos: usize,
+    pub tokens: Vec<u32>,
+    pub logits: LogitsFor,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub seqs: Vec<SeqStep>,
+}
+
+impl Batch {
+    pub fn single(slot: usize, start_pos: usize, tokens: Vec<u32>, logits: LogitsFor) -> Batch {
+        Batch {
+            seqs: vec![SeqStep {
+                slot,
+                start_pos,
+                tokens,
+                logits,
+            }],
+        }
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.tokens.len()).sum()
+    }
+
+    /// Flat row index (within the step) of every row that produces logits, with (sequence index, position).
+    pub fn logit_rows(&self) -> Vec<(usize, usize, usize)> {
+        let mut rows = Vec::new();
+        let mut base = 0;
+        for (si, s) in self.seqs.iter().enumerate() {
+            let n = s.tokens.len();
+            match s.logits {
+                LogitsFor::None => {}
+                LogitsFor::Last if n > 0 => rows.push((base + n - 1, si, s.start_pos + n - 1)),
+                LogitsFor::Last => {}
+                LogitsFor::All => rows.extend((0..n).map(|i| (base + i, si, s.start_pos + i))),
+            }
+            base += n;
+        }
+        rows
+    }
+
+    /// Token ids and positions of every row of the step.
+    pub fn flat_tokens(&self) -> (Vec<u32>, Vec<usize>) {
+        let mut ids = Vec::with_capacity(self.num_tokens());
+        let mut pos = Vec::with_capacity(self.num_tokens());
+        for s in &self.seqs {
+            ids.extend_from_slice(&s.tokens);
+            pos.extend((0..s.tokens.len()).map(|i| s.start_pos + i));
+        }
+        (ids, pos)
+    }
+}
+
+/// What a step returns.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// One row per requested position, in the order of `Batch::logit_rows`.
+    pub logits: Mat,
+    /// (sequence index in the batch, position) of each logits row.
+    pub rows: Vec<(usize, usize)>,
+    /// The values of the nodes named in the step's tap list.
+    pub taps: BTreeMap<String, Mat>,
+}
+
+/// Size of the KV cache a runner allocates.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    /// Number of sequences that can be live at once.
+    pub slots: usize,
+    /// Longest sequence (prompt + generated) a slot can hold.
+    pub max_seq_len: usize,
+}
+
+pub trait Backend {
+    fn name(&self) -> String;
+    fn supports(&self, op: &Op) -> bool;
+    /// Upload weights, allocate caches and prepare to execute `graph`.
+    fn load(&self, graph: &Graph, weights: &WeightMap, cache: CacheConfig) -> Result<Box<dyn Runner>>;
+}
+
+pub trait Runner: Send {
+    /// Execute one step; `taps` names nodes whose values are returned too.
+    fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput>;
+    /// Forget a slot's cached tokens.
+    fn release(&mut self, slot: usize) -> Result<()>;
+    /// Tokens currently cached in a slot.
+    fn seq_len(&self, slot: usize) -> usize;
+}
+
+/// The first op of `graph` that `backend` does not support, as an error.
+pub fn check_supported(backend: &dyn Backend, graph: &Graph) -> Result<()> {
+    for n in &graph.nodes {
+        if !backend.supports(&n.op) {
+            return Err(Error::Unsupported {
+                backend: backend.name(),
+                op: n.op.kind().to_string(),
+                node: n.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Validate a batch against the slots' state before running it. `len(slot)` is the cached length.
+pub fn validate_batch(batch: &Batch, cache: &CacheConfig, vocab: usize, len: impl Fn(usize) -> usize) -> Result<()> {
+    let mut seen = Vec::new();
+    for s in &batch.seqs {
+        if s.slot >= cache.slots {
+            return Err(Error::invalid(format!(
+                "slot {} does not exist (the cache has {} slots)",
+                s.slot, cache.slots
+            )));
+        }
+        if seen.contains(&s.slot) {
+            return Err(Error::invalid(format!("slot {} appears twice in one step", s.slot)));
+        }
+        seen.push(s.slot);
+        let cur = len(s.slot);
+        if s.start_pos != cur && s.start_pos != 0 {
+            return Err(Error::invalid(format!(
+                "slot {} holds {cur} tokens; a step must start at {cur} or at 0, not {}",
+                s.slot, s.start_pos
+            )));
+        }
+        let end = s.start_pos + s.tokens.len();
+        if end > cache.max_seq_len {
+            return Err(Error::invalid(format!(
+                "sequence of {end} tokens is longer than the maximum length {} of the cache",
+                cache.max_seq_len
+            )));
+        }
+        if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::invalid(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+    }
+    Ok(())
+}

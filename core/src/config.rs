@@ -1,1 +1,464 @@
-//! (in progress)
+//! config.json for Gemma 3 text models, filled with transformers' defaults where the hub file is sparse.
+//! Accepts the 4.x keys (`rope_theta`, `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`)
+//! and the 5.x keys (`rope_parameters` per layer type, `layer_types`), flat or nested in `text_config`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerType {
+    Sliding,
+    Full,
+}
+
+impl LayerType {
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerType::Sliding => "sliding_attention",
+            LayerType::Full => "full_attention",
+        }
+    }
+}
+
+/// RoPE parameters of one layer type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f32,
+    /// Linear position scaling: inverse frequencies are divided by this (1.0 = none).
+    pub linear_factor: f32,
+}
+
+impl RopeSpec {
+    /// Inverse frequencies `1 / theta^(2i/d)` in f32, as transformers computes them, divided by the linear factor.
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
+        (0..head_dim / 2)
+            .map(|i| {
+                let exponent = (2 * i) as f32 / head_dim as f32;
+                1.0 / self.theta.powf(exponent) / self.linear_factor
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Gemma3Config {
+    pub path: PathBuf,
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f32,
+    pub query_pre_attn_scalar: f32,
+    pub sliding_window: usize,
+    pub layer_types: Vec<LayerType>,
+    pub rope_full: RopeSpec,
+    pub rope_sliding: RopeSpec,
+    pub final_logit_softcapping: Option<f32>,
+    pub attn_logit_softcapping: Option<f32>,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl Gemma3Config {
+    pub fn rope(&self, t: LayerType) -> &RopeSpec {
+        match t {
+            LayerType::Full => &self.rope_full,
+            LayerType::Sliding => &self.rope_sliding,
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Gemma3Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+        Self::from_json(path, &json)
+    }
+
+    pub fn from_json(path: &Path, json: &Value) -> Result<Gemma3Config> {
+        let top = json
+            .as_object()
+            .ok_or_else(|| Error::file(path, "config is not a JSON object"))?;
+        let architecture = match top.get("architectures") {
+            Some(Value::Array(a)) => a
+                .first()
+                .and_then(|v| v.as_str())
+                .unwrap_or("Gemma3ForCausalLM")
+                .to_string(),
+            _ => "Gemma3ForCausalLM".to_string(),
+        };
+        let top_type = top.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let (obj, prefix) = match top.get("text_config") {
+            Some(Value::Object(t)) => (t, "text_config."),
+            Some(Value::Null) | None => (top, ""),
+            Some(_) => return Err(Error::field(path, "text_config", "expected an object")),
+        };
+        let f = Fields { path, obj, prefix };
+        let model_type = f.str_or("model_type", if prefix.is_empty() { top_type } else { "gemma3_text" })?;
+        match (top_type, model_type.as_str()) {
+            (_, "gemma3_text") | ("gemma3", _) | ("", "") => {}
+            (t, m) if t.starts_with("gemma4") || m.starts_with("gemma4") => {
+                return Err(Error::field(
+                    path,
+                    "model_type",
+                    format!("`{m}`: Gemma 4 models are not supported yet (Gemma 3 only)"),
+                ))
+            }
+            (_, m) => {
+                return Err(Error::field(
+                    path,
+                    format!("{prefix}model_type"),
+                    format!("`{m}` is not a Gemma 3 model (expected gemma3_text or gemma3)"),
+                ))
+            }
+        }
+
+        let num_hidden_layers = f.usize_or("num_hidden_layers", 26)?;
+        let act = match obj.get("hidden_activation").or(obj.get("hidden_act")) {
+            None | Some(Value::Null) => "gelu_pytorch_tanh".to_string(),
+            Some(v) => v.as_str().map(str::to_string).ok_or_else(|| {
+                Error::field(path, format!("{prefix}hidden_activation"), "expected a string")
+            })?,
+        };
+        if act != "gelu_pytorch_tanh" && act != "gelu_tanh" {
+            return Err(Error::field(
+                path,
+                format!("{prefix}hidden_activation"),
+                format!("`{act}` is not supported (Gemma 3 uses gelu_pytorch_tanh)"),
+            ));
+        }
+        if f.bool_or("use_bidirectional_attention", false)? {
+            return Err(Error::field(
+                path,
+                format!("{prefix}use_bidirectional_attention"),
+                "bidirectional (embedding) models are not supported",
+            ));
+        }
+
+        let layer_types = match obj.get("layer_types") {
+            Some(Value::Array(a)) => {
+                let mut out = Vec::with_capacity(a.len());
+                for (i, v) in a.iter().enumerate() {
+                    out.push(match v.as_str() {
+                        Some("sliding_attention") => LayerType::Sliding,
+                        Some("full_attention") => LayerType::Full,
+                        _ => {
+                            return Err(Error::field(
+                                path,
+                                format!("{prefix}layer_types[{i}]"),
+                                format!("expected \"sliding_attention\" or \"full_attention\", found {v}"),
+                            ))
+                        }
+                    });
+                }
+                if out.len() != num_hidden_layers {
+                    return Err(Error::field(
+                        path,
+                        format!("{prefix}layer_types"),
+                        format!("has {} entries but num_hidden_layers is {num_hidden_layers}", out.len()),
+                    ));
+                }
+                out
+            }
+            Some(Value::Null) | None => {
+                let key = if obj.contains_key("sliding_window_pattern") {
+                    "sliding_window_pattern"
+                } else {
+                    "_sliding_window_pattern"
+                };
+                let pattern = f.usize_or(key, 6)?;
+                if pattern == 0 {
+                    return Err(Error::field(path, format!("{prefix}{key}"), "must be at least 1"));
+                }
+                (0..num_hidden_layers)
+                    .map(|i| if (i + 1) % pattern != 0 { LayerType::Sliding } else { LayerType::Full })
+                    .collect()
+            }
+            Some(_) => return Err(Error::field(path, format!("{prefix}layer_types"), "expected a list")),
+        };
+
+        let (rope_full, rope_sliding) = parse_rope(&f)?;
+
+        let eos_token_ids = match obj.get("eos_token_id").or(top.get("eos_token_id")) {
+            None | Some(Value::Null) => vec![1],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_u64().map(|x| x as u32))
+                .collect::<Option<Vec<u32>>>()
+                .ok_or_else(|| Error::field(path, "eos_token_id", "expected integers"))?,
+            Some(v) => vec![v
+                .as_u64()
+                .ok_or_else(|| Error::field(path, "eos_token_id", "expected an integer or a list"))?
+                as u32],
+        };
+
+        let cfg = Gemma3Config {
+            path: path.to_path_buf(),
+            architecture,
+            vocab_size: f.usize_or("vocab_size", 262208)?,
+            hidden_size: f.usize_or("hidden_size", 2304)?,
+            intermediate_size: f.usize_or("intermediate_size", 9216)?,
+            num_hidden_layers,
+            num_attention_heads: f.usize_or("num_attention_heads", 8)?,
+            num_key_value_heads: f.usize_or("num_key_value_heads", 4)?,
+            head_dim: f.usize_or("head_dim", 256)?,
+            max_position_embeddings: f.usize_or("max_position_embeddings", 131072)?,
+            rms_norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
+            query_pre_attn_scalar: f.f32_or("query_pre_attn_scalar", 256.0)?,
+            sliding_window: f.usize_or("sliding_window", 4096)?,
+            layer_types,
+            rope_full,
+            rope_sliding,
+            final_logit_softcapping: f.opt_f32("final_logit_softcapping")?,
+            attn_logit_softcapping: f.opt_f32("attn_logit_softcapping")?,
+            tie_word_embeddings: match top.get("tie_word_embeddings") {
+                Some(_) if prefix.is_empty() => f.bool_or("tie_word_embeddings", true)?,
+                Some(Value::Bool(b)) => *b,
+                _ => f.bool_or("tie_word_embeddings", true)?,
+            },
+            bos_token_id: match obj.get("bos_token_id").or(top.get("bos_token_id")) {
+                Some(v) => v.as_u64().map(|x| x as u32),
+                None => Some(2),
+            },
+            eos_token_ids,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let p = &self.path;
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("sliding_window", self.sliding_window),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::field(p, name, "must be positive"));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(Error::field(
+                p,
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::field(p, "head_dim", "must be even for RoPE"));
+        }
+        if !(self.query_pre_attn_scalar > 0.0) {
+            return Err(Error::field(p, "query_pre_attn_scalar", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to the fields of one JSON object, with errors that name the field.
+struct Fields<'a> {
+    path: &'a Path,
+    obj: &'a Map<String, Value>,
+    prefix: &'a str,
+}
+
+impl Fields<'_> {
+    fn err(&self, key: &str, msg: impl Into<String>) -> Error {
+        Error::field(self.path, format!("{}{key}", self.prefix), msg)
+    }
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+        }
+    }
+    fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
+        Ok(self.opt_f32(key)?.unwrap_or(default))
+    }
+    fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(|x| Some(x as f32))
+                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+        }
+    }
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
+        }
+    }
+    fn str_or(&self, key: &str, default: &str) -> Result<String> {
+        match self.get(key) {
+            None => Ok(default.to_string()),
+            Some(v) => v
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
+        }
+    }
+}
+
+/// One RoPE parameter object (`rope_scaling`, or an entry of `rope_parameters`).
+fn parse_rope_object(f: &Fields, field: &str, v: &Value, theta: f32) -> Result<RopeSpec> {
+    let o = v
+        .as_object()
+        .ok_or_else(|| f.err(field, "expected an object"))?;
+    let sub = Fields {
+        path: f.path,
+        obj: o,
+        prefix: &format!("{}{field}.", f.prefix),
+    };
+    let kind = match sub.get("rope_type").or(sub.get("type")) {
+        None => "default".to_string(),
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| sub.err("rope_type", "expected a string"))?
+            .to_string(),
+    };
+    let theta = sub.f32_or("rope_theta", theta)?;
+    let linear_factor = match kind.as_str() {
+        "default" => 1.0,
+        "linear" => {
+            let factor = sub.f32_or("factor", 1.0)?;
+            if !(factor > 0.0) {
+                return Err(sub.err("factor", "must be positive"));
+            }
+            factor
+        }
+        other => {
+            return Err(sub.err(
+                "rope_type",
+                format!("`{other}` is not supported (Gemma 3 uses default or linear)"),
+            ))
+        }
+    };
+    Ok(RopeSpec { theta, linear_factor })
+}
+
+fn parse_rope(f: &Fields) -> Result<(RopeSpec, RopeSpec)> {
+    let theta_full = f.f32_or("rope_theta", 1_000_000.0)?;
+    let theta_local = f.f32_or("rope_local_base_freq", 10_000.0)?;
+    if let Some(params) = f.get("rope_parameters") {
+        let o = params
+            .as_object()
+            .ok_or_else(|| f.err("rope_parameters", "expected an object"))?;
+        if o.contains_key("full_attention") || o.contains_key("sliding_attention") {
+            let full = match o.get("full_attention") {
+                Some(v) => parse_rope_object(f, "rope_parameters.full_attention", v, theta_full)?,
+                None => RopeSpec { theta: theta_full, linear_factor: 1.0 },
+            };
+            let sliding = match o.get("sliding_attention") {
+                Some(v) => parse_rope_object(f, "rope_parameters.sliding_attention", v, theta_local)?,
+                None => RopeSpec { theta: theta_local, linear_factor: 1.0 },
+            };
+            return Ok((full, sliding));
+        }
+        // A flat dict applies to the full-attention layers, as `rope_scaling` does.
+        let full = parse_rope_object(f, "rope_parameters", params, theta_full)?;
+        return Ok((full, RopeSpec { theta: theta_local, linear_factor: 1.0 }));
+    }
+    let full = match f.get("rope_scaling") {
+        Some(v) => parse_rope_object(f, "rope_scaling", v, theta_full)?,
+        None => RopeSpec { theta: theta_full, linear_factor: 1.0 },
+    };
+    Ok((full, RopeSpec { theta: theta_local, linear_factor: 1.0 }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<Gemma3Config> {
+        Gemma3Config::from_json(Path::new("config.json"), &v)
+    }
+
+    #[test]
+    fn sparse_text_config_gets_transformers_defaults() {
+        // The shape of the real 4B config: a sparse text_config inside a multimodal wrapper.
+        let c = parse(json!({
+            "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "eos_token_id": [1, 106],
+            "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                "sliding_window": 1024}
+        }))
+        .unwrap();
+        assert_eq!(c.vocab_size, 262208);
+        assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (8, 4, 256));
+        assert_eq!(c.query_pre_attn_scalar, 256.0);
+        assert_eq!(c.rope_full, RopeSpec { theta: 1e6, linear_factor: 8.0 });
+        assert_eq!(c.rope_sliding, RopeSpec { theta: 1e4, linear_factor: 1.0 });
+        assert_eq!(c.eos_token_ids, vec![1, 106]);
+        assert_eq!(c.layer_types.len(), 34);
+        let full: Vec<usize> = (0..34).filter(|&i| c.layer_types[i] == LayerType::Full).collect();
+        assert_eq!(full, vec![5, 11, 17, 23, 29]);
+        assert_eq!(c.architecture, "Gemma3ForConditionalGeneration");
+    }
+
+    #[test]
+    fn v5_rope_parameters_equal_v4_keys() {
+        let v4 = parse(json!({"model_type": "gemma3_text", "num_hidden_layers": 4, "sliding_window_pattern": 2,
+            "rope_theta": 5e5, "rope_local_base_freq": 2e4, "rope_scaling": {"type": "linear", "factor": 4.0}}))
+        .unwrap();
+        let v5 = parse(json!({"model_type": "gemma3_text", "num_hidden_layers": 4,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}}}))
+        .unwrap();
+        assert_eq!(v4.layer_types, v5.layer_types);
+        assert_eq!(v4.rope_full, v5.rope_full);
+        assert_eq!(v4.rope_sliding, v5.rope_sliding);
+        assert_eq!(v4.rope_full.inv_freq(8)[1], 1.0 / 5e5f32.powf(0.25) / 4.0);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = parse(json!({"model_type": "gemma3_text", "hidden_size": "big"})).unwrap_err().to_string();
+        assert!(e.contains("hidden_size") && e.contains("\"big\""), "{e}");
+        let e = parse(json!({"model_type": "gemma3", "text_config": {"num_attention_heads": 3}}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        let e = parse(json!({"model_type": "gemma3_text", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
+        let e = parse(json!({"model_type": "llama"})).unwrap_err().to_string();
+        assert!(e.contains("model_type") && e.contains("llama"), "{e}");
+        let e = parse(json!({"model_type": "gemma3_text", "num_hidden_layers": 2, "layer_types": ["full_attention"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("layer_types") && e.contains("1 entries"), "{e}");
+        let e = parse(json!({"model_type": "gemma3_text", "layer_types": [1, 2]})).unwrap_err().to_string();
+        assert!(e.contains("layer_types[0]"), "{e}");
+    }
+}

@@ -1,1 +1,175 @@
-//! (in progress)
+//! The graph a model is described as, once, for every backend.
+//!
+//! Every value is a 2-D f32 matrix `[rows, cols]`. Rows are the tokens of one step (all sequences of the
+//! batch, concatenated) except after `SelectRows`, where they are the rows whose logits were asked for.
+//! Per-head ops read a row as `heads x head_dim`. Weights are referenced by name and carry their
+//! quantization scheme, so a backend can pick a kernel per scheme.
+
+use std::collections::BTreeMap;
+
+use crate::checkpoint::Weight;
+
+/// Index of a node (and of the value it produces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ValueId(pub usize);
+
+/// How a linear layer's weight is stored and how its input is treated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuantScheme {
+    /// Weight in F32, BF16 or F16, activations in full precision.
+    Dense,
+}
+
+impl QuantScheme {
+    pub fn name(&self) -> &'static str {
+        match self {
+            QuantScheme::Dense => "dense",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Gather rows of `table` for the step's token ids, times `scale`. No inputs.
+    Embed { table: String, scale: f32 },
+    /// RMSNorm over each group of `group` values of a row: `x * rsqrt(mean(x^2) + eps) * w'`, where
+    /// `w' = 1 + w` when `add_one` (Gemma 3) and `w` otherwise; no weight means `w' = 1`.
+    RmsNorm {
+        weight: Option<String>,
+        group: usize,
+        eps: f32,
+        add_one: bool,
+    },
+    /// `y = x W^T`, W stored `[out, in]`.
+    Linear { weight: String, scheme: QuantScheme },
+    /// Rotate-half (NeoX) RoPE on each head of `head_dim` values, at the step's positions.
+    Rope { head_dim: usize, inv_freq: Vec<f32> },
+    /// Causal attention of q (`[T, n_heads*head_dim]`) over the KV cache of `cache_layer` after appending
+    /// this step's k and v (`[T, n_kv_heads*head_dim]`). `window`: a query sees the `window` most recent keys,
+    /// itself included. GQA: query head h reads kv head `h / (n_heads / n_kv_heads)`.
+    Attention {
+        cache_layer: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+        window: Option<usize>,
+        softcap: Option<f32>,
+    },
+    /// `gelu_tanh(gate) * up`; inputs gate, up.
+    GeluTanhMul,
+    /// Elementwise `a + b`.
+    Add,
+    /// `x * factor`.
+    Scale { factor: f32 },
+    /// `cap * tanh(x / cap)`.
+    Softcap { cap: f32 },
+    /// Keep only the rows the step asked logits for.
+    SelectRows,
+}
+
+impl Op {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Embed { .. } => "embed",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Linear { .. } => "linear",
+            Op::Rope { .. } => "rope",
+            Op::Attention { .. } => "attention",
+            Op::GeluTanhMul => "gelu_tanh_mul",
+            Op::Add => "add",
+            Op::Scale { .. } => "scale",
+            Op::Softcap { .. } => "softcap",
+            Op::SelectRows => "select_rows",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Unique name, readable back as a tap (e.g. `layers.3.attn_out`).
+    pub name: String,
+    pub op: Op,
+    pub inputs: Vec<ValueId>,
+    /// Columns of the value this node produces.
+    pub cols: usize,
+}
+
+/// Shape of one layer's KV cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheLayer {
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Sliding window: only this many most recent positions are ever read.
+    pub window: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    /// The logits value.
+    pub output: ValueId,
+    pub cache_layers: Vec<CacheLayer>,
+    pub vocab_size: usize,
+}
+
+impl Graph {
+    pub fn new(vocab_size: usize) -> Graph {
+        Graph {
+            nodes: Vec::new(),
+            output: ValueId(0),
+            cache_layers: Vec::new(),
+            vocab_size,
+        }
+    }
+
+    pub fn add(&mut self, name: impl Into<String>, op: Op, inputs: &[ValueId], cols: usize) -> ValueId {
+        self.nodes.push(Node {
+            name: name.into(),
+            op,
+            inputs: inputs.to_vec(),
+            cols,
+        });
+        ValueId(self.nodes.len() - 1)
+    }
+
+    pub fn node(&self, id: ValueId) -> &Node {
+        &self.nodes[id.0]
+    }
+
+    pub fn find(&self, name: &str) -> Option<ValueId> {
+        self.nodes.iter().position(|n| n.name == name).map(ValueId)
+    }
+
+    /// For each node, the index of the last node that reads it (itself if none), so executors can free early.
+    pub fn last_use(&self) -> Vec<usize> {
+        let mut last: Vec<usize> = (0..self.nodes.len()).collect();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for inp in &n.inputs {
+                last[inp.0] = last[inp.0].max(i);
+            }
+        }
+        last[self.output.0] = usize::MAX;
+        last
+    }
+
+    /// Names of all weights the graph reads.
+    pub fn weight_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.op {
+                Op::Embed { table, .. } => Some(table.as_str()),
+                Op::RmsNorm { weight, .. } => weight.as_deref(),
+                Op::Linear { weight, .. } => Some(weight.as_str()),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// The weights a graph references, by the names the graph uses.
+pub type WeightMap = BTreeMap<String, Weight>;

@@ -1,0 +1,191 @@
+//! The CPU reference backend: f32 math, the executable definition of every op.
+
+pub mod kernels;
+
+use std::collections::BTreeMap;
+
+use crate::backend::{check_supported, validate_batch, Backend, Batch, CacheConfig, Runner, StepOutput};
+use crate::error::{Error, Result};
+use crate::graph::{Graph, Op, WeightMap};
+use crate::tensor::{DType, Mat};
+
+pub use kernels::KvLayer;
+
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        "cpu".to_string()
+    }
+
+    fn supports(&self, op: &Op) -> bool {
+        match op {
+            Op::Embed { .. }
+            | Op::RmsNorm { .. }
+            | Op::Rope { .. }
+            | Op::Attention { .. }
+            | Op::GeluTanhMul
+            | Op::Add
+            | Op::Scale { .. }
+            | Op::Softcap { .. }
+            | Op::SelectRows => true,
+            Op::Linear { scheme, .. } => matches!(scheme, crate::graph::QuantScheme::Dense),
+        }
+    }
+
+    fn load(&self, graph: &Graph, weights: &WeightMap, cache: CacheConfig) -> Result<Box<dyn Runner>> {
+        check_supported(self, graph)?;
+        for name in graph.weight_names() {
+            let w = weights
+                .get(name)
+                .ok_or_else(|| Error::tensor(name, "referenced by the graph but not loaded"))?;
+            if !matches!(w.dtype, DType::F32 | DType::BF16 | DType::F16) {
+                return Err(Error::tensor(name, format!("dtype {} is not supported by the CPU backend", w.dtype)));
+            }
+        }
+        // Small per-channel vectors are decoded to f32 once; big matrices stay in the (mapped) checkpoint.
+        let mut norms = BTreeMap::new();
+        for n in &graph.nodes {
+            if let Op::RmsNorm { weight: Some(w), .. } = &n.op {
+                norms.insert(w.clone(), weights[w].to_f32());
+            }
+        }
+        Ok(Box::new(CpuRunner {
+            graph: graph.clone(),
+            weights: weights.clone(),
+            norms,
+            cache,
+            slots: (0..cache.slots).map(|_| None).collect(),
+            last_use: graph.last_use(),
+        }))
+    }
+}
+
+/// The KV cache of one sequence: one ring buffer per layer.
+struct SlotCache {
+    len: usize,
+    layers: Vec<KvLayer>,
+}
+
+struct CpuRunner {
+    graph: Graph,
+    weights: WeightMap,
+    norms: BTreeMap<String, Vec<f32>>,
+    cache: CacheConfig,
+    slots: Vec<Option<SlotCache>>,
+    last_use: Vec<usize>,
+}
+
+impl CpuRunner {
+    fn new_slot(&self) -> SlotCache {
+        SlotCache {
+            len: 0,
+            layers: self
+                .graph
+                .cache_layers
+                .iter()
+                .map(|l| {
+                    let cap = l.window.map_or(self.cache.max_seq_len, |w| w.min(self.cache.max_seq_len));
+                    KvLayer::new(cap, l.n_kv_heads * l.head_dim)
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Runner for CpuRunner {
+    fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput> {
+        validate_batch(batch, &self.cache, self.graph.vocab_size, |s| {
+            self.slots[s].as_ref().map_or(0, |c| c.len)
+        })?;
+        for t in taps {
+            if self.graph.find(t).is_none() {
+                return Err(Error::invalid(format!("no node named `{t}` to tap")));
+            }
+        }
+        for s in &batch.seqs {
+            let restart = s.start_pos == 0 || self.slots[s.slot].is_none();
+            if restart {
+                self.slots[s.slot] = Some(self.new_slot());
+            }
+        }
+        let (ids, positions) = batch.flat_tokens();
+        let logit_rows = batch.logit_rows();
+        let select: Vec<usize> = logit_rows.iter().map(|r| r.0).collect();
+        // (first row in the step, tokens, start position, slot) of each sequence.
+        let mut spans = Vec::with_capacity(batch.seqs.len());
+        let mut base = 0;
+        for s in &batch.seqs {
+            spans.push((base, s.tokens.len(), s.start_pos, s.slot));
+            base += s.tokens.len();
+        }
+
+        let mut values: Vec<Option<Mat>> = vec![None; self.graph.nodes.len()];
+        let mut tapped = BTreeMap::new();
+        for (i, node) in self.graph.nodes.iter().enumerate() {
+            let input = |k: usize| -> &Mat { values[node.inputs[k].0].as_ref().expect("input computed") };
+            let out = match &node.op {
+                Op::Embed { table, scale } => kernels::embed(&self.weights[table], &ids, *scale),
+                Op::RmsNorm { weight, group, eps, add_one } => {
+                    let w = weight.as_ref().map(|w| self.norms[w].as_slice());
+                    kernels::rms_norm(input(0), w, *group, *eps, *add_one)
+                }
+                Op::Linear { weight, .. } => kernels::linear(input(0), &self.weights[weight]),
+                Op::Rope { head_dim, inv_freq } => kernels::rope(input(0), &positions, *head_dim, inv_freq),
+                Op::Attention { cache_layer, n_heads, n_kv_heads, head_dim, scale, window, softcap } => {
+                    let (q, k, v) = (input(0), input(1), input(2));
+                    let mut out = Mat::zeros(q.rows, n_heads * head_dim);
+                    for &(row0, n, start, slot) in &spans {
+                        let layer = &mut self.slots[slot].as_mut().expect("slot allocated").layers[*cache_layer];
+                        let geom = kernels::AttnGeom {
+                            n_heads: *n_heads,
+                            n_kv_heads: *n_kv_heads,
+                            head_dim: *head_dim,
+                            scale: *scale,
+                            window: *window,
+                            softcap: *softcap,
+                        };
+                        kernels::attention(&geom, q, k, v, row0, n, start, layer, &mut out);
+                    }
+                    out
+                }
+                Op::GeluTanhMul => kernels::gelu_tanh_mul(input(0), input(1)),
+                Op::Add => kernels::add(input(0), input(1)),
+                Op::Scale { factor } => kernels::scale(input(0), *factor),
+                Op::Softcap { cap } => kernels::softcap(input(0), *cap),
+                Op::SelectRows => kernels::select_rows(input(0), &select),
+            };
+            if taps.iter().any(|t| *t == node.name) {
+                tapped.insert(node.name.clone(), out.clone());
+            }
+            values[i] = Some(out);
+            for inp in &node.inputs {
+                if self.last_use[inp.0] == i {
+                    values[inp.0] = None;
+                }
+            }
+        }
+        for &(_, n, start, slot) in &spans {
+            self.slots[slot].as_mut().expect("slot allocated").len = start + n;
+        }
+        let logits = values[self.graph.output.0].take().expect("output computed");
+        Ok(StepOutput {
+            logits,
+            rows: logit_rows.iter().map(|r| (r.1, r.2)).collect(),
+            taps: tapped,
+        })
+    }
+
+    fn release(&mut self, slot: usize) -> Result<()> {
+        let s = self
+            .slots
+            .get_mut(slot)
+            .ok_or_else(|| Error::invalid(format!("slot {slot} does not exist")))?;
+        *s = None;
+        Ok(())
+    }
+
+    fn seq_len(&self, slot: usize) -> usize {
+        self.slots.get(slot).and_then(|s| s.as_ref()).map_or(0, |c| c.len)
+    }
+}
