@@ -1,1 +1,442 @@
-fn main() { println!("e4m3 (in progress)"); }
+//! `e4m3`: run, inspect and benchmark Gemma checkpoints.
+
+mod bench;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use e4m3_core::backend::{Backend, CacheConfig, Runner};
+use e4m3_core::chat::{render_chat, ChatMessage};
+use e4m3_core::cpu::CpuBackend;
+use e4m3_core::generate::{generate, prompt_logits, top_k, GenerateRequest};
+use e4m3_core::generation_config::GenerationConfig;
+use e4m3_core::import_gguf::{import_gguf, ImportOptions};
+use e4m3_core::model::Model;
+use e4m3_core::sampling::SamplingParams;
+use e4m3_core::tensor::DType;
+use e4m3_core::tokenizer::Tokenizer;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "e4m3", version, about = "Run Gemma models from FP8 and BF16 checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum BackendKind {
+    Auto,
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OutDType {
+    Bf16,
+    F32,
+}
+
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// Sampling temperature (0 = greedy). Default: generation_config.json.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Keep the K most likely tokens (0 = off). Default: generation_config.json.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling mass. Default: generation_config.json.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Drop tokens below min_p times the top probability. Default: generation_config.json.
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// Seed of the sampler (random if absent).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt (streamed as it is generated).
+    Run {
+        #[arg(long)]
+        model: PathBuf,
+        /// Raw prompt (BOS added as the tokenizer config says).
+        #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+        prompt: Option<String>,
+        /// A user message, rendered with the checkpoint's chat template.
+        #[arg(long)]
+        chat: Option<String>,
+        /// System message for --chat.
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendKind,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Print timing figures to stderr.
+        #[arg(long)]
+        stats: bool,
+        /// Print one JSON object (prompt ids, generated ids, text) instead of streaming text.
+        #[arg(long)]
+        json: bool,
+        /// With --json: the top K (id, logit) of every generated step.
+        #[arg(long, default_value_t = 0, requires = "json")]
+        top_logits: usize,
+    },
+    /// Top-K raw logits at every prompt position (teacher forcing).
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendKind,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Architecture, layer types, heads, quantization and bytes of a checkpoint.
+    Info {
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Convert a GGUF file to an HF-layout checkpoint (config.json, model.safetensors, tokenizer files).
+    ImportGguf {
+        gguf: PathBuf,
+        /// Directory with tokenizer.json and tokenizer_config.json.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: OutDType,
+    },
+    /// Prefill and decode speed, peak memory.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Run { model, prompt, chat, system, backend, max_tokens, sampling, stats, json, top_logits } => {
+            let input = match (prompt, chat) {
+                (Some(p), _) => PromptInput::Raw(p),
+                (None, Some(c)) => PromptInput::Chat { system, user: c },
+                (None, None) => bail!("give --prompt or --chat"),
+            };
+            cmd_run(&model, input, backend, max_tokens, &sampling, stats, json, top_logits)
+        }
+        Cmd::Logits { model, prompt, top, backend, json } => cmd_logits(&model, &prompt, top, backend, json),
+        Cmd::Info { model } => cmd_info(&model),
+        Cmd::ImportGguf { gguf, tokenizer, out, dtype } => {
+            let dtype = match dtype {
+                OutDType::Bf16 => DType::BF16,
+                OutDType::F32 => DType::F32,
+            };
+            let t = Instant::now();
+            let report = import_gguf(&gguf, &tokenizer, &out, &ImportOptions { dtype, progress: true })?;
+            eprintln!("imported {} in {:.1}s: {report:?}", gguf.display(), t.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Cmd::Bench(args) => bench::cmd_bench(args),
+    }
+}
+
+/// Pick the backend: `auto` prefers CUDA, then wgpu, then the CPU.
+pub fn open_backend(kind: BackendKind) -> Result<Box<dyn Backend>> {
+    Ok(match kind {
+        BackendKind::Cpu => Box::new(CpuBackend),
+        BackendKind::Cuda => e4m3_backend_cuda::open(0)?,
+        BackendKind::Wgpu => e4m3_backend_wgpu::open(None)?,
+        BackendKind::Auto => match e4m3_backend_cuda::open(0) {
+            Ok(b) => b,
+            Err(_) => match e4m3_backend_wgpu::open(None) {
+                Ok(b) => b,
+                Err(_) => Box::new(CpuBackend),
+            },
+        },
+    })
+}
+
+/// Load a model with a progress spinner.
+pub fn load_model(dir: &Path) -> Result<Model> {
+    let pb = spinner(&format!("loading {}", dir.display()));
+    let t = Instant::now();
+    let model = Model::load(dir)?;
+    pb.finish_and_clear();
+    eprintln!(
+        "loaded {} ({} tensors, {:.0} MB) in {:.2}s",
+        dir.display(),
+        model.weights.len(),
+        model.weight_bytes() as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"));
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(100));
+    pb
+}
+
+/// Load weights into the backend, with room for one sequence of `max_seq_len` tokens.
+pub fn load_runner(backend: &dyn Backend, model: &Model, max_seq_len: usize) -> Result<Box<dyn Runner>> {
+    let pb = spinner(&format!("preparing the {} backend", backend.name()));
+    let r = backend.load(&model.graph, &model.weights, CacheConfig { slots: 1, max_seq_len })?;
+    pb.finish_and_clear();
+    Ok(r)
+}
+
+enum PromptInput {
+    Raw(String),
+    Chat { system: Option<String>, user: String },
+}
+
+fn prompt_ids(tok: &Tokenizer, input: &PromptInput) -> Result<Vec<u32>> {
+    Ok(match input {
+        PromptInput::Raw(p) => tok.encode_prompt(p)?,
+        PromptInput::Chat { system, user } => {
+            let template = tok.chat_template().context("the checkpoint has no chat_template in tokenizer_config.json")?;
+            let mut messages = Vec::new();
+            if let Some(s) = system {
+                messages.push(ChatMessage { role: "system".into(), content: s.clone() });
+            }
+            messages.push(ChatMessage { role: "user".into(), content: user.clone() });
+            let text = render_chat(
+                template,
+                &messages,
+                tok.bos_token().unwrap_or(""),
+                tok.eos_token().unwrap_or(""),
+                true,
+            )?;
+            // The template emits BOS itself.
+            tok.encode(&text, false)?
+        }
+    })
+}
+
+fn sampling_params(gen: &GenerationConfig, args: &SamplingArgs) -> Result<SamplingParams> {
+    let mut p = gen.sampling_params(args.seed);
+    if let Some(t) = args.temperature {
+        p.temperature = t;
+    }
+    if let Some(k) = args.top_k {
+        p.top_k = k;
+    }
+    if let Some(x) = args.top_p {
+        p.top_p = x;
+    }
+    if let Some(x) = args.min_p {
+        p.min_p = x;
+    }
+    p.validate()?;
+    Ok(p)
+}
+
+/// The cache length for a prompt plus `max_new` tokens, or an error naming both numbers.
+fn sequence_budget(model: &Model, prompt_len: usize, max_new: usize) -> Result<usize> {
+    let limit = model.config.max_position_embeddings;
+    if prompt_len >= limit {
+        bail!("the prompt has {prompt_len} tokens; the model's maximum length (max_position_embeddings) is {limit}");
+    }
+    Ok((prompt_len + max_new).min(limit))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_run(
+    dir: &Path,
+    input: PromptInput,
+    backend: BackendKind,
+    max_tokens: usize,
+    sampling: &SamplingArgs,
+    stats: bool,
+    json: bool,
+    top_logits: usize,
+) -> Result<()> {
+    let tok = Tokenizer::from_dir(dir)?;
+    let gen = GenerationConfig::from_dir(dir)?;
+    let params = sampling_params(&gen, sampling)?;
+    let ids = prompt_ids(&tok, &input)?;
+    let model = load_model(dir)?;
+    let budget = sequence_budget(&model, ids.len(), max_tokens)?;
+    let max_new = budget - ids.len();
+    let backend = open_backend(backend)?;
+    let mut runner = load_runner(backend.as_ref(), &model, budget)?;
+    let mut stop_ids = gen.eos_token_ids.clone();
+    if stop_ids.is_empty() {
+        stop_ids = model.config.eos_token_ids.clone();
+    }
+    let req = GenerateRequest { prompt_ids: ids.clone(), max_new_tokens: max_new, sampling: params, stop_ids, top_logits };
+    let mut stream = tok.stream();
+    let mut stdout = std::io::stdout();
+    let mut write_err = None;
+    let out = generate(runner.as_mut(), 0, &req, |id| {
+        if json || req.stop_ids.contains(&id) {
+            return true;
+        }
+        match stream.push(id) {
+            Ok(piece) => {
+                if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
+                    write_err = Some(anyhow::Error::from(e));
+                    return false;
+                }
+                true
+            }
+            Err(e) => {
+                write_err = Some(e.into());
+                false
+            }
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e);
+    }
+    if json {
+        let text_ids: Vec<u32> = out.generated.iter().copied().filter(|id| !req.stop_ids.contains(id)).collect();
+        let v = serde_json::json!({
+            "prompt_ids": ids,
+            "generated_ids": out.generated,
+            "text": tok.decode(&text_ids, true)?,
+            "stop_reason": out.stop_reason,
+            "top_logits": out.top_logits.iter().map(|s| s.iter().map(|&(i, l)| serde_json::json!([i, l])).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+    } else {
+        print!("{}", stream.finish()?);
+        println!();
+    }
+    if stats {
+        let n = out.generated.len();
+        eprintln!(
+            "prompt {} tokens, prefill {:.3}s ({:.1} tok/s); generated {} tokens, decode {:.3}s ({:.2} tok/s); stop: {:?}",
+            ids.len(),
+            out.prefill_secs,
+            ids.len() as f64 / out.prefill_secs,
+            n,
+            out.decode_secs,
+            (n.saturating_sub(1)) as f64 / out.decode_secs.max(1e-9),
+            out.stop_reason
+        );
+    }
+    Ok(())
+}
+
+fn cmd_logits(dir: &Path, prompt: &str, top: usize, backend: BackendKind, json: bool) -> Result<()> {
+    let tok = Tokenizer::from_dir(dir)?;
+    let ids = tok.encode_prompt(prompt)?;
+    let model = load_model(dir)?;
+    let budget = sequence_budget(&model, ids.len(), 0)?;
+    let backend = open_backend(backend)?;
+    let mut runner = load_runner(backend.as_ref(), &model, budget.max(1))?;
+    let mut positions = Vec::new();
+    prompt_logits(runner.as_mut(), 0, &ids, 256, |start, logits| {
+        for r in 0..logits.rows {
+            positions.push((start + r, top_k(logits.row(r), top)));
+        }
+        Ok(())
+    })?;
+    if json {
+        let v = serde_json::json!({
+            "prompt_ids": ids,
+            "positions": positions.iter().map(|(p, t)| serde_json::json!({
+                "position": p,
+                "token": ids[*p],
+                "top": t.iter().map(|&(i, l)| serde_json::json!([i, l])).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+    } else {
+        for (p, t) in &positions {
+            let tokstr = tok.id_to_token(ids[*p]).unwrap_or_default();
+            let tops: Vec<String> = t
+                .iter()
+                .map(|&(i, l)| format!("{:?} {l:.3}", tok.id_to_token(i).unwrap_or_else(|| i.to_string())))
+                .collect();
+            println!("{p:>5} {:<16} -> {}", format!("{tokstr:?}"), tops.join(", "));
+        }
+    }
+    Ok(())
+}
+
+fn cmd_info(dir: &Path) -> Result<()> {
+    let model = Model::load(dir)?;
+    let c = &model.config;
+    println!("model          {}", dir.display());
+    println!("architecture   {}", c.architecture);
+    println!("layers         {}", c.num_hidden_layers);
+    let types: Vec<&str> = c
+        .layer_types
+        .iter()
+        .map(|t| match t {
+            e4m3_core::config::LayerType::Sliding => "S",
+            e4m3_core::config::LayerType::Full => "F",
+        })
+        .collect();
+    println!("layer types    {} (S = sliding window {}, F = full)", types.join(""), c.sliding_window);
+    println!(
+        "hidden         {}   intermediate {}   vocab {}",
+        c.hidden_size, c.intermediate_size, c.vocab_size
+    );
+    println!(
+        "heads          {} query, {} kv (GQA {}:1), head_dim {}, query_pre_attn_scalar {}",
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.num_attention_heads / c.num_key_value_heads,
+        c.head_dim,
+        c.query_pre_attn_scalar
+    );
+    println!(
+        "rope           full theta {} (linear x{}), sliding theta {}",
+        c.rope_full.theta, c.rope_full.linear_factor, c.rope_sliding.theta
+    );
+    println!("max positions  {}", c.max_position_embeddings);
+    println!("lm_head        {}", if model.tied_lm_head { "tied to embed_tokens" } else { "separate" });
+    println!("quantization per module group:");
+    let groups = [
+        ("embed_tokens", "embed_tokens."),
+        ("attention q/k/v/o", "self_attn."),
+        ("mlp gate/up/down", "mlp."),
+        ("norms", "norm"),
+        ("lm_head", "lm_head."),
+    ];
+    for (label, pat) in groups {
+        let ws: Vec<_> = model
+            .weights
+            .iter()
+            .filter(|(n, _)| n.contains(pat) && !(label != "norms" && n.contains("norm")))
+            .filter(|(n, _)| !(model.tied_lm_head && n.starts_with("lm_head")))
+            .collect();
+        if ws.is_empty() {
+            if label == "lm_head" {
+                println!("  {label:<20} (tied)");
+            }
+            continue;
+        }
+        let mut dtypes: Vec<String> = ws.iter().map(|(_, w)| w.dtype.to_string()).collect();
+        dtypes.sort();
+        dtypes.dedup();
+        let bytes: usize = ws.iter().map(|(_, w)| w.bytes().len()).sum();
+        println!("  {label:<20} {:<10} {:>5} tensors {:>10.1} MB", dtypes.join("+"), ws.len(), bytes as f64 / 1e6);
+    }
+    println!("total weights  {:.1} MB", model.weight_bytes() as f64 / 1e6);
+    Ok(())
+}

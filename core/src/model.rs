@@ -43,6 +43,7 @@ impl Model {
     /// Check every tensor against the config and build the graph.
     pub fn from_tensors(dir: &Path, config: Gemma3Config, tensors: BTreeMap<String, Weight>) -> Result<Model> {
         let mut weights = WeightMap::new();
+        let mut stored_name = BTreeMap::new();
         for (name, w) in tensors {
             if NON_TEXT_PREFIXES.iter().any(|p| name.starts_with(p)) {
                 continue;
@@ -54,6 +55,7 @@ impl Model {
             } else {
                 return Err(Error::tensor(&name, format!("unexpected tensor in {}", w.file.display())));
             };
+            stored_name.insert(canonical.clone(), name.clone());
             if let Some(prev) = weights.insert(canonical.clone(), w.renamed(&canonical)) {
                 return Err(Error::tensor(&name, format!("duplicates `{}` under another prefix", prev.name)));
             }
@@ -67,7 +69,10 @@ impl Model {
             }
         }
         if let Some(extra) = weights.keys().find(|k| !expected.contains_key(*k)) {
-            return Err(Error::tensor(extra, "unexpected tensor: not part of a Gemma 3 text model with this config"));
+            return Err(Error::tensor(
+                &stored_name[extra],
+                "unexpected tensor: not part of a Gemma 3 text model with this config",
+            ));
         }
         let tied_lm_head = !weights.contains_key("lm_head.weight");
         if tied_lm_head {
