@@ -49,7 +49,8 @@ fn environment(template: &str) -> Result<Environment<'_>> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         },
     );
-    env.add_template("chat_template", template).map_err(template_error)?;
+    env.add_template("chat_template", template)
+        .map_err(template_error)?;
     Ok(env)
 }
 
@@ -83,7 +84,10 @@ mod tests {
     fn renders_and_trims() {
         let msgs = [ChatMessage::new("user", "  hi \n")];
         let out = render_chat(GEMMA, &msgs, "<bos>", "<eos>", true).unwrap();
-        assert_eq!(out, "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n");
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+        );
     }
 
     #[test]

@@ -55,7 +55,13 @@ fn get<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
 fn as_u32(path: &Path, field: &str, v: &Value) -> Result<u32> {
     v.as_u64()
         .and_then(|x| u32::try_from(x).ok())
-        .ok_or_else(|| Error::field(path, field, format!("expected a non-negative integer token id, got {v}")))
+        .ok_or_else(|| {
+            Error::field(
+                path,
+                field,
+                format!("expected a non-negative integer token id, got {v}"),
+            )
+        })
 }
 
 fn opt_u32(path: &Path, obj: &Map<String, Value>, field: &str) -> Result<Option<u32>> {
@@ -67,7 +73,13 @@ fn opt_usize(path: &Path, obj: &Map<String, Value>, field: &str) -> Result<Optio
         .map(|v| {
             v.as_u64()
                 .and_then(|x| usize::try_from(x).ok())
-                .ok_or_else(|| Error::field(path, field, format!("expected a non-negative integer, got {v}")))
+                .ok_or_else(|| {
+                    Error::field(
+                        path,
+                        field,
+                        format!("expected a non-negative integer, got {v}"),
+                    )
+                })
         })
         .transpose()
 }
@@ -95,7 +107,8 @@ impl GenerationConfig {
 
     /// Parse the JSON text of a generation config; `path` is only used in error messages.
     pub fn from_json_str(path: &Path, text: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
         let obj = value
             .as_object()
             .ok_or_else(|| Error::file(path, "expected a JSON object at the top level"))?;
@@ -112,7 +125,13 @@ impl GenerationConfig {
         let do_sample = match get(obj, "do_sample") {
             None => d.do_sample,
             Some(Value::Bool(b)) => *b,
-            Some(v) => return Err(Error::field(path, "do_sample", format!("expected a boolean, got {v}"))),
+            Some(v) => {
+                return Err(Error::field(
+                    path,
+                    "do_sample",
+                    format!("expected a boolean, got {v}"),
+                ))
+            }
         };
 
         let cfg = GenerationConfig {
@@ -130,13 +149,25 @@ impl GenerationConfig {
 
         // Range checks, reported against the field (same rules as SamplingParams::validate).
         if !(cfg.temperature.is_finite() && cfg.temperature >= 0.0) {
-            return Err(Error::field(path, "temperature", format!("must be >= 0, got {}", cfg.temperature)));
+            return Err(Error::field(
+                path,
+                "temperature",
+                format!("must be >= 0, got {}", cfg.temperature),
+            ));
         }
         if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
-            return Err(Error::field(path, "top_p", format!("must be in (0, 1], got {}", cfg.top_p)));
+            return Err(Error::field(
+                path,
+                "top_p",
+                format!("must be in (0, 1], got {}", cfg.top_p),
+            ));
         }
         if !(cfg.min_p >= 0.0 && cfg.min_p <= 1.0) {
-            return Err(Error::field(path, "min_p", format!("must be in [0, 1], got {}", cfg.min_p)));
+            return Err(Error::field(
+                path,
+                "min_p",
+                format!("must be in [0, 1], got {}", cfg.min_p),
+            ));
         }
         Ok(cfg)
     }
@@ -234,7 +265,10 @@ mod tests {
         let c = GenerationConfig::from_dir(dir.path()).unwrap();
         assert_eq!(c, GenerationConfig::default());
         assert!(!c.do_sample);
-        assert_eq!((c.temperature, c.top_k, c.top_p, c.min_p), (1.0, 50, 1.0, 0.0));
+        assert_eq!(
+            (c.temperature, c.top_k, c.top_p, c.min_p),
+            (1.0, 50, 1.0, 0.0)
+        );
         assert!(c.eos_token_ids.is_empty());
         assert!(c.sampling_params(None).is_greedy());
     }
@@ -246,9 +280,14 @@ mod tests {
         let err = GenerationConfig::from_dir(dir.path()).unwrap_err();
         assert!(matches!(err, Error::File { .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(msg.contains("generation_config.json") && msg.contains("invalid JSON"), "{msg}");
+        assert!(
+            msg.contains("generation_config.json") && msg.contains("invalid JSON"),
+            "{msg}"
+        );
         write(dir.path(), "[1, 2]");
-        let msg = GenerationConfig::from_dir(dir.path()).unwrap_err().to_string();
+        let msg = GenerationConfig::from_dir(dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("generation_config.json"), "{msg}");
     }
 

@@ -280,7 +280,10 @@ mod tests {
     fn assert_close(got: &[f64], want: &[f64], tol: f64) {
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((g - w).abs() <= tol, "token {i}: frequency {g} vs expected {w} (all: {got:?} vs {want:?})");
+            assert!(
+                (g - w).abs() <= tol,
+                "token {i}: frequency {g} vs expected {w} (all: {got:?} vs {want:?})"
+            );
         }
     }
 
@@ -420,7 +423,10 @@ mod tests {
         let sq: Vec<f64> = q.iter().map(|x: &f64| x.sqrt()).collect();
         let s3 = sq[1] + sq[2] + sq[3];
         let (a, b) = (sq[1] / s3, sq[2] / s3);
-        assert!(a <= 0.3 && a + b > 0.3, "test setup: only token 1 falls under 1 - top_p");
+        assert!(
+            a <= 0.3 && a + b > 0.3,
+            "test setup: only token 1 falls under 1 - top_p"
+        );
         let s2 = sq[2] + sq[3];
         let f = frequencies(params(2.0, 3, 0.7, 0.0, 6), &logits_of(&q), 20_000);
         assert_eq!(f[0] + f[1], 0.0);

@@ -45,15 +45,27 @@ struct TokenizerConfig {
 
 /// A special token in `tokenizer_config.json` is either a string or an AddedToken object
 /// `{"content": "<bos>", ...}`; `null` means none.
-fn special_token(path: &Path, obj: &serde_json::Map<String, serde_json::Value>, field: &str) -> Result<Option<String>> {
+fn special_token(
+    path: &Path,
+    obj: &serde_json::Map<String, serde_json::Value>,
+    field: &str,
+) -> Result<Option<String>> {
     match obj.get(field) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
         Some(serde_json::Value::Object(o)) => match o.get("content") {
             Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-            _ => Err(Error::field(path, field, "expected a string or an object with a string `content`")),
+            _ => Err(Error::field(
+                path,
+                field,
+                "expected a string or an object with a string `content`",
+            )),
         },
-        Some(_) => Err(Error::field(path, field, "expected a string or an object with a string `content`")),
+        Some(_) => Err(Error::field(
+            path,
+            field,
+            "expected a string or an object with a string `content`",
+        )),
     }
 }
 
@@ -95,7 +107,13 @@ fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig> {
             }
             default
         }
-        Some(_) => return Err(Error::field(path, "chat_template", "expected a string or a list")),
+        Some(_) => {
+            return Err(Error::field(
+                path,
+                "chat_template",
+                "expected a string or a list",
+            ))
+        }
     };
     Ok(TokenizerConfig {
         bos_token: special_token(path, obj, "bos_token")?,
@@ -114,28 +132,37 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
-            return Err(Error::file(&tok_path, "not found (expected a Hugging Face tokenizer.json)"));
+            return Err(Error::file(
+                &tok_path,
+                "not found (expected a Hugging Face tokenizer.json)",
+            ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tok_path)
-            .map_err(|e| Error::file(&tok_path, format!("cannot load tokenizer: {e}")))?;
-
+        // The small config first, so its errors come without parsing the big tokenizer.json.
         let cfg_path = dir.join("tokenizer_config.json");
-        let mut cfg = if cfg_path.is_file() {
+        let has_cfg = cfg_path.is_file();
+        let mut cfg = if has_cfg {
             read_tokenizer_config(&cfg_path)?
         } else {
-            TokenizerConfig {
-                bos_token: inner.token_to_id("<bos>").map(|_| "<bos>".to_string()),
-                ..Default::default()
-            }
+            TokenizerConfig::default()
         };
+        let inner = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::file(&tok_path, format!("cannot load tokenizer: {e}")))?;
+        if !has_cfg {
+            cfg.bos_token = inner.token_to_id("<bos>").map(|_| "<bos>".to_string());
+        }
         let jinja_path: PathBuf = dir.join("chat_template.jinja");
         if cfg.chat_template.is_none() && jinja_path.is_file() {
-            cfg.chat_template = Some(std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?);
+            cfg.chat_template =
+                Some(std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?);
         }
 
         let bos_id = match &cfg.bos_token {
             Some(t) => Some(inner.token_to_id(t).ok_or_else(|| {
-                Error::field(&cfg_path, "bos_token", format!("token {t:?} is not in {}", tok_path.display()))
+                Error::field(
+                    &cfg_path,
+                    "bos_token",
+                    format!("token {t:?} is not in {}", tok_path.display()),
+                )
             })?),
             None => None,
         };
@@ -169,9 +196,9 @@ impl Tokenizer {
             .map_err(|e| Error::invalid(format!("tokenizer: cannot encode text: {e}")))?;
         let ids = enc.get_ids();
         if add_bos {
-            let bos = self
-                .bos_id
-                .ok_or_else(|| Error::invalid("tokenizer: BOS requested but the tokenizer has no BOS token"))?;
+            let bos = self.bos_id.ok_or_else(|| {
+                Error::invalid("tokenizer: BOS requested but the tokenizer has no BOS token")
+            })?;
             let mut out = Vec::with_capacity(ids.len() + 1);
             out.push(bos);
             out.extend_from_slice(ids);
@@ -221,7 +248,9 @@ impl Tokenizer {
 
     /// The EOS token's id (`eos_token` of tokenizer_config.json), if any.
     pub fn eos_id(&self) -> Option<u32> {
-        self.eos_token.as_deref().and_then(|t| self.inner.token_to_id(t))
+        self.eos_token
+            .as_deref()
+            .and_then(|t| self.inner.token_to_id(t))
     }
 
     /// Number of ids, added tokens included.
@@ -295,8 +324,13 @@ impl StreamDecoder<'_> {
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.tok.check_ids(&[id])?;
         self.ids.push(id);
-        let prefix_text = self.tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
-        let new_text = self.tok.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let prefix_text = self.tok.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
+        let new_text = self
+            .tok
+            .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
             let start = if new_text.starts_with(&prefix_text) {
                 prefix_text.len()
@@ -316,8 +350,13 @@ impl StreamDecoder<'_> {
     /// Flush whatever is held back (an incomplete UTF-8 tail decodes to U+FFFD, as in `decode`)
     /// and reset the decoder.
     pub fn finish(&mut self) -> Result<String> {
-        let prefix_text = self.tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
-        let new_text = self.tok.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let prefix_text = self.tok.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
+        let new_text = self
+            .tok
+            .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         let start = if new_text.starts_with(&prefix_text) {
             prefix_text.len()
         } else {
