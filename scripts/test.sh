@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: sets up what it needs (model, tokenizer, release build), then runs every test of
+# the workspace, including the golden test on the real Gemma 3 270M.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+scripts/setup.sh
+cargo test --release --workspace
