@@ -752,3 +752,421 @@ fn dequant_block_q6_k(x: &[u8], y: &mut [f32]) {
         }
     }
 }
+
+/// Helpers shared by the GGUF and import tests: a minimal GGUF writer and fixture paths.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::*;
+
+    pub fn fixture_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf")
+    }
+
+    fn type_id(v: &MetaValue) -> u32 {
+        match v {
+            MetaValue::U8(_) => 0,
+            MetaValue::I8(_) => 1,
+            MetaValue::U16(_) => 2,
+            MetaValue::I16(_) => 3,
+            MetaValue::U32(_) => 4,
+            MetaValue::I32(_) => 5,
+            MetaValue::F32(_) => 6,
+            MetaValue::Bool(_) => 7,
+            MetaValue::String(_) => 8,
+            MetaValue::Array(_) => 9,
+            MetaValue::U64(_) => 10,
+            MetaValue::I64(_) => 11,
+            MetaValue::F64(_) => 12,
+        }
+    }
+
+    fn put_str(b: &mut Vec<u8>, s: &str) {
+        b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    }
+
+    fn put_value(b: &mut Vec<u8>, v: &MetaValue) {
+        match v {
+            MetaValue::U8(x) => b.push(*x),
+            MetaValue::I8(x) => b.push(*x as u8),
+            MetaValue::U16(x) => b.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::I16(x) => b.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::U32(x) => b.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::I32(x) => b.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::F32(x) => b.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::Bool(x) => b.push(*x as u8),
+            MetaValue::String(s) => put_str(b, s),
+            MetaValue::Array(a) => {
+                let et = a.first().map(type_id).unwrap_or(0);
+                b.extend_from_slice(&et.to_le_bytes());
+                b.extend_from_slice(&(a.len() as u64).to_le_bytes());
+                for x in a {
+                    put_value(b, x);
+                }
+            }
+            MetaValue::U64(x) => b.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::I64(x) => b.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::F64(x) => b.extend_from_slice(&x.to_le_bytes()),
+        }
+    }
+
+    /// A test tensor: name, dims (innermost first), ggml type id, raw data.
+    pub struct T<'a>(pub &'a str, pub Vec<u64>, pub u32, pub Vec<u8>);
+
+    /// Serialize a GGUF file (alignment 32 unless `general.alignment` is among the kvs).
+    pub fn build_gguf(version: u32, kvs: &[(&str, MetaValue)], tensors: &[T]) -> Vec<u8> {
+        let align = kvs
+            .iter()
+            .find(|(k, _)| *k == "general.alignment")
+            .and_then(|(_, v)| v.as_int())
+            .unwrap_or(32) as usize;
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&version.to_le_bytes());
+        b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        b.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+        for (k, v) in kvs {
+            put_str(&mut b, k);
+            b.extend_from_slice(&type_id(v).to_le_bytes());
+            put_value(&mut b, v);
+        }
+        let mut off = 0usize;
+        let mut offsets = Vec::new();
+        for t in tensors {
+            put_str(&mut b, t.0);
+            b.extend_from_slice(&(t.1.len() as u32).to_le_bytes());
+            for d in &t.1 {
+                b.extend_from_slice(&d.to_le_bytes());
+            }
+            b.extend_from_slice(&t.2.to_le_bytes());
+            b.extend_from_slice(&(off as u64).to_le_bytes());
+            offsets.push(off);
+            off += t.3.len().div_ceil(align) * align;
+        }
+        while b.len() % align != 0 {
+            b.push(0);
+        }
+        let start = b.len();
+        for (t, o) in tensors.iter().zip(offsets) {
+            b.resize(start + o, 0);
+            b.extend_from_slice(&t.3);
+        }
+        b
+    }
+
+    pub fn write_tmp(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::*;
+    use super::*;
+
+    fn read(name: &str) -> Vec<u8> {
+        std::fs::read(fixture_dir().join(name)).unwrap()
+    }
+
+    /// Dequantize a committed block fixture and compare with gguf-py's output bit for bit.
+    fn check_fixture(case: &str, ty: GgmlType) {
+        let raw = read(&format!("dequant_{case}.bin"));
+        let want: Vec<f32> = read(&format!("dequant_{case}.f32"))
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let got = dequantize(case, ty, &raw, want.len()).unwrap();
+        assert_eq!(got.len(), want.len());
+        let mut nonzero = 0;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{case}[{i}]: got {g:e}, gguf-py {w:e}");
+            nonzero += (*w != 0.0) as usize;
+        }
+        assert!(nonzero > want.len() / 2, "{case}: fixture is mostly zeros");
+    }
+
+    #[test]
+    fn gguf_dequant_q8_0_matches_gguf_py() {
+        check_fixture("Q8_0", GgmlType::Q8_0);
+        check_fixture("Q8_0_quantized", GgmlType::Q8_0);
+    }
+    #[test]
+    fn gguf_dequant_q5_0_matches_gguf_py() {
+        check_fixture("Q5_0", GgmlType::Q5_0);
+        check_fixture("Q5_0_quantized", GgmlType::Q5_0);
+    }
+    #[test]
+    fn gguf_dequant_q4_k_matches_gguf_py() {
+        check_fixture("Q4_K", GgmlType::Q4_K);
+    }
+    #[test]
+    fn gguf_dequant_q6_k_matches_gguf_py() {
+        check_fixture("Q6_K", GgmlType::Q6_K);
+    }
+    #[test]
+    fn gguf_dequant_f16_bf16_match_gguf_py() {
+        check_fixture("F16", GgmlType::F16);
+        check_fixture("BF16", GgmlType::BF16);
+    }
+
+    #[test]
+    fn gguf_dequant_hand_computed_values() {
+        // Q8_0: d = 0.5 (f16 0x3800), qs = -128, -1, 0, 1, 127, ...
+        let mut b = vec![0x00, 0x38];
+        let qs: Vec<i8> = (0..32).map(|i| [-128i8, -1, 0, 1, 127][i % 5]).collect();
+        b.extend(qs.iter().map(|&q| q as u8));
+        let y = dequantize("t", GgmlType::Q8_0, &b, 32).unwrap();
+        assert_eq!(&y[..5], &[-64.0, -0.5, 0.0, 0.5, 63.5]);
+        // Q5_0: d = 1, qh bit 0 set (element 0 gets +16), bit 16 set (element 16 gets +16),
+        // qs[0] = 0x3F: element 0 low nibble 15 -> 31-16 = 15, element 16 high nibble 3 -> 19-16 = 3.
+        let mut b = vec![0x00, 0x3C];
+        b.extend_from_slice(&(1u32 | 1 << 16).to_le_bytes());
+        b.extend_from_slice(&[0x3F; 1]);
+        b.extend_from_slice(&[0x00; 15]);
+        let y = dequantize("t", GgmlType::Q5_0, &b, 32).unwrap();
+        assert_eq!((y[0], y[16], y[1], y[17]), (15.0, 3.0, -16.0, -16.0));
+        // Q4_K: d = 1, dmin = 1, scale/min for sub-block 0 = 2/3, sub-block 4 from the
+        // high bits: sc = (q[8]&15) | (q[0]>>6)<<4 = 1 | 1<<4 = 17, m = (q[8]>>4) | (q[4]>>6)<<4 = 5.
+        let mut b = vec![0x00, 0x3C, 0x00, 0x3C];
+        let mut sc = [0u8; 12];
+        sc[0] = 2 | 0x40;
+        sc[4] = 3;
+        sc[8] = 1 | (5 << 4);
+        b.extend_from_slice(&sc);
+        let mut qs = [0u8; 128];
+        qs[0] = 0x07; // element 0: 7, element 32: 0
+        qs[64] = 0x09; // element 128 (sub-block 4): 9
+        b.extend_from_slice(&qs);
+        let y = dequantize("t", GgmlType::Q4_K, &b, 256).unwrap();
+        assert_eq!(y[0], 2.0 * 7.0 - 3.0);
+        assert_eq!(y[128], 17.0 * 9.0 - 5.0);
+        // Q6_K: d = 2, scales[0] = -3; element 0 = ql low nibble 5 | qh bits 0-1 = 2 -> 37-32 = 5.
+        let mut b = vec![0u8; 210];
+        b[0] = 0x05;
+        b[128] = 0x02;
+        b[192] = (-3i8) as u8;
+        b[208..210].copy_from_slice(&[0x00, 0x40]);
+        let y = dequantize("t", GgmlType::Q6_K, &b, 256).unwrap();
+        assert_eq!(y[0], 2.0 * -3.0 * 5.0);
+        assert_eq!(y[1], 2.0 * -3.0 * -32.0);
+    }
+
+    #[test]
+    fn gguf_open_tiny_fixture_metadata_and_tensors() {
+        let g = GgufFile::open(fixture_dir().join("tiny_gemma3.gguf")).unwrap();
+        assert_eq!(g.version, 3);
+        assert_eq!(g.alignment, 32);
+        assert_eq!(g.data_offset % 32, 0);
+        assert_eq!(g.meta_str("general.architecture").unwrap(), "gemma3");
+        assert_eq!(g.meta_u32("gemma3.block_count").unwrap(), 2);
+        assert_eq!(g.meta_u32("gemma3.embedding_length").unwrap(), 32);
+        assert_eq!(g.meta_f32("gemma3.attention.layer_norm_rms_epsilon").unwrap(), 1e-6);
+        assert_eq!(g.meta_f32("gemma3.rope.freq_base").unwrap(), 1e6);
+        let toks = g.meta("tokenizer.ggml.tokens").unwrap().as_array().unwrap();
+        assert_eq!(toks.len(), 64);
+        assert_eq!(toks[50].as_str(), Some("<end_of_turn>"));
+        assert_eq!(g.tensors.len(), 28);
+        let e = g.tensor("token_embd.weight").unwrap();
+        assert_eq!(e.dims, vec![32, 64]);
+        assert_eq!(e.shape(), vec![64, 32]);
+        assert_eq!(e.ggml_type, GgmlType::Q8_0);
+        assert_eq!(e.n_bytes, 64 * 34);
+        assert_eq!(g.tensor_data(e).len(), 64 * 34);
+
+        // Every tensor's dequantization equals gguf-py's.
+        let expected: serde_json::Value =
+            serde_json::from_slice(&read("tiny_gemma3.expected.json")).unwrap();
+        for t in &g.tensors {
+            let exp = &expected[&t.name];
+            assert_eq!(exp["type"].as_str().unwrap(), t.ggml_type.name(), "{}", t.name);
+            let shape: Vec<usize> = serde_json::from_value(exp["shape"].clone()).unwrap();
+            assert_eq!(shape, t.shape(), "{}", t.name);
+            let v = g.dequantize(t).unwrap();
+            for (i, w) in exp["first"].as_array().unwrap().iter().enumerate() {
+                assert_eq!(v[i], w.as_f64().unwrap() as f32, "{}[{i}]", t.name);
+            }
+            let sum: f64 = v.iter().map(|&x| x as f64).sum();
+            let want = exp["sum"].as_f64().unwrap();
+            assert!((sum - want).abs() <= 1e-9 * want.abs().max(1.0), "{}: sum {sum} vs {want}", t.name);
+        }
+    }
+
+    #[test]
+    fn gguf_v2_all_value_types_and_alignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let kvs = vec![
+            ("general.architecture", MetaValue::String("gemma3".into())),
+            ("general.alignment", MetaValue::U32(64)),
+            ("a.u8", MetaValue::U8(200)),
+            ("a.i8", MetaValue::I8(-5)),
+            ("a.u16", MetaValue::U16(60000)),
+            ("a.i16", MetaValue::I16(-30000)),
+            ("a.i32", MetaValue::I32(-7)),
+            ("a.f32", MetaValue::F32(0.25)),
+            ("a.bool", MetaValue::Bool(true)),
+            ("a.u64", MetaValue::U64(1 << 40)),
+            ("a.i64", MetaValue::I64(-(1 << 40))),
+            ("a.f64", MetaValue::F64(-2.5)),
+            (
+                "a.arr",
+                MetaValue::Array(vec![
+                    MetaValue::Array(vec![MetaValue::I32(1), MetaValue::I32(2)]),
+                    MetaValue::Array(vec![MetaValue::I32(3)]),
+                ]),
+            ),
+        ];
+        let data: Vec<u8> = [1.0f32, -2.0, 3.5].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let bf: Vec<u8> = [0x3F80u16, 0xC000].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let bytes = build_gguf(
+            2,
+            &kvs,
+            &[T("x", vec![3, 1], 0, data), T("y", vec![2], 30, bf)],
+        );
+        let p = write_tmp(dir.path(), "v2.gguf", &bytes);
+        let g = GgufFile::open(&p).unwrap();
+        assert_eq!(g.version, 2);
+        assert_eq!(g.alignment, 64);
+        assert_eq!(g.data_offset % 64, 0);
+        for (k, v) in &kvs {
+            assert_eq!(g.meta(k).unwrap(), v, "{k}");
+        }
+        assert_eq!(g.meta_u32("a.u16").unwrap(), 60000);
+        assert_eq!(g.meta_f32("a.f64").unwrap(), -2.5);
+        // Errors name the file and the key.
+        let e = g.meta_u32("a.i32").unwrap_err().to_string();
+        assert!(e.contains("a.i32") && e.contains("v2.gguf"), "{e}");
+        let e = g.meta_str("missing.key").unwrap_err().to_string();
+        assert!(e.contains("missing.key") && e.contains("v2.gguf"), "{e}");
+        let e = g.meta_str("a.u8").unwrap_err().to_string();
+        assert!(e.contains("a.u8") && e.contains("string"), "{e}");
+        let x = g.tensor("x").unwrap();
+        assert_eq!(x.shape(), vec![1, 3]);
+        assert_eq!(g.dequantize(x).unwrap(), vec![1.0, -2.0, 3.5]);
+        assert_eq!(g.tensor("y").unwrap().offset, 64);
+        assert_eq!(g.dequantize(g.tensor("y").unwrap()).unwrap(), vec![1.0, -2.0]);
+    }
+
+    fn open_err(dir: &Path, name: &str, bytes: &[u8]) -> String {
+        let p = write_tmp(dir, name, bytes);
+        let e = GgufFile::open(&p).expect_err("must fail").to_string();
+        assert!(e.contains(name), "error does not name the file: {e}");
+        e
+    }
+
+    #[test]
+    fn gguf_truncated_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = read("tiny_gemma3.gguf");
+        let g = GgufFile::open(fixture_dir().join("tiny_gemma3.gguf")).unwrap();
+        let data_offset = g.data_offset as usize;
+        let cuts = [
+            0,
+            3,
+            4,
+            6,
+            8,
+            15,
+            23,
+            30,
+            100,
+            500,
+            1000,
+            data_offset - 40,
+            data_offset - 1,
+            data_offset,
+            data_offset + 100,
+            full.len() - 1,
+        ];
+        for cut in cuts {
+            let e = open_err(dir.path(), "cut.gguf", &full[..cut]);
+            assert!(
+                e.contains("truncated") || e.contains("impossible") || e.contains("beyond the end"),
+                "cut at {cut}: {e}"
+            );
+        }
+        // Cut inside the data: the error names the first tensor that no longer fits.
+        let e = open_err(dir.path(), "cut.gguf", &full[..full.len() - 1]);
+        assert!(e.contains("tensor `") && e.contains("beyond the end"), "{e}");
+    }
+
+    #[test]
+    fn gguf_bad_magic_version_and_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = read("tiny_gemma3.gguf");
+        b[0] = b'X';
+        let e = open_err(dir.path(), "magic.gguf", &b);
+        assert!(e.contains("not a GGUF file"), "{e}");
+        for v in [1u32, 4] {
+            let mut b = read("tiny_gemma3.gguf");
+            b[4..8].copy_from_slice(&v.to_le_bytes());
+            let e = open_err(dir.path(), "version.gguf", &b);
+            assert!(e.contains(&format!("unsupported GGUF version {v}")), "{e}");
+        }
+        let e = GgufFile::open(dir.path().join("nope.gguf")).unwrap_err().to_string();
+        assert!(e.contains("nope.gguf"), "{e}");
+    }
+
+    #[test]
+    fn gguf_absurd_counts_are_errors_not_allocations() {
+        let dir = tempfile::tempdir().unwrap();
+        // Tensor count u64::MAX.
+        let mut b = build_gguf(3, &[], &[]);
+        b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        let e = open_err(dir.path(), "count.gguf", &b);
+        assert!(e.contains("tensor count") && e.contains("impossible"), "{e}");
+        // KV count huge.
+        let mut b = build_gguf(3, &[], &[]);
+        b[16..24].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        let e = open_err(dir.path(), "kv.gguf", &b);
+        assert!(e.contains("metadata count"), "{e}");
+        // String length huge.
+        let mut b = build_gguf(3, &[("k", MetaValue::String("v".into()))], &[]);
+        let vlen_at = 24 + 8 + 1 + 4;
+        b[vlen_at..vlen_at + 8].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
+        let e = open_err(dir.path(), "str.gguf", &b);
+        assert!(e.contains("metadata `k`") && e.contains("truncated"), "{e}");
+        // Array length huge.
+        let mut b = build_gguf(3, &[("arr", MetaValue::Array(vec![MetaValue::U32(1)]))], &[]);
+        let alen_at = 24 + 8 + 3 + 4 + 4;
+        b[alen_at..alen_at + 8].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        let e = open_err(dir.path(), "arr.gguf", &b);
+        assert!(e.contains("metadata `arr`") && e.contains("impossible"), "{e}");
+        // Absurd dimensions.
+        let b = build_gguf(3, &[], &[T("big", vec![1 << 32, 1 << 32, 16], 0, vec![])]);
+        let e = open_err(dir.path(), "dims.gguf", &b);
+        assert!(e.contains("`big`") && e.contains("absurd"), "{e}");
+        // Too many dimensions.
+        let b = build_gguf(3, &[], &[T("five", vec![1, 1, 1, 1, 1], 0, vec![0; 4])]);
+        let e = open_err(dir.path(), "ndims.gguf", &b);
+        assert!(e.contains("`five`") && e.contains("5 dimensions"), "{e}");
+        // Unknown metadata value type.
+        let mut b = build_gguf(3, &[("k", MetaValue::U32(1))], &[]);
+        b[24 + 8 + 1..24 + 8 + 1 + 4].copy_from_slice(&77u32.to_le_bytes());
+        let e = open_err(dir.path(), "vtype.gguf", &b);
+        assert!(e.contains("metadata `k`") && e.contains("77"), "{e}");
+    }
+
+    #[test]
+    fn gguf_unsupported_and_unknown_tensor_types() {
+        let dir = tempfile::tempdir().unwrap();
+        // Q4_0 is a real ggml type whose size is known, but it is not dequantized here.
+        let b = build_gguf(3, &[], &[T("blk.0.attn_q.weight", vec![32, 2], 2, vec![0; 36])]);
+        let p = write_tmp(dir.path(), "q4_0.gguf", &b);
+        let g = GgufFile::open(&p).unwrap();
+        let t = &g.tensors[0];
+        assert_eq!(g.tensor_data(t).len(), 36);
+        let e = g.dequantize(t).unwrap_err().to_string();
+        assert!(e.contains("blk.0.attn_q.weight") && e.contains("Q4_0"), "{e}");
+        assert!(e.contains("q4_0.gguf"), "{e}");
+        // Type id 99 does not exist: the file is rejected at open, naming the tensor.
+        let b = build_gguf(3, &[], &[T("weird", vec![4], 99, vec![0; 16])]);
+        let e = open_err(dir.path(), "t99.gguf", &b);
+        assert!(e.contains("`weird`") && e.contains("99"), "{e}");
+        // Row length not a multiple of the block size.
+        let b = build_gguf(3, &[], &[T("odd", vec![16], 8, vec![0; 17])]);
+        let e = open_err(dir.path(), "odd.gguf", &b);
+        assert!(e.contains("`odd`") && e.contains("block size"), "{e}");
+    }
+}
