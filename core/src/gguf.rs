@@ -275,7 +275,11 @@ impl<'a> Reader<'a> {
     /// A count that will drive an allocation or a loop: at least `min_item` bytes must remain
     /// for every item, so absurd counts are rejected before anything is allocated.
     fn count(&mut self, v2: bool, min_item: usize, what: &dyn Fn() -> String) -> Result<usize> {
-        let n = if v2 { self.u64(what)? } else { self.u32(what)? as u64 };
+        let n = if v2 {
+            self.u64(what)?
+        } else {
+            self.u32(what)? as u64
+        };
         let max = (self.remaining() / min_item.max(1)) as u64;
         if n > max {
             return Err(Error::file(
@@ -558,7 +562,10 @@ impl GgufFile {
                 Error::field(
                     &self.path,
                     key,
-                    format!("expected an unsigned 32-bit integer, got {} {v:?}", v.type_name()),
+                    format!(
+                        "expected an unsigned 32-bit integer, got {} {v:?}",
+                        v.type_name()
+                    ),
                 )
             })
     }
@@ -598,11 +605,18 @@ impl GgufFile {
 
     /// The tensor's values as f32, in storage order (row-major over [`GgufTensorInfo::shape`]).
     pub fn dequantize(&self, info: &GgufTensorInfo) -> Result<Vec<f32>> {
-        dequantize(&info.name, info.ggml_type, self.tensor_data(info), info.n_elements as usize)
-            .map_err(|e| match e {
-                Error::Tensor { name, msg } => Error::tensor(name, format!("{msg} (in {})", self.path.display())),
-                other => other,
-            })
+        dequantize(
+            &info.name,
+            info.ggml_type,
+            self.tensor_data(info),
+            info.n_elements as usize,
+        )
+        .map_err(|e| match e {
+            Error::Tensor { name, msg } => {
+                Error::tensor(name, format!("{msg} (in {})", self.path.display()))
+            }
+            other => other,
+        })
     }
 }
 
@@ -610,7 +624,12 @@ impl GgufFile {
 pub fn dequantize(name: &str, ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
     let (block, tsize) = match (ty.block_size(), ty.type_size()) {
         (Some(b), Some(t)) => (b, t),
-        _ => return Err(Error::tensor(name, format!("unknown ggml type id {}", ty.0))),
+        _ => {
+            return Err(Error::tensor(
+                name,
+                format!("unknown ggml type id {}", ty.0),
+            ))
+        }
     };
     if !ty.can_dequantize() {
         return Err(Error::tensor(
@@ -624,7 +643,10 @@ pub fn dequantize(name: &str, ty: GgmlType, data: &[u8], n: usize) -> Result<Vec
     if n % block != 0 {
         return Err(Error::tensor(
             name,
-            format!("{n} elements is not a multiple of the {} block size {block}", ty.name()),
+            format!(
+                "{n} elements is not a multiple of the {} block size {block}",
+                ty.name()
+            ),
         ));
     }
     let nb = n / block;
@@ -881,7 +903,11 @@ mod tests {
         assert_eq!(got.len(), want.len());
         let mut nonzero = 0;
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), w.to_bits(), "{case}[{i}]: got {g:e}, gguf-py {w:e}");
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{case}[{i}]: got {g:e}, gguf-py {w:e}"
+            );
             nonzero += (*w != 0.0) as usize;
         }
         assert!(nonzero > want.len() / 2, "{case}: fixture is mostly zeros");
@@ -962,7 +988,11 @@ mod tests {
         assert_eq!(g.meta_str("general.architecture").unwrap(), "gemma3");
         assert_eq!(g.meta_u32("gemma3.block_count").unwrap(), 2);
         assert_eq!(g.meta_u32("gemma3.embedding_length").unwrap(), 32);
-        assert_eq!(g.meta_f32("gemma3.attention.layer_norm_rms_epsilon").unwrap(), 1e-6);
+        assert_eq!(
+            g.meta_f32("gemma3.attention.layer_norm_rms_epsilon")
+                .unwrap(),
+            1e-6
+        );
         assert_eq!(g.meta_f32("gemma3.rope.freq_base").unwrap(), 1e6);
         let toks = g.meta("tokenizer.ggml.tokens").unwrap().as_array().unwrap();
         assert_eq!(toks.len(), 64);
@@ -980,7 +1010,12 @@ mod tests {
             serde_json::from_slice(&read("tiny_gemma3.expected.json")).unwrap();
         for t in &g.tensors {
             let exp = &expected[&t.name];
-            assert_eq!(exp["type"].as_str().unwrap(), t.ggml_type.name(), "{}", t.name);
+            assert_eq!(
+                exp["type"].as_str().unwrap(),
+                t.ggml_type.name(),
+                "{}",
+                t.name
+            );
             let shape: Vec<usize> = serde_json::from_value(exp["shape"].clone()).unwrap();
             assert_eq!(shape, t.shape(), "{}", t.name);
             let v = g.dequantize(t).unwrap();
@@ -989,7 +1024,11 @@ mod tests {
             }
             let sum: f64 = v.iter().map(|&x| x as f64).sum();
             let want = exp["sum"].as_f64().unwrap();
-            assert!((sum - want).abs() <= 1e-9 * want.abs().max(1.0), "{}: sum {sum} vs {want}", t.name);
+            assert!(
+                (sum - want).abs() <= 1e-9 * want.abs().max(1.0),
+                "{}: sum {sum} vs {want}",
+                t.name
+            );
         }
     }
 
@@ -1017,8 +1056,14 @@ mod tests {
                 ]),
             ),
         ];
-        let data: Vec<u8> = [1.0f32, -2.0, 3.5].iter().flat_map(|x| x.to_le_bytes()).collect();
-        let bf: Vec<u8> = [0x3F80u16, 0xC000].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let data: Vec<u8> = [1.0f32, -2.0, 3.5]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let bf: Vec<u8> = [0x3F80u16, 0xC000]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
         let bytes = build_gguf(
             2,
             &kvs,
@@ -1045,7 +1090,10 @@ mod tests {
         assert_eq!(x.shape(), vec![1, 3]);
         assert_eq!(g.dequantize(x).unwrap(), vec![1.0, -2.0, 3.5]);
         assert_eq!(g.tensor("y").unwrap().offset, 64);
-        assert_eq!(g.dequantize(g.tensor("y").unwrap()).unwrap(), vec![1.0, -2.0]);
+        assert_eq!(
+            g.dequantize(g.tensor("y").unwrap()).unwrap(),
+            vec![1.0, -2.0]
+        );
     }
 
     fn open_err(dir: &Path, name: &str, bytes: &[u8]) -> String {
@@ -1088,7 +1136,10 @@ mod tests {
         }
         // Cut inside the data: the error names the first tensor that no longer fits.
         let e = open_err(dir.path(), "cut.gguf", &full[..full.len() - 1]);
-        assert!(e.contains("tensor `") && e.contains("beyond the end"), "{e}");
+        assert!(
+            e.contains("tensor `") && e.contains("beyond the end"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1104,7 +1155,9 @@ mod tests {
             let e = open_err(dir.path(), "version.gguf", &b);
             assert!(e.contains(&format!("unsupported GGUF version {v}")), "{e}");
         }
-        let e = GgufFile::open(dir.path().join("nope.gguf")).unwrap_err().to_string();
+        let e = GgufFile::open(dir.path().join("nope.gguf"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nope.gguf"), "{e}");
     }
 
@@ -1115,7 +1168,10 @@ mod tests {
         let mut b = build_gguf(3, &[], &[]);
         b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         let e = open_err(dir.path(), "count.gguf", &b);
-        assert!(e.contains("tensor count") && e.contains("impossible"), "{e}");
+        assert!(
+            e.contains("tensor count") && e.contains("impossible"),
+            "{e}"
+        );
         // KV count huge.
         let mut b = build_gguf(3, &[], &[]);
         b[16..24].copy_from_slice(&(1u64 << 60).to_le_bytes());
@@ -1128,11 +1184,18 @@ mod tests {
         let e = open_err(dir.path(), "str.gguf", &b);
         assert!(e.contains("metadata `k`") && e.contains("truncated"), "{e}");
         // Array length huge.
-        let mut b = build_gguf(3, &[("arr", MetaValue::Array(vec![MetaValue::U32(1)]))], &[]);
+        let mut b = build_gguf(
+            3,
+            &[("arr", MetaValue::Array(vec![MetaValue::U32(1)]))],
+            &[],
+        );
         let alen_at = 24 + 8 + 3 + 4 + 4;
         b[alen_at..alen_at + 8].copy_from_slice(&(1u64 << 62).to_le_bytes());
         let e = open_err(dir.path(), "arr.gguf", &b);
-        assert!(e.contains("metadata `arr`") && e.contains("impossible"), "{e}");
+        assert!(
+            e.contains("metadata `arr`") && e.contains("impossible"),
+            "{e}"
+        );
         // Absurd dimensions.
         let b = build_gguf(3, &[], &[T("big", vec![1 << 32, 1 << 32, 16], 0, vec![])]);
         let e = open_err(dir.path(), "dims.gguf", &b);
@@ -1152,13 +1215,20 @@ mod tests {
     fn gguf_unsupported_and_unknown_tensor_types() {
         let dir = tempfile::tempdir().unwrap();
         // Q4_0 is a real ggml type whose size is known, but it is not dequantized here.
-        let b = build_gguf(3, &[], &[T("blk.0.attn_q.weight", vec![32, 2], 2, vec![0; 36])]);
+        let b = build_gguf(
+            3,
+            &[],
+            &[T("blk.0.attn_q.weight", vec![32, 2], 2, vec![0; 36])],
+        );
         let p = write_tmp(dir.path(), "q4_0.gguf", &b);
         let g = GgufFile::open(&p).unwrap();
         let t = &g.tensors[0];
         assert_eq!(g.tensor_data(t).len(), 36);
         let e = g.dequantize(t).unwrap_err().to_string();
-        assert!(e.contains("blk.0.attn_q.weight") && e.contains("Q4_0"), "{e}");
+        assert!(
+            e.contains("blk.0.attn_q.weight") && e.contains("Q4_0"),
+            "{e}"
+        );
         assert!(e.contains("q4_0.gguf"), "{e}");
         // Type id 99 does not exist: the file is rejected at open, naming the tensor.
         let b = build_gguf(3, &[], &[T("weird", vec![4], 99, vec![0; 16])]);
