@@ -640,7 +640,7 @@ pub fn dequantize(name: &str, ty: GgmlType, data: &[u8], n: usize) -> Result<Vec
             ),
         ));
     }
-    if n % block != 0 {
+    if !n.is_multiple_of(block) {
         return Err(Error::tensor(
             name,
             format!(
