@@ -19,7 +19,10 @@ pub fn open(ordinal: usize) -> Result<Box<dyn Backend>> {
 mod tests {
     #[test]
     fn absent_backend_answers_not_available() {
-        let e = super::open(0).err().expect("skeleton must refuse").to_string();
+        let e = super::open(0)
+            .err()
+            .expect("skeleton must refuse")
+            .to_string();
         assert!(e.contains("backend `cuda` is not available"), "{e}");
     }
 }

@@ -19,7 +19,10 @@ pub fn open(adapter: Option<&str>) -> Result<Box<dyn Backend>> {
 mod tests {
     #[test]
     fn absent_backend_answers_not_available() {
-        let e = super::open(None).err().expect("skeleton must refuse").to_string();
+        let e = super::open(None)
+            .err()
+            .expect("skeleton must refuse")
+            .to_string();
         assert!(e.contains("backend `wgpu` is not available"), "{e}");
     }
 }

@@ -75,7 +75,10 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         let td = Instant::now();
         for i in 0..a.decode {
             let ts = Instant::now();
-            let out = runner.step(&Batch::single(0, ids.len() + i, vec![next], LogitsFor::Last), &[])?;
+            let out = runner.step(
+                &Batch::single(0, ids.len() + i, vec![next], LogitsFor::Last),
+                &[],
+            )?;
             next = argmax(out.logits.row(0));
             itl.push(ts.elapsed().as_secs_f64());
         }
@@ -85,8 +88,18 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     decode_totals.sort_by(|a, b| a.total_cmp(b));
     let decode_secs = decode_totals[decode_totals.len() / 2];
     itl.sort_by(|a, b| a.total_cmp(b));
-    let pct = |q: f64| if itl.is_empty() { 0.0 } else { itl[((itl.len() - 1) as f64 * q).round() as usize] };
-    let decode_tps = if decode_secs > 0.0 { a.decode as f64 / decode_secs } else { 0.0 };
+    let pct = |q: f64| {
+        if itl.is_empty() {
+            0.0
+        } else {
+            itl[((itl.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    let decode_tps = if decode_secs > 0.0 {
+        a.decode as f64 / decode_secs
+    } else {
+        0.0
+    };
     let peak = peak_rss_bytes();
     let threads = rayon_threads();
     if a.json {
@@ -131,5 +144,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

@@ -21,7 +21,11 @@ use e4m3_core::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "e4m3", version, about = "Run Gemma models from FP8 and BF16 checkpoints")]
+#[command(
+    name = "e4m3",
+    version,
+    about = "Run Gemma models from FP8 and BF16 checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -134,24 +138,60 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Run { model, prompt, chat, system, backend, max_tokens, sampling, stats, json, top_logits } => {
+        Cmd::Run {
+            model,
+            prompt,
+            chat,
+            system,
+            backend,
+            max_tokens,
+            sampling,
+            stats,
+            json,
+            top_logits,
+        } => {
             let input = match (prompt, chat) {
                 (Some(p), _) => PromptInput::Raw(p),
                 (None, Some(c)) => PromptInput::Chat { system, user: c },
                 (None, None) => bail!("give --prompt or --chat"),
             };
-            cmd_run(&model, input, backend, max_tokens, &sampling, stats, json, top_logits)
+            cmd_run(
+                &model, input, backend, max_tokens, &sampling, stats, json, top_logits,
+            )
         }
-        Cmd::Logits { model, prompt, top, backend, json } => cmd_logits(&model, &prompt, top, backend, json),
+        Cmd::Logits {
+            model,
+            prompt,
+            top,
+            backend,
+            json,
+        } => cmd_logits(&model, &prompt, top, backend, json),
         Cmd::Info { model } => cmd_info(&model),
-        Cmd::ImportGguf { gguf, tokenizer, out, dtype } => {
+        Cmd::ImportGguf {
+            gguf,
+            tokenizer,
+            out,
+            dtype,
+        } => {
             let dtype = match dtype {
                 OutDType::Bf16 => DType::BF16,
                 OutDType::F32 => DType::F32,
             };
             let t = Instant::now();
-            let report = import_gguf(&gguf, &tokenizer, &out, &ImportOptions { dtype, progress: true })?;
-            eprintln!("imported {} in {:.1}s: {report:?}", gguf.display(), t.elapsed().as_secs_f64());
+            let report = import_gguf(
+                &gguf,
+                &tokenizer,
+                &out,
+                &ImportOptions {
+                    dtype,
+                    progress: true,
+                },
+            )?;
+            eprintln!(
+                "imported {} in {:.1}s: {report:?}",
+                gguf.display(),
+                t.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Cmd::Bench(args) => bench::cmd_bench(args),
@@ -192,35 +232,59 @@ pub fn load_model(dir: &Path) -> Result<Model> {
 
 fn spinner(msg: &str) -> ProgressBar {
     let pb = ProgressBar::new_spinner();
-    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"));
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"),
+    );
     pb.set_message(msg.to_string());
     pb.enable_steady_tick(std::time::Duration::from_millis(100));
     pb
 }
 
 /// Load weights into the backend, with room for one sequence of `max_seq_len` tokens.
-pub fn load_runner(backend: &dyn Backend, model: &Model, max_seq_len: usize) -> Result<Box<dyn Runner>> {
+pub fn load_runner(
+    backend: &dyn Backend,
+    model: &Model,
+    max_seq_len: usize,
+) -> Result<Box<dyn Runner>> {
     let pb = spinner(&format!("preparing the {} backend", backend.name()));
-    let r = backend.load(&model.graph, &model.weights, CacheConfig { slots: 1, max_seq_len })?;
+    let r = backend.load(
+        &model.graph,
+        &model.weights,
+        CacheConfig {
+            slots: 1,
+            max_seq_len,
+        },
+    )?;
     pb.finish_and_clear();
     Ok(r)
 }
 
 enum PromptInput {
     Raw(String),
-    Chat { system: Option<String>, user: String },
+    Chat {
+        system: Option<String>,
+        user: String,
+    },
 }
 
 fn prompt_ids(tok: &Tokenizer, input: &PromptInput) -> Result<Vec<u32>> {
     Ok(match input {
         PromptInput::Raw(p) => tok.encode_prompt(p)?,
         PromptInput::Chat { system, user } => {
-            let template = tok.chat_template().context("the checkpoint has no chat_template in tokenizer_config.json")?;
+            let template = tok
+                .chat_template()
+                .context("the checkpoint has no chat_template in tokenizer_config.json")?;
             let mut messages = Vec::new();
             if let Some(s) = system {
-                messages.push(ChatMessage { role: "system".into(), content: s.clone() });
+                messages.push(ChatMessage {
+                    role: "system".into(),
+                    content: s.clone(),
+                });
             }
-            messages.push(ChatMessage { role: "user".into(), content: user.clone() });
+            messages.push(ChatMessage {
+                role: "user".into(),
+                content: user.clone(),
+            });
             let text = render_chat(
                 template,
                 &messages,
@@ -285,7 +349,13 @@ fn cmd_run(
     if stop_ids.is_empty() {
         stop_ids = model.config.eos_token_ids.clone();
     }
-    let req = GenerateRequest { prompt_ids: ids.clone(), max_new_tokens: max_new, sampling: params, stop_ids, top_logits };
+    let req = GenerateRequest {
+        prompt_ids: ids.clone(),
+        max_new_tokens: max_new,
+        sampling: params,
+        stop_ids,
+        top_logits,
+    };
     let mut stream = tok.stream();
     let mut stdout = std::io::stdout();
     let mut write_err = None;
@@ -295,7 +365,10 @@ fn cmd_run(
         }
         match stream.push(id) {
             Ok(piece) => {
-                if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
+                if let Err(e) = stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| stdout.flush())
+                {
                     write_err = Some(anyhow::Error::from(e));
                     return false;
                 }
@@ -311,7 +384,12 @@ fn cmd_run(
         return Err(e);
     }
     if json {
-        let text_ids: Vec<u32> = out.generated.iter().copied().filter(|id| !req.stop_ids.contains(id)).collect();
+        let text_ids: Vec<u32> = out
+            .generated
+            .iter()
+            .copied()
+            .filter(|id| !req.stop_ids.contains(id))
+            .collect();
         let v = serde_json::json!({
             "prompt_ids": ids,
             "generated_ids": out.generated,
@@ -340,7 +418,13 @@ fn cmd_run(
     Ok(())
 }
 
-fn cmd_logits(dir: &Path, prompt: &str, top: usize, backend: BackendKind, json: bool) -> Result<()> {
+fn cmd_logits(
+    dir: &Path,
+    prompt: &str,
+    top: usize,
+    backend: BackendKind,
+    json: bool,
+) -> Result<()> {
     let tok = Tokenizer::from_dir(dir)?;
     let ids = tok.encode_prompt(prompt)?;
     let model = load_model(dir)?;
@@ -369,9 +453,18 @@ fn cmd_logits(dir: &Path, prompt: &str, top: usize, backend: BackendKind, json: 
             let tokstr = tok.id_to_token(ids[*p]).unwrap_or_default();
             let tops: Vec<String> = t
                 .iter()
-                .map(|&(i, l)| format!("{:?} {l:.3}", tok.id_to_token(i).unwrap_or_else(|| i.to_string())))
+                .map(|&(i, l)| {
+                    format!(
+                        "{:?} {l:.3}",
+                        tok.id_to_token(i).unwrap_or_else(|| i.to_string())
+                    )
+                })
                 .collect();
-            println!("{p:>5} {:<16} -> {}", format!("{tokstr:?}"), tops.join(", "));
+            println!(
+                "{p:>5} {:<16} -> {}",
+                format!("{tokstr:?}"),
+                tops.join(", ")
+            );
         }
     }
     Ok(())
@@ -391,7 +484,11 @@ fn cmd_info(dir: &Path) -> Result<()> {
             e4m3_core::config::LayerType::Full => "F",
         })
         .collect();
-    println!("layer types    {} (S = sliding window {}, F = full)", types.join(""), c.sliding_window);
+    println!(
+        "layer types    {} (S = sliding window {}, F = full)",
+        types.join(""),
+        c.sliding_window
+    );
     println!(
         "hidden         {}   intermediate {}   vocab {}",
         c.hidden_size, c.intermediate_size, c.vocab_size
@@ -409,7 +506,14 @@ fn cmd_info(dir: &Path) -> Result<()> {
         c.rope_full.theta, c.rope_full.linear_factor, c.rope_sliding.theta
     );
     println!("max positions  {}", c.max_position_embeddings);
-    println!("lm_head        {}", if model.tied_lm_head { "tied to embed_tokens" } else { "separate" });
+    println!(
+        "lm_head        {}",
+        if model.tied_lm_head {
+            "tied to embed_tokens"
+        } else {
+            "separate"
+        }
+    );
     println!("quantization per module group:");
     let groups = [
         ("embed_tokens", "embed_tokens."),
@@ -435,7 +539,12 @@ fn cmd_info(dir: &Path) -> Result<()> {
         dtypes.sort();
         dtypes.dedup();
         let bytes: usize = ws.iter().map(|(_, w)| w.bytes().len()).sum();
-        println!("  {label:<20} {:<10} {:>5} tensors {:>10.1} MB", dtypes.join("+"), ws.len(), bytes as f64 / 1e6);
+        println!(
+            "  {label:<20} {:<10} {:>5} tensors {:>10.1} MB",
+            dtypes.join("+"),
+            ws.len(),
+            bytes as f64 / 1e6
+        );
     }
     println!("total weights  {:.1} MB", model.weight_bytes() as f64 / 1e6);
     Ok(())

@@ -99,7 +99,12 @@ pub trait Backend {
     fn name(&self) -> String;
     fn supports(&self, op: &Op) -> bool;
     /// Upload weights, allocate caches and prepare to execute `graph`.
-    fn load(&self, graph: &Graph, weights: &WeightMap, cache: CacheConfig) -> Result<Box<dyn Runner>>;
+    fn load(
+        &self,
+        graph: &Graph,
+        weights: &WeightMap,
+        cache: CacheConfig,
+    ) -> Result<Box<dyn Runner>>;
 }
 
 pub trait Runner: Send {
@@ -126,7 +131,12 @@ pub fn check_supported(backend: &dyn Backend, graph: &Graph) -> Result<()> {
 }
 
 /// Validate a batch against the slots' state before running it. `len(slot)` is the cached length.
-pub fn validate_batch(batch: &Batch, cache: &CacheConfig, vocab: usize, len: impl Fn(usize) -> usize) -> Result<()> {
+pub fn validate_batch(
+    batch: &Batch,
+    cache: &CacheConfig,
+    vocab: usize,
+    len: impl Fn(usize) -> usize,
+) -> Result<()> {
     let mut seen = Vec::new();
     for s in &batch.seqs {
         if s.slot >= cache.slots {
@@ -136,7 +146,10 @@ pub fn validate_batch(batch: &Batch, cache: &CacheConfig, vocab: usize, len: imp
             )));
         }
         if seen.contains(&s.slot) {
-            return Err(Error::invalid(format!("slot {} appears twice in one step", s.slot)));
+            return Err(Error::invalid(format!(
+                "slot {} appears twice in one step",
+                s.slot
+            )));
         }
         seen.push(s.slot);
         let cur = len(s.slot);

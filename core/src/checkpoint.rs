@@ -165,7 +165,10 @@ fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
                 if !p.is_file() {
                     return Err(Error::file(
                         &p,
-                        format!("shard listed in {} for `{tensor}` not found", index.display()),
+                        format!(
+                            "shard listed in {} for `{tensor}` not found",
+                            index.display()
+                        ),
                     ));
                 }
                 files.push(p);
@@ -252,7 +255,10 @@ mod tests {
         assert_eq!(w.to_f32(), vec![1.0, 2.0, 3.0, 4.0]);
         assert!(w.expect(&[2, 2], &[DType::F32]).is_ok());
         let e = w.expect(&[4], &[DType::F32]).unwrap_err().to_string();
-        assert!(e.contains("a.weight") && e.contains("[4]") && e.contains("[2, 2]"), "{e}");
+        assert!(
+            e.contains("a.weight") && e.contains("[4]") && e.contains("[2, 2]"),
+            "{e}"
+        );
         let e = w.expect(&[2, 2], &[DType::BF16]).unwrap_err().to_string();
         assert!(e.contains("expected dtype BF16, found F32"), "{e}");
     }
@@ -265,14 +271,20 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         for cut in [0, 5, 8, bytes.len() / 2, bytes.len() - 1] {
             std::fs::write(&p, &bytes[..cut]).unwrap();
-            let e = Checkpoint::open(dir.path()).err().expect("must fail").to_string();
+            let e = Checkpoint::open(dir.path())
+                .err()
+                .expect("must fail")
+                .to_string();
             assert!(e.contains("model.safetensors"), "cut {cut}: {e}");
         }
     }
 
     #[test]
     fn missing_dir_and_missing_shard_are_errors() {
-        let e = Checkpoint::open(Path::new("/nonexistent/e4m3")).err().unwrap().to_string();
+        let e = Checkpoint::open(Path::new("/nonexistent/e4m3"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("/nonexistent/e4m3"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
@@ -281,7 +293,10 @@ mod tests {
         )
         .unwrap();
         let e = Checkpoint::open(dir.path()).err().unwrap().to_string();
-        assert!(e.contains("model-00001-of-00002.safetensors") && e.contains("a.weight"), "{e}");
+        assert!(
+            e.contains("model-00001-of-00002.safetensors") && e.contains("a.weight"),
+            "{e}"
+        );
         let empty = tempfile::tempdir().unwrap();
         let e = Checkpoint::open(empty.path()).err().unwrap().to_string();
         assert!(e.contains("no model.safetensors"), "{e}");

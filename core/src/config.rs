@@ -102,7 +102,14 @@ impl Gemma3Config {
             Some(_) => return Err(Error::field(path, "text_config", "expected an object")),
         };
         let f = Fields { path, obj, prefix };
-        let model_type = f.str_or("model_type", if prefix.is_empty() { top_type } else { "gemma3_text" })?;
+        let model_type = f.str_or(
+            "model_type",
+            if prefix.is_empty() {
+                top_type
+            } else {
+                "gemma3_text"
+            },
+        )?;
         match (top_type, model_type.as_str()) {
             (_, "gemma3_text") | ("gemma3", _) | ("", "") => {}
             (t, m) if t.starts_with("gemma4") || m.starts_with("gemma4") => {
@@ -125,7 +132,11 @@ impl Gemma3Config {
         let act = match obj.get("hidden_activation").or(obj.get("hidden_act")) {
             None | Some(Value::Null) => "gelu_pytorch_tanh".to_string(),
             Some(v) => v.as_str().map(str::to_string).ok_or_else(|| {
-                Error::field(path, format!("{prefix}hidden_activation"), "expected a string")
+                Error::field(
+                    path,
+                    format!("{prefix}hidden_activation"),
+                    "expected a string",
+                )
             })?,
         };
         if act != "gelu_pytorch_tanh" && act != "gelu_tanh" {
@@ -154,7 +165,9 @@ impl Gemma3Config {
                             return Err(Error::field(
                                 path,
                                 format!("{prefix}layer_types[{i}]"),
-                                format!("expected \"sliding_attention\" or \"full_attention\", found {v}"),
+                                format!(
+                                "expected \"sliding_attention\" or \"full_attention\", found {v}"
+                            ),
                             ))
                         }
                     });
@@ -163,7 +176,10 @@ impl Gemma3Config {
                     return Err(Error::field(
                         path,
                         format!("{prefix}layer_types"),
-                        format!("has {} entries but num_hidden_layers is {num_hidden_layers}", out.len()),
+                        format!(
+                            "has {} entries but num_hidden_layers is {num_hidden_layers}",
+                            out.len()
+                        ),
                     ));
                 }
                 out
@@ -176,13 +192,29 @@ impl Gemma3Config {
                 };
                 let pattern = f.usize_or(key, 6)?;
                 if pattern == 0 {
-                    return Err(Error::field(path, format!("{prefix}{key}"), "must be at least 1"));
+                    return Err(Error::field(
+                        path,
+                        format!("{prefix}{key}"),
+                        "must be at least 1",
+                    ));
                 }
                 (0..num_hidden_layers)
-                    .map(|i| if (i + 1) % pattern != 0 { LayerType::Sliding } else { LayerType::Full })
+                    .map(|i| {
+                        if (i + 1) % pattern != 0 {
+                            LayerType::Sliding
+                        } else {
+                            LayerType::Full
+                        }
+                    })
                     .collect()
             }
-            Some(_) => return Err(Error::field(path, format!("{prefix}layer_types"), "expected a list")),
+            Some(_) => {
+                return Err(Error::field(
+                    path,
+                    format!("{prefix}layer_types"),
+                    "expected a list",
+                ))
+            }
         };
 
         let (rope_full, rope_sliding) = parse_rope(&f)?;
@@ -194,10 +226,9 @@ impl Gemma3Config {
                 .map(|v| v.as_u64().map(|x| x as u32))
                 .collect::<Option<Vec<u32>>>()
                 .ok_or_else(|| Error::field(path, "eos_token_id", "expected integers"))?,
-            Some(v) => vec![v
-                .as_u64()
-                .ok_or_else(|| Error::field(path, "eos_token_id", "expected an integer or a list"))?
-                as u32],
+            Some(v) => vec![v.as_u64().ok_or_else(|| {
+                Error::field(path, "eos_token_id", "expected an integer or a list")
+            })? as u32],
         };
 
         let cfg = Gemma3Config {
@@ -289,10 +320,9 @@ impl Fields<'_> {
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                self.err(key, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
     fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
@@ -360,7 +390,10 @@ fn parse_rope_object(f: &Fields, field: &str, v: &Value, theta: f32) -> Result<R
             ))
         }
     };
-    Ok(RopeSpec { theta, linear_factor })
+    Ok(RopeSpec {
+        theta,
+        linear_factor,
+    })
 }
 
 fn parse_rope(f: &Fields) -> Result<(RopeSpec, RopeSpec)> {
@@ -373,23 +406,46 @@ fn parse_rope(f: &Fields) -> Result<(RopeSpec, RopeSpec)> {
         if o.contains_key("full_attention") || o.contains_key("sliding_attention") {
             let full = match o.get("full_attention") {
                 Some(v) => parse_rope_object(f, "rope_parameters.full_attention", v, theta_full)?,
-                None => RopeSpec { theta: theta_full, linear_factor: 1.0 },
+                None => RopeSpec {
+                    theta: theta_full,
+                    linear_factor: 1.0,
+                },
             };
             let sliding = match o.get("sliding_attention") {
-                Some(v) => parse_rope_object(f, "rope_parameters.sliding_attention", v, theta_local)?,
-                None => RopeSpec { theta: theta_local, linear_factor: 1.0 },
+                Some(v) => {
+                    parse_rope_object(f, "rope_parameters.sliding_attention", v, theta_local)?
+                }
+                None => RopeSpec {
+                    theta: theta_local,
+                    linear_factor: 1.0,
+                },
             };
             return Ok((full, sliding));
         }
         // A flat dict applies to the full-attention layers, as `rope_scaling` does.
         let full = parse_rope_object(f, "rope_parameters", params, theta_full)?;
-        return Ok((full, RopeSpec { theta: theta_local, linear_factor: 1.0 }));
+        return Ok((
+            full,
+            RopeSpec {
+                theta: theta_local,
+                linear_factor: 1.0,
+            },
+        ));
     }
     let full = match f.get("rope_scaling") {
         Some(v) => parse_rope_object(f, "rope_scaling", v, theta_full)?,
-        None => RopeSpec { theta: theta_full, linear_factor: 1.0 },
+        None => RopeSpec {
+            theta: theta_full,
+            linear_factor: 1.0,
+        },
     };
-    Ok((full, RopeSpec { theta: theta_local, linear_factor: 1.0 }))
+    Ok((
+        full,
+        RopeSpec {
+            theta: theta_local,
+            linear_factor: 1.0,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -413,13 +469,30 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(c.vocab_size, 262208);
-        assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (8, 4, 256));
+        assert_eq!(
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (8, 4, 256)
+        );
         assert_eq!(c.query_pre_attn_scalar, 256.0);
-        assert_eq!(c.rope_full, RopeSpec { theta: 1e6, linear_factor: 8.0 });
-        assert_eq!(c.rope_sliding, RopeSpec { theta: 1e4, linear_factor: 1.0 });
+        assert_eq!(
+            c.rope_full,
+            RopeSpec {
+                theta: 1e6,
+                linear_factor: 8.0
+            }
+        );
+        assert_eq!(
+            c.rope_sliding,
+            RopeSpec {
+                theta: 1e4,
+                linear_factor: 1.0
+            }
+        );
         assert_eq!(c.eos_token_ids, vec![1, 106]);
         assert_eq!(c.layer_types.len(), 34);
-        let full: Vec<usize> = (0..34).filter(|&i| c.layer_types[i] == LayerType::Full).collect();
+        let full: Vec<usize> = (0..34)
+            .filter(|&i| c.layer_types[i] == LayerType::Full)
+            .collect();
         assert_eq!(full, vec![5, 11, 17, 23, 29]);
         assert_eq!(c.architecture, "Gemma3ForConditionalGeneration");
     }
@@ -442,7 +515,9 @@ mod tests {
 
     #[test]
     fn bad_fields_are_named() {
-        let e = parse(json!({"model_type": "gemma3_text", "hidden_size": "big"})).unwrap_err().to_string();
+        let e = parse(json!({"model_type": "gemma3_text", "hidden_size": "big"}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hidden_size") && e.contains("\"big\""), "{e}");
         let e = parse(json!({"model_type": "gemma3", "text_config": {"num_attention_heads": 3}}))
             .unwrap_err()
@@ -451,14 +526,21 @@ mod tests {
         let e = parse(json!({"model_type": "gemma3_text", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
-        let e = parse(json!({"model_type": "llama"})).unwrap_err().to_string();
+        assert!(
+            e.contains("rope_scaling.rope_type") && e.contains("yarn"),
+            "{e}"
+        );
+        let e = parse(json!({"model_type": "llama"}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model_type") && e.contains("llama"), "{e}");
         let e = parse(json!({"model_type": "gemma3_text", "num_hidden_layers": 2, "layer_types": ["full_attention"]}))
             .unwrap_err()
             .to_string();
         assert!(e.contains("layer_types") && e.contains("1 entries"), "{e}");
-        let e = parse(json!({"model_type": "gemma3_text", "layer_types": [1, 2]})).unwrap_err().to_string();
+        let e = parse(json!({"model_type": "gemma3_text", "layer_types": [1, 2]}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("layer_types[0]"), "{e}");
     }
 }

@@ -47,7 +47,11 @@ impl Error {
             msg: msg.into(),
         }
     }
-    pub fn field(path: impl Into<PathBuf>, field: impl Into<String>, msg: impl Into<String>) -> Self {
+    pub fn field(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
         Error::Field {
             path: path.into(),
             field: field.into(),

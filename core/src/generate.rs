@@ -65,11 +65,16 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<GenerateOutput> {
     if req.prompt_ids.is_empty() {
-        return Err(Error::invalid("the prompt is empty: nothing to generate from"));
+        return Err(Error::invalid(
+            "the prompt is empty: nothing to generate from",
+        ));
     }
     let mut sampler = Sampler::new(req.sampling.clone())?;
     let t0 = Instant::now();
-    let out = runner.step(&Batch::single(slot, 0, req.prompt_ids.clone(), LogitsFor::Last), &[])?;
+    let out = runner.step(
+        &Batch::single(slot, 0, req.prompt_ids.clone(), LogitsFor::Last),
+        &[],
+    )?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let mut logits: Mat = out.logits;
     let mut generated = Vec::new();
@@ -95,7 +100,9 @@ pub fn generate(
         if generated.len() == req.max_new_tokens {
             break;
         }
-        logits = runner.step(&Batch::single(slot, pos, vec![id], LogitsFor::Last), &[])?.logits;
+        logits = runner
+            .step(&Batch::single(slot, pos, vec![id], LogitsFor::Last), &[])?
+            .logits;
         pos += 1;
     }
     Ok(GenerateOutput {
@@ -119,7 +126,10 @@ pub fn prompt_logits(
     let chunk = chunk.max(1);
     for (c, piece) in ids.chunks(chunk).enumerate() {
         let start = c * chunk;
-        let out = runner.step(&Batch::single(slot, start, piece.to_vec(), LogitsFor::All), &[])?;
+        let out = runner.step(
+            &Batch::single(slot, start, piece.to_vec(), LogitsFor::All),
+            &[],
+        )?;
         on_rows(start, &out.logits)?;
     }
     Ok(())

@@ -123,7 +123,13 @@ impl Graph {
         }
     }
 
-    pub fn add(&mut self, name: impl Into<String>, op: Op, inputs: &[ValueId], cols: usize) -> ValueId {
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        op: Op,
+        inputs: &[ValueId],
+        cols: usize,
+    ) -> ValueId {
         self.nodes.push(Node {
             name: name.into(),
             op,

@@ -41,7 +41,11 @@ impl Model {
     }
 
     /// Check every tensor against the config and build the graph.
-    pub fn from_tensors(dir: &Path, config: Gemma3Config, tensors: BTreeMap<String, Weight>) -> Result<Model> {
+    pub fn from_tensors(
+        dir: &Path,
+        config: Gemma3Config,
+        tensors: BTreeMap<String, Weight>,
+    ) -> Result<Model> {
         let mut weights = WeightMap::new();
         let mut stored_name = BTreeMap::new();
         for (name, w) in tensors {
@@ -53,11 +57,17 @@ impl Model {
             } else if let Some(rest) = TEXT_PREFIXES.iter().find_map(|p| name.strip_prefix(p)) {
                 rest.to_string()
             } else {
-                return Err(Error::tensor(&name, format!("unexpected tensor in {}", w.file.display())));
+                return Err(Error::tensor(
+                    &name,
+                    format!("unexpected tensor in {}", w.file.display()),
+                ));
             };
             stored_name.insert(canonical.clone(), name.clone());
             if let Some(prev) = weights.insert(canonical.clone(), w.renamed(&canonical)) {
-                return Err(Error::tensor(&name, format!("duplicates `{}` under another prefix", prev.name)));
+                return Err(Error::tensor(
+                    &name,
+                    format!("duplicates `{}` under another prefix", prev.name),
+                ));
             }
         }
         let expected = expected_tensors(&config);
@@ -65,7 +75,12 @@ impl Model {
             match weights.get(name) {
                 Some(w) => w.expect(shape, &FLOAT_DTYPES)?,
                 None if name == "lm_head.weight" => {}
-                None => return Err(Error::tensor(name, format!("missing from the checkpoint in {}", dir.display()))),
+                None => {
+                    return Err(Error::tensor(
+                        name,
+                        format!("missing from the checkpoint in {}", dir.display()),
+                    ))
+                }
             }
         }
         if let Some(extra) = weights.keys().find(|k| !expected.contains_key(*k)) {
@@ -77,14 +92,23 @@ impl Model {
         let tied_lm_head = !weights.contains_key("lm_head.weight");
         if tied_lm_head {
             if !config.tie_word_embeddings {
-                return Err(Error::tensor("lm_head.weight", "missing, and tie_word_embeddings is false"));
+                return Err(Error::tensor(
+                    "lm_head.weight",
+                    "missing, and tie_word_embeddings is false",
+                ));
             }
             let embed = weights["embed_tokens.weight"].renamed("lm_head.weight");
             weights.insert("lm_head.weight".to_string(), embed);
         }
         let embed_dtype = weights["embed_tokens.weight"].dtype;
         let graph = build_gemma3_graph(&config, embed_dtype);
-        Ok(Model { dir: dir.to_path_buf(), config, graph, weights, tied_lm_head })
+        Ok(Model {
+            dir: dir.to_path_buf(),
+            config,
+            graph,
+            weights,
+            tied_lm_head,
+        })
     }
 
     /// Bytes of weights the model reads (the tied lm_head counted once).
@@ -146,13 +170,39 @@ pub fn build_gemma3_graph(c: &Gemma3Config, embed_dtype: DType) -> Graph {
     let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
     let eps = c.rms_norm_eps;
     let norm = |g: &mut Graph, name: String, w: String, x: ValueId, group: usize| {
-        g.add(name, Op::RmsNorm { weight: Some(w), group, eps, add_one: true }, &[x], g.node(x).cols)
+        g.add(
+            name,
+            Op::RmsNorm {
+                weight: Some(w),
+                group,
+                eps,
+                add_one: true,
+            },
+            &[x],
+            g.node(x).cols,
+        )
     };
     let linear = |g: &mut Graph, name: String, w: String, x: ValueId, out: usize| {
-        g.add(name, Op::Linear { weight: w, scheme: QuantScheme::Dense }, &[x], out)
+        g.add(
+            name,
+            Op::Linear {
+                weight: w,
+                scheme: QuantScheme::Dense,
+            },
+            &[x],
+            out,
+        )
     };
     let scale = embed_scale(h, embed_dtype);
-    let mut x = g.add("embed", Op::Embed { table: "embed_tokens.weight".into(), scale }, &[], h);
+    let mut x = g.add(
+        "embed",
+        Op::Embed {
+            table: "embed_tokens.weight".into(),
+            scale,
+        },
+        &[],
+        h,
+    );
     for (l, &lt) in c.layer_types.iter().enumerate() {
         let p = format!("layers.{l}.");
         let w = |n: &str| format!("{p}{n}.weight");
@@ -160,17 +210,55 @@ pub fn build_gemma3_graph(c: &Gemma3Config, embed_dtype: DType) -> Graph {
             LayerType::Sliding => Some(c.sliding_window),
             LayerType::Full => None,
         };
-        g.cache_layers.push(CacheLayer { n_kv_heads: nkv, head_dim: d, window });
+        g.cache_layers.push(CacheLayer {
+            n_kv_heads: nkv,
+            head_dim: d,
+            window,
+        });
         let inv_freq = c.rope(lt).inv_freq(d);
 
         let hn = norm(&mut g, format!("{p}input_norm"), w("input_layernorm"), x, h);
-        let q = linear(&mut g, format!("{p}q_proj"), w("self_attn.q_proj"), hn, nh * d);
-        let k = linear(&mut g, format!("{p}k_proj"), w("self_attn.k_proj"), hn, nkv * d);
-        let v = linear(&mut g, format!("{p}v_proj"), w("self_attn.v_proj"), hn, nkv * d);
+        let q = linear(
+            &mut g,
+            format!("{p}q_proj"),
+            w("self_attn.q_proj"),
+            hn,
+            nh * d,
+        );
+        let k = linear(
+            &mut g,
+            format!("{p}k_proj"),
+            w("self_attn.k_proj"),
+            hn,
+            nkv * d,
+        );
+        let v = linear(
+            &mut g,
+            format!("{p}v_proj"),
+            w("self_attn.v_proj"),
+            hn,
+            nkv * d,
+        );
         let q = norm(&mut g, format!("{p}q_norm"), w("self_attn.q_norm"), q, d);
         let k = norm(&mut g, format!("{p}k_norm"), w("self_attn.k_norm"), k, d);
-        let q = g.add(format!("{p}q_rope"), Op::Rope { head_dim: d, inv_freq: inv_freq.clone() }, &[q], nh * d);
-        let k = g.add(format!("{p}k_rope"), Op::Rope { head_dim: d, inv_freq }, &[k], nkv * d);
+        let q = g.add(
+            format!("{p}q_rope"),
+            Op::Rope {
+                head_dim: d,
+                inv_freq: inv_freq.clone(),
+            },
+            &[q],
+            nh * d,
+        );
+        let k = g.add(
+            format!("{p}k_rope"),
+            Op::Rope {
+                head_dim: d,
+                inv_freq,
+            },
+            &[k],
+            nkv * d,
+        );
         let attn = Op::Attention {
             cache_layer: l,
             n_heads: nh,
@@ -182,22 +270,68 @@ pub fn build_gemma3_graph(c: &Gemma3Config, embed_dtype: DType) -> Graph {
         };
         let a = g.add(format!("{p}attn"), attn, &[q, k, v], nh * d);
         let o = linear(&mut g, format!("{p}o_proj"), w("self_attn.o_proj"), a, h);
-        let o = norm(&mut g, format!("{p}attn_out"), w("post_attention_layernorm"), o, h);
+        let o = norm(
+            &mut g,
+            format!("{p}attn_out"),
+            w("post_attention_layernorm"),
+            o,
+            h,
+        );
         x = g.add(format!("{p}attn_residual"), Op::Add, &[x, o], h);
 
-        let hn = norm(&mut g, format!("{p}ffn_norm"), w("pre_feedforward_layernorm"), x, h);
-        let gate = linear(&mut g, format!("{p}gate_proj"), w("mlp.gate_proj"), hn, c.intermediate_size);
-        let up = linear(&mut g, format!("{p}up_proj"), w("mlp.up_proj"), hn, c.intermediate_size);
-        let m = g.add(format!("{p}gelu_mul"), Op::GeluTanhMul, &[gate, up], c.intermediate_size);
+        let hn = norm(
+            &mut g,
+            format!("{p}ffn_norm"),
+            w("pre_feedforward_layernorm"),
+            x,
+            h,
+        );
+        let gate = linear(
+            &mut g,
+            format!("{p}gate_proj"),
+            w("mlp.gate_proj"),
+            hn,
+            c.intermediate_size,
+        );
+        let up = linear(
+            &mut g,
+            format!("{p}up_proj"),
+            w("mlp.up_proj"),
+            hn,
+            c.intermediate_size,
+        );
+        let m = g.add(
+            format!("{p}gelu_mul"),
+            Op::GeluTanhMul,
+            &[gate, up],
+            c.intermediate_size,
+        );
         let m = linear(&mut g, format!("{p}down_proj"), w("mlp.down_proj"), m, h);
-        let m = norm(&mut g, format!("{p}mlp_out"), w("post_feedforward_layernorm"), m, h);
+        let m = norm(
+            &mut g,
+            format!("{p}mlp_out"),
+            w("post_feedforward_layernorm"),
+            m,
+            h,
+        );
         x = g.add(format!("{p}residual"), Op::Add, &[x, m], h);
     }
     let x = g.add("output_rows", Op::SelectRows, &[x], h);
     let x = norm(&mut g, "final_norm".into(), "norm.weight".into(), x, h);
-    let mut logits = linear(&mut g, "logits".into(), "lm_head.weight".into(), x, c.vocab_size);
+    let mut logits = linear(
+        &mut g,
+        "logits".into(),
+        "lm_head.weight".into(),
+        x,
+        c.vocab_size,
+    );
     if let Some(cap) = c.final_logit_softcapping {
-        logits = g.add("logits_softcap", Op::Softcap { cap }, &[logits], c.vocab_size);
+        logits = g.add(
+            "logits_softcap",
+            Op::Softcap { cap },
+            &[logits],
+            c.vocab_size,
+        );
     }
     g.output = logits;
     g

@@ -143,9 +143,15 @@ mod tests {
         let v = [1.5f32, -2.25];
         let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(bytes_to_f32(DType::F32, &b), v);
-        let b: Vec<u8> = v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
+        let b: Vec<u8> = v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect();
         assert_eq!(bytes_to_f32(DType::BF16, &b), v);
-        let b: Vec<u8> = v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
+        let b: Vec<u8> = v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect();
         assert_eq!(bytes_to_f32(DType::F16, &b), v);
         assert_eq!(f8e4m3_to_f32(0x7E), 448.0);
         assert!(f8e4m3_to_f32(0x7F).is_nan());

@@ -11,7 +11,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -72,27 +75,60 @@ pub fn tiny_tensors(t: &Tiny, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut mk = |name: String, shape: Vec<usize>, std: f32| {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * std * 1.7).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * std * 1.7)
+            .collect();
         (name, shape, v)
     };
     let (h, d, i) = (t.hidden, t.head_dim, t.inter);
-    let mut out = vec![mk("embed_tokens.weight".into(), vec![t.vocab, h], 1.0), mk("norm.weight".into(), vec![h], 0.5)];
+    let mut out = vec![
+        mk("embed_tokens.weight".into(), vec![t.vocab, h], 1.0),
+        mk("norm.weight".into(), vec![h], 0.5),
+    ];
     for l in 0..t.full.len() {
         let p = format!("layers.{l}.");
         let ws = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
         out.push(mk(format!("{p}input_layernorm.weight"), vec![h], 0.5));
-        out.push(mk(format!("{p}self_attn.q_proj.weight"), vec![t.heads * d, h], ws(h)));
-        out.push(mk(format!("{p}self_attn.k_proj.weight"), vec![t.kv_heads * d, h], ws(h)));
-        out.push(mk(format!("{p}self_attn.v_proj.weight"), vec![t.kv_heads * d, h], ws(h)));
-        out.push(mk(format!("{p}self_attn.o_proj.weight"), vec![h, t.heads * d], ws(t.heads * d)));
+        out.push(mk(
+            format!("{p}self_attn.q_proj.weight"),
+            vec![t.heads * d, h],
+            ws(h),
+        ));
+        out.push(mk(
+            format!("{p}self_attn.k_proj.weight"),
+            vec![t.kv_heads * d, h],
+            ws(h),
+        ));
+        out.push(mk(
+            format!("{p}self_attn.v_proj.weight"),
+            vec![t.kv_heads * d, h],
+            ws(h),
+        ));
+        out.push(mk(
+            format!("{p}self_attn.o_proj.weight"),
+            vec![h, t.heads * d],
+            ws(t.heads * d),
+        ));
         out.push(mk(format!("{p}self_attn.q_norm.weight"), vec![d], 0.5));
         out.push(mk(format!("{p}self_attn.k_norm.weight"), vec![d], 0.5));
-        out.push(mk(format!("{p}post_attention_layernorm.weight"), vec![h], 0.5));
-        out.push(mk(format!("{p}pre_feedforward_layernorm.weight"), vec![h], 0.5));
+        out.push(mk(
+            format!("{p}post_attention_layernorm.weight"),
+            vec![h],
+            0.5,
+        ));
+        out.push(mk(
+            format!("{p}pre_feedforward_layernorm.weight"),
+            vec![h],
+            0.5,
+        ));
         out.push(mk(format!("{p}mlp.gate_proj.weight"), vec![i, h], ws(h)));
         out.push(mk(format!("{p}mlp.up_proj.weight"), vec![i, h], ws(h)));
         out.push(mk(format!("{p}mlp.down_proj.weight"), vec![h, i], ws(i)));
-        out.push(mk(format!("{p}post_feedforward_layernorm.weight"), vec![h], 0.5));
+        out.push(mk(
+            format!("{p}post_feedforward_layernorm.weight"),
+            vec![h],
+            0.5,
+        ));
     }
     out
 }
@@ -117,46 +153,82 @@ pub fn tiny_text_config(t: &Tiny) -> Value {
 }
 
 /// Write `config` and the tensors (names prefixed by `prefix`) as a checkpoint in `dir`.
-pub fn write_checkpoint(dir: &Path, config: &Value, tensors: &[(String, Vec<usize>, Vec<f32>)], prefix: &str, bf16: bool) {
+pub fn write_checkpoint(
+    dir: &Path,
+    config: &Value,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    prefix: &str,
+    bf16: bool,
+) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, s, v)| {
             let b: Vec<u8> = if bf16 {
-                v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()
+                v.iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect()
             } else {
                 v.iter().flat_map(|x| x.to_le_bytes()).collect()
             };
             (format!("{prefix}{n}"), s.clone(), b)
         })
         .collect();
-    let dtype = if bf16 { safetensors::Dtype::BF16 } else { safetensors::Dtype::F32 };
+    let dtype = if bf16 {
+        safetensors::Dtype::BF16
+    } else {
+        safetensors::Dtype::F32
+    };
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
 
 /// Write a tiny Gemma3ForCausalLM with prefix `model.`.
 pub fn write_tiny(dir: &Path, t: &Tiny, seed: u64) {
-    write_checkpoint(dir, &tiny_text_config(t), &tiny_tensors(t, seed), "model.", t.bf16);
+    write_checkpoint(
+        dir,
+        &tiny_text_config(t),
+        &tiny_tensors(t, seed),
+        "model.",
+        t.bf16,
+    );
 }
 
 pub fn cpu_runner(model: &Model, slots: usize, max_seq_len: usize) -> Box<dyn Runner> {
     CpuBackend
-        .load(&model.graph, &model.weights, CacheConfig { slots, max_seq_len })
+        .load(
+            &model.graph,
+            &model.weights,
+            CacheConfig { slots, max_seq_len },
+        )
         .expect("CPU backend loads")
 }
 
 /// Teacher-forced logits at every position, in one prefill step.
 pub fn all_logits(model: &Model, ids: &[u32]) -> Mat {
     let mut r = cpu_runner(model, 1, ids.len().max(1));
-    r.step(&Batch::single(0, 0, ids.to_vec(), LogitsFor::All), &[]).unwrap().logits
+    r.step(&Batch::single(0, 0, ids.to_vec(), LogitsFor::All), &[])
+        .unwrap()
+        .logits
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

@@ -17,7 +17,13 @@ struct Case {
 fn cases() -> Vec<Case> {
     let text = std::fs::read_to_string(fixture("tiny-gemma3/logits.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
-    let as_u32 = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    let as_u32 = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
     v["cases"]
         .as_array()
         .unwrap()
@@ -28,7 +34,13 @@ fn cases() -> Vec<Case> {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+                .map(|r| {
+                    r.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                        .collect()
+                })
                 .collect(),
             greedy: as_u32(&c["greedy_ids"]),
         })
@@ -41,19 +53,30 @@ fn check_model(model: &Model) {
         assert_eq!(got.rows, case.ids.len());
         let mut worst = 0f32;
         for (p, want) in case.logits.iter().enumerate() {
-            let range = want.iter().cloned().fold(f32::MIN, f32::max) - want.iter().cloned().fold(f32::MAX, f32::min);
+            let range = want.iter().cloned().fold(f32::MIN, f32::max)
+                - want.iter().cloned().fold(f32::MAX, f32::min);
             let d = max_abs_diff(got.row(p), want);
-            assert!(d <= 1e-4 * range.max(1.0), "case {ci} position {p}: max |dlogit| {d} (range {range})");
+            assert!(
+                d <= 1e-4 * range.max(1.0),
+                "case {ci} position {p}: max |dlogit| {d} (range {range})"
+            );
             worst = worst.max(d);
         }
         eprintln!("case {ci}: max |dlogit| = {worst:e}");
         // Greedy continuation through the KV cache.
         let mut r = cpu_runner(model, 1, case.ids.len() + case.greedy.len());
-        let out = r.step(&Batch::single(0, 0, case.ids.clone(), LogitsFor::Last), &[]).unwrap();
+        let out = r
+            .step(&Batch::single(0, 0, case.ids.clone(), LogitsFor::Last), &[])
+            .unwrap();
         let mut next = argmax(out.logits.row(0));
         let mut gen = vec![next];
         for i in 1..case.greedy.len() {
-            let out = r.step(&Batch::single(0, case.ids.len() + i - 1, vec![next], LogitsFor::Last), &[]).unwrap();
+            let out = r
+                .step(
+                    &Batch::single(0, case.ids.len() + i - 1, vec![next], LogitsFor::Last),
+                    &[],
+                )
+                .unwrap();
             next = argmax(out.logits.row(0));
             gen.push(next);
         }
@@ -72,8 +95,16 @@ fn tiny_gemma3_matches_transformers_v5_config() {
 #[test]
 fn tiny_gemma3_matches_transformers_v4_config() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixture("tiny-gemma3/config.v4.json"), dir.path().join("config.json")).unwrap();
-    std::fs::copy(fixture("tiny-gemma3/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        fixture("tiny-gemma3/config.v4.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("tiny-gemma3/model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
     check_model(&Model::load(dir.path()).unwrap());
 }
 
@@ -84,14 +115,25 @@ fn dropping_a_feature_breaks_the_match() {
     let case = &cases()[0];
     let far = |m: &Model| {
         let got = all_logits(m, &case.ids);
-        (0..case.ids.len()).map(|p| max_abs_diff(got.row(p), &case.logits[p])).fold(0.0, f32::max)
+        (0..case.ids.len())
+            .map(|p| max_abs_diff(got.row(p), &case.logits[p]))
+            .fold(0.0, f32::max)
     };
     assert!(far(&model) < 1e-3);
     let variants: Vec<(&str, Box<dyn Fn(&mut e4m3_core::config::Gemma3Config)>)> = vec![
-        ("no rope scaling", Box::new(|c| c.rope_full.linear_factor = 1.0)),
+        (
+            "no rope scaling",
+            Box::new(|c| c.rope_full.linear_factor = 1.0),
+        ),
         ("window off by one", Box::new(|c| c.sliding_window += 1)),
-        ("attention scale 1/sqrt(head_dim)", Box::new(|c| c.query_pre_attn_scalar = c.head_dim as f32)),
-        ("local rope base", Box::new(|c| c.rope_sliding.theta = c.rope_full.theta)),
+        (
+            "attention scale 1/sqrt(head_dim)",
+            Box::new(|c| c.query_pre_attn_scalar = c.head_dim as f32),
+        ),
+        (
+            "local rope base",
+            Box::new(|c| c.rope_sliding.theta = c.rope_full.theta),
+        ),
     ];
     for (what, change) in variants {
         let mut cfg = model.config.clone();

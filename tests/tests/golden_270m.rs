@@ -15,19 +15,32 @@ use serde_json::Value;
 const MAX_DLOGIT: f32 = 0.05;
 
 fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 #[test]
 fn gemma3_270m_matches_transformers() {
     let dir = real_model_dir();
-    let golden: Value = serde_json::from_str(&std::fs::read_to_string(fixture("golden-270m.json")).unwrap()).unwrap();
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("golden-270m.json")).unwrap())
+            .unwrap();
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let model = Model::load(&dir).unwrap();
-    assert_eq!(golden["embed_scale"].as_f64().unwrap() as f32, e4m3_core::model::embed_scale(640, model.weights["embed_tokens.weight"].dtype));
+    assert_eq!(
+        golden["embed_scale"].as_f64().unwrap() as f32,
+        e4m3_core::model::embed_scale(640, model.weights["embed_tokens.weight"].dtype)
+    );
     let probe_ids = u32s(&golden["probe_ids"]);
     let cases = golden["cases"].as_array().unwrap();
     assert!(cases.len() >= 4);
@@ -35,11 +48,22 @@ fn gemma3_270m_matches_transformers() {
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let prompt_ids = u32s(&case["prompt_ids"]);
-        assert_eq!(tok.encode_prompt(case["prompt"].as_str().unwrap()).unwrap(), prompt_ids, "{name}: prompt ids");
+        assert_eq!(
+            tok.encode_prompt(case["prompt"].as_str().unwrap()).unwrap(),
+            prompt_ids,
+            "{name}: prompt ids"
+        );
         saw_long |= prompt_ids.len() > 512;
         let greedy = u32s(&case["greedy_ids"]);
         let mut runner = CpuBackend
-            .load(&model.graph, &model.weights, CacheConfig { slots: 1, max_seq_len: prompt_ids.len() + greedy.len() })
+            .load(
+                &model.graph,
+                &model.weights,
+                CacheConfig {
+                    slots: 1,
+                    max_seq_len: prompt_ids.len() + greedy.len(),
+                },
+            )
             .unwrap();
 
         // Teacher-forced logits at every prompt position.
@@ -51,8 +75,14 @@ fn gemma3_270m_matches_transformers() {
             for r in 0..logits.rows {
                 let p = start + r;
                 let row = logits.row(r);
-                let ids: Vec<u32> = u32s(&top_ids[p]).into_iter().chain(probe_ids.iter().copied()).collect();
-                let want: Vec<f32> = f32s(&top_logits[p]).into_iter().chain(f32s(&probe_logits[p])).collect();
+                let ids: Vec<u32> = u32s(&top_ids[p])
+                    .into_iter()
+                    .chain(probe_ids.iter().copied())
+                    .collect();
+                let want: Vec<f32> = f32s(&top_logits[p])
+                    .into_iter()
+                    .chain(f32s(&probe_logits[p]))
+                    .collect();
                 for (&id, &w) in ids.iter().zip(&want) {
                     let d = (row[id as usize] - w).abs();
                     if d > worst.0 {
@@ -63,15 +93,26 @@ fn gemma3_270m_matches_transformers() {
                 let ours = e4m3_core::sampling::argmax(row);
                 let theirs = u32s(&top_ids[p])[0];
                 assert!(
-                    ours == theirs || (row[ours as usize] - row[theirs as usize]).abs() <= MAX_DLOGIT,
+                    ours == theirs
+                        || (row[ours as usize] - row[theirs as usize]).abs() <= MAX_DLOGIT,
                     "{name} position {p}: argmax {ours} vs transformers {theirs}"
                 );
             }
             Ok(())
         })
         .unwrap();
-        eprintln!("{name}: {} prompt tokens, max |dlogit| {:.5} (position {})", prompt_ids.len(), worst.0, worst.1);
-        assert!(worst.0 <= MAX_DLOGIT, "{name}: max |dlogit| {} at position {} > {MAX_DLOGIT}", worst.0, worst.1);
+        eprintln!(
+            "{name}: {} prompt tokens, max |dlogit| {:.5} (position {})",
+            prompt_ids.len(),
+            worst.0,
+            worst.1
+        );
+        assert!(
+            worst.0 <= MAX_DLOGIT,
+            "{name}: max |dlogit| {} at position {} > {MAX_DLOGIT}",
+            worst.0,
+            worst.1
+        );
 
         // 32 greedy tokens through the KV cache, never stopping early.
         let req = GenerateRequest {
@@ -82,7 +123,15 @@ fn gemma3_270m_matches_transformers() {
             top_logits: 0,
         };
         let out = generate(runner.as_mut(), 0, &req, |_| true).unwrap();
-        assert_eq!(out.generated, greedy, "{name}: greedy tokens (ours: {:?})", tok.decode(&out.generated, false));
+        assert_eq!(
+            out.generated,
+            greedy,
+            "{name}: greedy tokens (ours: {:?})",
+            tok.decode(&out.generated, false)
+        );
     }
-    assert!(saw_long, "the fixture must hold a prompt longer than the sliding window");
+    assert!(
+        saw_long,
+        "the fixture must hold a prompt longer than the sliding window"
+    );
 }

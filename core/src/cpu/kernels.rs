@@ -114,7 +114,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `y = x W^T` with W `[n, k]` stored as F32/BF16/F16; each weight row is decoded once per call.
 pub fn linear(x: &Mat, w: &Weight) -> Mat {
     let (n, k) = (w.shape[0], w.shape[1]);
-    assert_eq!(x.cols, k, "linear `{}`: input has {} columns, weight {:?}", w.name, x.cols, w.shape);
+    assert_eq!(
+        x.cols, k,
+        "linear `{}`: input has {} columns, weight {:?}",
+        w.name, x.cols, w.shape
+    );
     let t = x.rows;
     let esz = w.dtype.size();
     let bytes = w.bytes();
@@ -135,7 +139,11 @@ pub fn linear(x: &Mat, w: &Weight) -> Mat {
             }
         });
     if t == 1 {
-        return Mat { rows: 1, cols: n, data: out_t };
+        return Mat {
+            rows: 1,
+            cols: n,
+            data: out_t,
+        };
     }
     let mut out = Mat::zeros(t, n);
     for r in 0..n {
@@ -182,7 +190,12 @@ pub struct KvLayer {
 
 impl KvLayer {
     pub fn new(cap: usize, width: usize) -> KvLayer {
-        KvLayer { cap, width, k: Vec::new(), v: Vec::new() }
+        KvLayer {
+            cap,
+            width,
+            k: Vec::new(),
+            v: Vec::new(),
+        }
     }
     fn row(&self, p: usize) -> std::ops::Range<usize> {
         let r = p % self.cap;
@@ -211,7 +224,17 @@ pub struct AttnGeom {
 /// Attention for one sequence whose `n` new rows start at step row `row0` and position `start`.
 /// Earlier positions come from `cache`; this step's k/v are then written into it.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(g: &AttnGeom, q: &Mat, k: &Mat, v: &Mat, row0: usize, n: usize, start: usize, cache: &mut KvLayer, out: &mut Mat) {
+pub fn attention(
+    g: &AttnGeom,
+    q: &Mat,
+    k: &Mat,
+    v: &Mat,
+    row0: usize,
+    n: usize,
+    start: usize,
+    cache: &mut KvLayer,
+    out: &mut Mat,
+) {
     let d = g.head_dim;
     let group = g.n_heads / g.n_kv_heads;
     let cache_ref = &*cache;
@@ -273,9 +296,12 @@ pub fn attention(g: &AttnGeom, q: &Mat, k: &Mat, v: &Mat, row0: usize, n: usize,
 /// `gelu_tanh(gate) * up`, GELU with the tanh approximation (PyTorch `gelu(approximate="tanh")`).
 pub fn gelu_tanh_mul(gate: &Mat, up: &Mat) -> Mat {
     let mut out = gate.clone();
-    out.data.par_iter_mut().zip(up.data.par_iter()).for_each(|(g, &u)| {
-        *g = gelu_tanh(*g) * u;
-    });
+    out.data
+        .par_iter_mut()
+        .zip(up.data.par_iter())
+        .for_each(|(g, &u)| {
+            *g = gelu_tanh(*g) * u;
+        });
     out
 }
 
@@ -298,7 +324,9 @@ pub fn scale(a: &Mat, factor: f32) -> Mat {
 
 pub fn softcap(a: &Mat, cap: f32) -> Mat {
     let mut out = a.clone();
-    out.data.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
+    out.data
+        .iter_mut()
+        .for_each(|x| *x = cap * (*x / cap).tanh());
     out
 }
 
@@ -321,12 +349,16 @@ mod tests {
     #[test]
     fn linear_matches_f64_for_each_dtype() {
         let x = mat(3, 37, |i| ((i * 7 % 11) as f32 - 5.0) * 0.1);
-        let wv: Vec<f32> = (0..19 * 37).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.05).collect();
+        let wv: Vec<f32> = (0..19 * 37)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.05)
+            .collect();
         let w = Weight::from_f32("w", vec![19, 37], &wv);
         let y = linear(&x, &w);
         for t in 0..3 {
             for n in 0..19 {
-                let r: f64 = (0..37).map(|kk| x.row(t)[kk] as f64 * wv[n * 37 + kk] as f64).sum();
+                let r: f64 = (0..37)
+                    .map(|kk| x.row(t)[kk] as f64 * wv[n * 37 + kk] as f64)
+                    .sum();
                 assert!((y.row(t)[n] as f64 - r).abs() < 1e-5, "{t},{n}");
             }
         }
@@ -342,9 +374,15 @@ mod tests {
         for (a, b) in y.data.iter().zip(expect) {
             assert!((a - b).abs() < 1e-6);
         }
-        let y = rms_norm(&x, Some(&w), 2, 0.0, false); // two groups: [1,2] and [3,4]
+        // Per-head norm: two groups [1,2] and [3,4] share one weight of the group's length.
+        let y = rms_norm(&x, Some(&[0.5, 2.0]), 2, 0.0, false);
         let (i1, i2) = (1.0 / 2.5f32.sqrt(), 1.0 / 12.5f32.sqrt());
-        let expect = [1.0 * i1 * 0.5, 0.0, -3.0 * i2, 8.0 * i2];
+        let expect = [
+            1.0 * i1 * 0.5,
+            2.0 * i1 * 2.0,
+            3.0 * i2 * 0.5,
+            4.0 * i2 * 2.0,
+        ];
         for (a, b) in y.data.iter().zip(expect) {
             assert!((a - b).abs() < 1e-6, "{a} {b}");
         }
@@ -378,7 +416,14 @@ mod tests {
     #[test]
     fn attention_incremental_equals_full_with_window_and_gqa() {
         for window in [None, Some(3)] {
-            let g = AttnGeom { n_heads: 4, n_kv_heads: 2, head_dim: 4, scale: 0.5, window, softcap: None };
+            let g = AttnGeom {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 4,
+                scale: 0.5,
+                window,
+                softcap: None,
+            };
             let t = 7;
             let q = mat(t, 16, |i| ((i * 31 % 23) as f32 - 11.0) * 0.1);
             let k = mat(t, 8, |i| ((i * 17 % 19) as f32 - 9.0) * 0.1);
@@ -391,7 +436,17 @@ mod tests {
             for i in 0..t {
                 let pick = |m: &Mat| select_rows(m, &[i]);
                 let mut o = Mat::zeros(1, 16);
-                attention(&g, &pick(&q), &pick(&k), &pick(&v), 0, 1, i, &mut inc_cache, &mut o);
+                attention(
+                    &g,
+                    &pick(&q),
+                    &pick(&k),
+                    &pick(&v),
+                    0,
+                    1,
+                    i,
+                    &mut inc_cache,
+                    &mut o,
+                );
                 for (a, b) in o.data.iter().zip(full.row(i)) {
                     assert!((a - b).abs() < 1e-6, "window {window:?} row {i}");
                 }

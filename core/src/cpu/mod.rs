@@ -4,7 +4,9 @@ pub mod kernels;
 
 use std::collections::BTreeMap;
 
-use crate::backend::{check_supported, validate_batch, Backend, Batch, CacheConfig, Runner, StepOutput};
+use crate::backend::{
+    check_supported, validate_batch, Backend, Batch, CacheConfig, Runner, StepOutput,
+};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op, WeightMap};
 use crate::tensor::{DType, Mat};
@@ -33,20 +35,31 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn load(&self, graph: &Graph, weights: &WeightMap, cache: CacheConfig) -> Result<Box<dyn Runner>> {
+    fn load(
+        &self,
+        graph: &Graph,
+        weights: &WeightMap,
+        cache: CacheConfig,
+    ) -> Result<Box<dyn Runner>> {
         check_supported(self, graph)?;
         for name in graph.weight_names() {
             let w = weights
                 .get(name)
                 .ok_or_else(|| Error::tensor(name, "referenced by the graph but not loaded"))?;
             if !matches!(w.dtype, DType::F32 | DType::BF16 | DType::F16) {
-                return Err(Error::tensor(name, format!("dtype {} is not supported by the CPU backend", w.dtype)));
+                return Err(Error::tensor(
+                    name,
+                    format!("dtype {} is not supported by the CPU backend", w.dtype),
+                ));
             }
         }
         // Small per-channel vectors are decoded to f32 once; big matrices stay in the (mapped) checkpoint.
         let mut norms = BTreeMap::new();
         for n in &graph.nodes {
-            if let Op::RmsNorm { weight: Some(w), .. } = &n.op {
+            if let Op::RmsNorm {
+                weight: Some(w), ..
+            } = &n.op
+            {
                 norms.insert(w.clone(), weights[w].to_f32());
             }
         }
@@ -85,7 +98,9 @@ impl CpuRunner {
                 .cache_layers
                 .iter()
                 .map(|l| {
-                    let cap = l.window.map_or(self.cache.max_seq_len, |w| w.min(self.cache.max_seq_len));
+                    let cap = l
+                        .window
+                        .map_or(self.cache.max_seq_len, |w| w.min(self.cache.max_seq_len));
                     KvLayer::new(cap, l.n_kv_heads * l.head_dim)
                 })
                 .collect(),
@@ -123,20 +138,37 @@ impl Runner for CpuRunner {
         let mut values: Vec<Option<Mat>> = vec![None; self.graph.nodes.len()];
         let mut tapped = BTreeMap::new();
         for (i, node) in self.graph.nodes.iter().enumerate() {
-            let input = |k: usize| -> &Mat { values[node.inputs[k].0].as_ref().expect("input computed") };
+            let input =
+                |k: usize| -> &Mat { values[node.inputs[k].0].as_ref().expect("input computed") };
             let out = match &node.op {
                 Op::Embed { table, scale } => kernels::embed(&self.weights[table], &ids, *scale),
-                Op::RmsNorm { weight, group, eps, add_one } => {
+                Op::RmsNorm {
+                    weight,
+                    group,
+                    eps,
+                    add_one,
+                } => {
                     let w = weight.as_ref().map(|w| self.norms[w].as_slice());
                     kernels::rms_norm(input(0), w, *group, *eps, *add_one)
                 }
                 Op::Linear { weight, .. } => kernels::linear(input(0), &self.weights[weight]),
-                Op::Rope { head_dim, inv_freq } => kernels::rope(input(0), &positions, *head_dim, inv_freq),
-                Op::Attention { cache_layer, n_heads, n_kv_heads, head_dim, scale, window, softcap } => {
+                Op::Rope { head_dim, inv_freq } => {
+                    kernels::rope(input(0), &positions, *head_dim, inv_freq)
+                }
+                Op::Attention {
+                    cache_layer,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    scale,
+                    window,
+                    softcap,
+                } => {
                     let (q, k, v) = (input(0), input(1), input(2));
                     let mut out = Mat::zeros(q.rows, n_heads * head_dim);
                     for &(row0, n, start, slot) in &spans {
-                        let layer = &mut self.slots[slot].as_mut().expect("slot allocated").layers[*cache_layer];
+                        let layer = &mut self.slots[slot].as_mut().expect("slot allocated").layers
+                            [*cache_layer];
                         let geom = kernels::AttnGeom {
                             n_heads: *n_heads,
                             n_kv_heads: *n_kv_heads,
@@ -186,6 +218,9 @@ impl Runner for CpuRunner {
     }
 
     fn seq_len(&self, slot: usize) -> usize {
-        self.slots.get(slot).and_then(|s| s.as_ref()).map_or(0, |c| c.len)
+        self.slots
+            .get(slot)
+            .and_then(|s| s.as_ref())
+            .map_or(0, |c| c.len)
     }
 }
