@@ -13,17 +13,59 @@ use crate::checkpoint::Weight;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ValueId(pub usize);
 
-/// How a linear layer's weight is stored and how its input is treated.
+/// How a linear layer's weight is stored and how its input is treated (../shared/reference/fp8-formats.md).
+/// Scale tensors are named like weights and live in the same weight map.
 #[derive(Debug, Clone, PartialEq)]
 pub enum QuantScheme {
     /// Weight in F32, BF16 or F16, activations in full precision.
     Dense,
+    /// A. ModelOpt static per-tensor W8A8: F8 weight times the scalar `weight_scale`; the input is quantized
+    /// to E4M3 with the scalar static `input_scale`.
+    Fp8Static {
+        weight_scale: String,
+        input_scale: String,
+    },
+    /// B. compressed-tensors FP8_DYNAMIC: per-output-channel `weight_scale` `[out, 1]`; the input is quantized
+    /// per token with a dynamic scale.
+    Fp8Dynamic { weight_scale: String },
+    /// C. ModelOpt `fp8_pb_wo`: one scale per `block = [rows, cols]` block of the weight; the input stays in
+    /// full precision (W8A16).
+    Fp8BlockWeightOnly {
+        weight_scale: String,
+        block: [usize; 2],
+    },
+    /// D. transformers FineGrainedFP8: one `weight_scale_inv` per `block` of the weight; the input is quantized
+    /// per token and per group of `block[1]` columns with dynamic scales.
+    Fp8Block {
+        weight_scale_inv: String,
+        block: [usize; 2],
+    },
 }
 
 impl QuantScheme {
     pub fn name(&self) -> &'static str {
         match self {
             QuantScheme::Dense => "dense",
+            QuantScheme::Fp8Static { .. } => "fp8-static",
+            QuantScheme::Fp8Dynamic { .. } => "fp8-dynamic",
+            QuantScheme::Fp8BlockWeightOnly { .. } => "fp8-block-wo",
+            QuantScheme::Fp8Block { .. } => "fp8-block",
+        }
+    }
+
+    /// Names of the scale tensors this scheme reads.
+    pub fn scale_tensors(&self) -> Vec<&str> {
+        match self {
+            QuantScheme::Dense => vec![],
+            QuantScheme::Fp8Static {
+                weight_scale,
+                input_scale,
+            } => vec![weight_scale, input_scale],
+            QuantScheme::Fp8Dynamic { weight_scale } => vec![weight_scale],
+            QuantScheme::Fp8BlockWeightOnly { weight_scale, .. } => vec![weight_scale],
+            QuantScheme::Fp8Block {
+                weight_scale_inv, ..
+            } => vec![weight_scale_inv],
         }
     }
 }
@@ -161,16 +203,20 @@ impl Graph {
 
     /// Names of all weights the graph reads.
     pub fn weight_names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self
-            .nodes
-            .iter()
-            .filter_map(|n| match &n.op {
-                Op::Embed { table, .. } => Some(table.as_str()),
-                Op::RmsNorm { weight, .. } => weight.as_deref(),
-                Op::Linear { weight, .. } => Some(weight.as_str()),
-                _ => None,
-            })
-            .collect();
+        let mut names: Vec<&str> = Vec::new();
+        for n in &self.nodes {
+            match &n.op {
+                Op::Embed { table, .. } => names.push(table),
+                Op::RmsNorm {
+                    weight: Some(w), ..
+                } => names.push(w),
+                Op::Linear { weight, scheme } => {
+                    names.push(weight);
+                    names.extend(scheme.scale_tensors());
+                }
+                _ => {}
+            }
+        }
         names.sort();
         names.dedup();
         names

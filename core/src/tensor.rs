@@ -109,19 +109,9 @@ pub fn bytes_to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     }
 }
 
-/// Decode one FP8 E4M3 (fn) code. 0x7F and 0xFF are NaN; there are no infinities.
+/// Decode one FP8 E4M3 (fn) code (the codec lives in `crate::fp8`).
 pub fn f8e4m3_to_f32(code: u8) -> f32 {
-    let sign = if code & 0x80 != 0 { -1.0f32 } else { 1.0 };
-    let exp = (code >> 3) & 0x0F;
-    let man = (code & 0x07) as f32;
-    if exp == 0x0F && (code & 0x07) == 0x07 {
-        return f32::NAN;
-    }
-    if exp == 0 {
-        sign * man / 8.0 * 2f32.powi(-6)
-    } else {
-        sign * (1.0 + man / 8.0) * 2f32.powi(exp as i32 - 7)
-    }
+    crate::fp8::decode(code)
 }
 
 #[cfg(test)]
