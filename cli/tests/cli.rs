@@ -1,0 +1,283 @@
+//! The `e4m3` binary as a user runs it: real outputs on the real Gemma 3 270M, and clear errors
+//! (exit status 1, message naming the file or parameter) for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn real_model() -> PathBuf {
+    let dir = root().join("models/gemma-3-270m");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "the real model is not at {} — run `scripts/setup.sh` first",
+        dir.display()
+    );
+    dir
+}
+
+fn e4m3(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_e4m3"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn fails_with(args: &[&str], want: &[&str]) {
+    let out = e4m3(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{args:?} should fail; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    for w in want {
+        assert!(err.contains(w), "{args:?}: expected `{w}` in: {err}");
+    }
+}
+
+fn golden_case(name: &str) -> Value {
+    let g: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/golden-270m.json")).unwrap(),
+    )
+    .unwrap();
+    g["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn run_json_greedy_equals_transformers() {
+    let m = real_model();
+    let case = golden_case("fact");
+    let out = e4m3(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--json",
+        "--top-logits",
+        "3",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["prompt_ids"], case["prompt_ids"]);
+    let want: Vec<u64> = case["greedy_ids"].as_array().unwrap()[..12]
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let got: Vec<u64> = v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    // Generation may stop early on an end-of-turn id; what was generated must be transformers' prefix.
+    assert!(
+        !got.is_empty() && want.starts_with(&got),
+        "got {got:?}, transformers {want:?}"
+    );
+    let tops = v["top_logits"].as_array().unwrap();
+    assert_eq!(tops.len(), got.len());
+    assert_eq!(tops[0][0][0].as_u64().unwrap(), got[0]);
+    assert!(
+        v["text"].as_str().unwrap().contains("Berlin"),
+        "{}",
+        v["text"]
+    );
+}
+
+#[test]
+fn run_streams_text_and_chat_uses_the_template() {
+    let m = real_model();
+    let out = e4m3(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "The capital of Germany is",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Berlin"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = e4m3(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--chat",
+        "Hi",
+        "--max-tokens",
+        "2",
+        "--json",
+        "--seed",
+        "7",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // <bos> <start_of_turn> user \n Hi <end_of_turn> \n <start_of_turn> model \n
+    let ids: Vec<u64> = v["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(&ids[..2], &[2, 105]);
+    assert_eq!(
+        ids.iter().filter(|&&i| i == 2).count(),
+        1,
+        "exactly one BOS"
+    );
+    assert_eq!(ids.iter().filter(|&&i| i == 105).count(), 2);
+    assert_eq!(ids.iter().filter(|&&i| i == 106).count(), 1);
+}
+
+#[test]
+fn logits_json_top_ids_match_transformers() {
+    let m = real_model();
+    let case = golden_case("question");
+    let out = e4m3(&[
+        "logits",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--top",
+        "3",
+        "--json",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let positions = v["positions"].as_array().unwrap();
+    assert_eq!(
+        positions.len(),
+        case["prompt_ids"].as_array().unwrap().len()
+    );
+    for (p, pos) in positions.iter().enumerate() {
+        let top = pos["top"].as_array().unwrap();
+        let want_id = case["top_ids"][p][0].as_u64().unwrap();
+        let want_logit = case["top_logits"][p][0].as_f64().unwrap();
+        assert_eq!(top[0][0].as_u64().unwrap(), want_id, "position {p}");
+        assert!(
+            (top[0][1].as_f64().unwrap() - want_logit).abs() < 0.05,
+            "position {p}"
+        );
+    }
+}
+
+#[test]
+fn info_describes_the_model() {
+    let m = real_model();
+    let out = e4m3(&["info", "--model", m.to_str().unwrap()]);
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("SSSSSFSSSSSFSSSSSF"), "{s}");
+    assert!(s.contains("4 query, 1 kv"), "{s}");
+    assert!(s.contains("tied"), "{s}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    fails_with(
+        &["run", "--model", "/nonexistent/model", "--prompt", "x"],
+        &["/nonexistent/model"],
+    );
+    fails_with(
+        &["info", "--model", "/nonexistent/model"],
+        &["/nonexistent/model"],
+    );
+    fails_with(
+        &[
+            "import-gguf",
+            "/nonexistent/x.gguf",
+            "--tokenizer",
+            "/tmp",
+            "--out",
+            "/tmp/e4m3-never",
+        ],
+        &["x.gguf"],
+    );
+    let m = real_model();
+    let ms = m.to_str().unwrap();
+    fails_with(
+        &["run", "--model", ms, "--prompt", "x", "--top-p", "0"],
+        &["top_p"],
+    );
+    fails_with(
+        &["run", "--model", ms, "--prompt", "x", "--temperature", "-1"],
+        &["temperature"],
+    );
+    fails_with(
+        &["run", "--model", ms, "--prompt", "x", "--backend", "cuda"],
+        &["backend `cuda` is not available"],
+    );
+    fails_with(
+        &["run", "--model", ms, "--prompt", "x", "--backend", "wgpu"],
+        &["backend `wgpu` is not available"],
+    );
+    // A prompt longer than max_position_embeddings (32768) names both numbers.
+    let long = "word ".repeat(33000);
+    fails_with(
+        &["run", "--model", ms, "--prompt", &long, "--max-tokens", "1"],
+        &["32768", "tokens"],
+    );
+    // A model directory without a tokenizer, and one with a broken config.json.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(m.join("config.json"), dir.path().join("config.json")).unwrap();
+    fails_with(
+        &[
+            "run",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        &["tokenizer.json"],
+    );
+    std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
+    fails_with(
+        &["info", "--model", dir.path().to_str().unwrap()],
+        &["config.json", "invalid JSON"],
+    );
+}
