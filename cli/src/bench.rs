@@ -8,7 +8,7 @@ use e4m3_core::backend::{Batch, LogitsFor};
 use e4m3_core::sampling::argmax;
 use e4m3_core::tokenizer::Tokenizer;
 
-use crate::{load_model, load_runner, open_backend, BackendKind};
+use crate::{load_model, load_runner, open_backend, BackendKind, KvDtypeArg};
 
 const TEXT: &str = "The history of the printing press begins in the fifteenth century, when movable metal type \
 made it possible to copy books quickly and cheaply. Within a few decades printers worked in most of the large \
@@ -29,6 +29,8 @@ pub struct BenchArgs {
     /// Repetitions; the best prefill and the median decode are reported.
     #[arg(long, default_value_t = 1)]
     runs: usize,
+    #[arg(long, value_enum, default_value = "auto")]
+    kv_cache_dtype: KvDtypeArg,
     #[arg(long)]
     json: bool,
 }
@@ -63,7 +65,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             model.config.max_position_embeddings
         );
     }
-    let mut runner = load_runner(backend.as_ref(), &model, max_len)?;
+    let mut runner = load_runner(backend.as_ref(), &model, max_len, a.kv_cache_dtype)?;
     let mut prefill = Vec::new();
     let mut itl: Vec<f64> = Vec::new();
     let mut decode_totals = Vec::new();

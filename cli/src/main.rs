@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use e4m3_core::backend::{Backend, CacheConfig, Runner};
+use e4m3_core::backend::{Backend, CacheConfig, KvCacheDtype, Runner};
 use e4m3_core::chat::{render_chat, ChatMessage};
 use e4m3_core::cpu::CpuBackend;
 use e4m3_core::generate::{generate, prompt_logits, top_k, GenerateRequest};
@@ -37,6 +37,24 @@ pub enum BackendKind {
     Cpu,
     Wgpu,
     Cuda,
+}
+
+/// `--kv-cache-dtype`, as vLLM names it.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum KvDtypeArg {
+    Auto,
+    Bf16,
+    Fp8,
+}
+
+impl KvDtypeArg {
+    pub fn resolve(self) -> KvCacheDtype {
+        match self {
+            KvDtypeArg::Auto => KvCacheDtype::Auto,
+            KvDtypeArg::Bf16 => KvCacheDtype::Bf16,
+            KvDtypeArg::Fp8 => KvCacheDtype::Fp8,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -83,6 +101,9 @@ enum Cmd {
         backend: BackendKind,
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
+        /// KV cache element type (auto: the backend's precision; fp8: E4M3 with the checkpoint's k/v scales).
+        #[arg(long, value_enum, default_value = "auto")]
+        kv_cache_dtype: KvDtypeArg,
         #[command(flatten)]
         sampling: SamplingArgs,
         /// Print timing figures to stderr.
@@ -105,6 +126,8 @@ enum Cmd {
         top: usize,
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendKind,
+        #[arg(long, value_enum, default_value = "auto")]
+        kv_cache_dtype: KvDtypeArg,
         #[arg(long)]
         json: bool,
     },
@@ -145,6 +168,7 @@ fn run(cli: Cli) -> Result<()> {
             system,
             backend,
             max_tokens,
+            kv_cache_dtype,
             sampling,
             stats,
             json,
@@ -155,17 +179,24 @@ fn run(cli: Cli) -> Result<()> {
                 (None, Some(c)) => PromptInput::Chat { system, user: c },
                 (None, None) => bail!("give --prompt or --chat"),
             };
-            cmd_run(
-                &model, input, backend, max_tokens, &sampling, stats, json, top_logits,
-            )
+            let opts = RunOpts {
+                backend,
+                max_tokens,
+                kv: kv_cache_dtype,
+                stats,
+                json,
+                top_logits,
+            };
+            cmd_run(&model, input, &sampling, &opts)
         }
         Cmd::Logits {
             model,
             prompt,
             top,
             backend,
+            kv_cache_dtype,
             json,
-        } => cmd_logits(&model, &prompt, top, backend, json),
+        } => cmd_logits(&model, &prompt, top, backend, kv_cache_dtype, json),
         Cmd::Info { model } => cmd_info(&model),
         Cmd::ImportGguf {
             gguf,
@@ -245,16 +276,11 @@ pub fn load_runner(
     backend: &dyn Backend,
     model: &Model,
     max_seq_len: usize,
+    kv: KvDtypeArg,
 ) -> Result<Box<dyn Runner>> {
     let pb = spinner(&format!("preparing the {} backend", backend.name()));
-    let r = backend.load(
-        &model.graph,
-        &model.weights,
-        CacheConfig {
-            slots: 1,
-            max_seq_len,
-        },
-    )?;
+    let cache = CacheConfig::new(1, max_seq_len).with_kv_dtype(kv.resolve());
+    let r = backend.load(&model.graph, &model.weights, cache)?;
     pb.finish_and_clear();
     Ok(r)
 }
@@ -326,16 +352,24 @@ fn sequence_budget(model: &Model, prompt_len: usize, max_new: usize) -> Result<u
 }
 
 #[allow(clippy::too_many_arguments)]
-fn cmd_run(
-    dir: &Path,
-    input: PromptInput,
+struct RunOpts {
     backend: BackendKind,
     max_tokens: usize,
-    sampling: &SamplingArgs,
+    kv: KvDtypeArg,
     stats: bool,
     json: bool,
     top_logits: usize,
-) -> Result<()> {
+}
+
+fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOpts) -> Result<()> {
+    let RunOpts {
+        backend,
+        max_tokens,
+        kv,
+        stats,
+        json,
+        top_logits,
+    } = *opts;
     let tok = Tokenizer::from_dir(dir)?;
     let gen = GenerationConfig::from_dir(dir)?;
     let params = sampling_params(&gen, sampling)?;
@@ -344,7 +378,7 @@ fn cmd_run(
     let budget = sequence_budget(&model, ids.len(), max_tokens)?;
     let max_new = budget - ids.len();
     let backend = open_backend(backend)?;
-    let mut runner = load_runner(backend.as_ref(), &model, budget)?;
+    let mut runner = load_runner(backend.as_ref(), &model, budget, kv)?;
     let mut stop_ids = gen.eos_token_ids.clone();
     if stop_ids.is_empty() {
         stop_ids = model.config.eos_token_ids.clone();
@@ -423,6 +457,7 @@ fn cmd_logits(
     prompt: &str,
     top: usize,
     backend: BackendKind,
+    kv: KvDtypeArg,
     json: bool,
 ) -> Result<()> {
     let tok = Tokenizer::from_dir(dir)?;
@@ -430,7 +465,7 @@ fn cmd_logits(
     let model = load_model(dir)?;
     let budget = sequence_budget(&model, ids.len(), 0)?;
     let backend = open_backend(backend)?;
-    let mut runner = load_runner(backend.as_ref(), &model, budget.max(1))?;
+    let mut runner = load_runner(backend.as_ref(), &model, budget.max(1), kv)?;
     let mut positions = Vec::new();
     prompt_logits(runner.as_mut(), 0, &ids, 256, |start, logits| {
         for r in 0..logits.rows {

@@ -86,6 +86,29 @@ pub struct StepOutput {
     pub taps: BTreeMap<String, Mat>,
 }
 
+/// Element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// The backend's activation precision (f32 on the CPU reference).
+    #[default]
+    Auto,
+    /// Keys and values rounded to BF16.
+    Bf16,
+    /// Keys and values stored as E4M3 codes of `k / k_scale`, `v / v_scale` (per-tensor scales from the
+    /// checkpoint, 1.0 when it has none), as vLLM's `--kv-cache-dtype fp8` does.
+    Fp8,
+}
+
+impl KvCacheDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCacheDtype::Auto => "auto",
+            KvCacheDtype::Bf16 => "bf16",
+            KvCacheDtype::Fp8 => "fp8",
+        }
+    }
+}
+
 /// Size of the KV cache a runner allocates.
 #[derive(Debug, Clone, Copy)]
 pub struct CacheConfig {
@@ -93,6 +116,20 @@ pub struct CacheConfig {
     pub slots: usize,
     /// Longest sequence (prompt + generated) a slot can hold.
     pub max_seq_len: usize,
+    pub kv_dtype: KvCacheDtype,
+}
+
+impl CacheConfig {
+    pub fn new(slots: usize, max_seq_len: usize) -> CacheConfig {
+        CacheConfig {
+            slots,
+            max_seq_len,
+            kv_dtype: KvCacheDtype::Auto,
+        }
+    }
+    pub fn with_kv_dtype(self, kv_dtype: KvCacheDtype) -> CacheConfig {
+        CacheConfig { kv_dtype, ..self }
+    }
 }
 
 pub trait Backend {

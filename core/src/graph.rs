@@ -144,6 +144,9 @@ pub struct CacheLayer {
     pub head_dim: usize,
     /// Sliding window: only this many most recent positions are ever read.
     pub window: Option<usize>,
+    /// Per-tensor scales of an FP8 KV cache (scalar weights), when the checkpoint has them; 1.0 otherwise.
+    pub k_scale: Option<String>,
+    pub v_scale: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +219,10 @@ impl Graph {
                 }
                 _ => {}
             }
+        }
+        for l in &self.cache_layers {
+            names.extend(l.k_scale.as_deref());
+            names.extend(l.v_scale.as_deref());
         }
         names.sort();
         names.dedup();

@@ -214,6 +214,8 @@ pub fn build_gemma3_graph(c: &Gemma3Config, embed_dtype: DType) -> Graph {
             n_kv_heads: nkv,
             head_dim: d,
             window,
+            k_scale: None,
+            v_scale: None,
         });
         let inv_freq = c.rope(lt).inv_freq(d);
 

@@ -212,7 +212,7 @@ pub fn cpu_runner(model: &Model, slots: usize, max_seq_len: usize) -> Box<dyn Ru
         .load(
             &model.graph,
             &model.weights,
-            CacheConfig { slots, max_seq_len },
+            CacheConfig::new(slots, max_seq_len),
         )
         .expect("CPU backend loads")
 }

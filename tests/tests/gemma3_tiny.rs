@@ -536,3 +536,74 @@ fn bad_steps_are_errors_not_panics() {
         assert!(e.contains(want), "expected `{want}` in: {e}");
     }
 }
+
+#[test]
+fn fp8_and_bf16_kv_caches_round_what_attention_reads() {
+    use e4m3_core::backend::{Backend, CacheConfig, KvCacheDtype};
+    use e4m3_core::checkpoint::Weight;
+    use e4m3_core::cpu::CpuBackend;
+    let t = Tiny::default();
+    let (_d, mut m) = load(&t, 14);
+    let tokens = ids(11, t.vocab, 10);
+    let run = |m: &Model, kv: KvCacheDtype, incremental: bool| -> Vec<f32> {
+        let mut r = CpuBackend
+            .load(
+                &m.graph,
+                &m.weights,
+                CacheConfig::new(1, 16).with_kv_dtype(kv),
+            )
+            .unwrap();
+        if incremental {
+            let mut out = Vec::new();
+            for (i, &tok) in tokens.iter().enumerate() {
+                out.extend(
+                    r.step(&Batch::single(0, i, vec![tok], LogitsFor::Last), &[])
+                        .unwrap()
+                        .logits
+                        .data,
+                );
+            }
+            out
+        } else {
+            r.step(&Batch::single(0, 0, tokens.clone(), LogitsFor::All), &[])
+                .unwrap()
+                .logits
+                .data
+        }
+    };
+    let exact = run(&m, KvCacheDtype::Auto, false);
+    for kv in [KvCacheDtype::Bf16, KvCacheDtype::Fp8] {
+        let full = run(&m, kv, false);
+        // The current token's k/v are rounded as the cache stores them, so decode equals prefill.
+        assert!(max_abs_diff(&full, &run(&m, kv, true)) < 1e-5, "{kv:?}");
+        let d = max_abs_diff(&full, &exact);
+        assert!(
+            d > 0.0 && d < 0.5,
+            "{kv:?}: rounding the cache moves logits by {d}"
+        );
+    }
+    // The checkpoint's per-tensor scales are used: a tiny k_scale saturates keys at 448 * scale.
+    let fp8_default = run(&m, KvCacheDtype::Fp8, false);
+    for (l, layer) in m.graph.cache_layers.iter_mut().enumerate() {
+        let name = format!("layers.{l}.self_attn.k_scale");
+        layer.k_scale = Some(name.clone());
+        m.weights
+            .insert(name.clone(), Weight::from_f32(&name, vec![], &[1e-3]));
+    }
+    assert!(max_abs_diff(&fp8_default, &run(&m, KvCacheDtype::Fp8, false)) > 1e-3);
+    // A bad scale is an error naming the tensor.
+    m.weights.insert(
+        "layers.0.self_attn.k_scale".into(),
+        Weight::from_f32("layers.0.self_attn.k_scale", vec![], &[0.0]),
+    );
+    let e = CpuBackend
+        .load(
+            &m.graph,
+            &m.weights,
+            CacheConfig::new(1, 16).with_kv_dtype(KvCacheDtype::Fp8),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layers.0.self_attn.k_scale"), "{e}");
+}

@@ -59,10 +59,7 @@ fn gemma3_270m_matches_transformers() {
             .load(
                 &model.graph,
                 &model.weights,
-                CacheConfig {
-                    slots: 1,
-                    max_seq_len: prompt_ids.len() + greedy.len(),
-                },
+                CacheConfig::new(1, prompt_ids.len() + greedy.len()),
             )
             .unwrap();
 

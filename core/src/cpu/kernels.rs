@@ -293,6 +293,27 @@ pub fn attention(
     }
 }
 
+/// Keys and values as an FP8 or BF16 KV cache stores them: FP8 keeps `encode(x / scale)` and reads back
+/// `decode(code) * scale`.
+pub fn round_kv(k: &Mat, v: &Mat, r: super::KvRounding) -> (Mat, Mat) {
+    let apply = |m: &Mat, f: &dyn Fn(f32) -> f32| {
+        let mut out = m.clone();
+        out.data.iter_mut().for_each(|x| *x = f(*x));
+        out
+    };
+    match r {
+        super::KvRounding::Exact => (k.clone(), v.clone()),
+        super::KvRounding::Bf16 => (
+            apply(k, &crate::tensor::round_to_bf16),
+            apply(v, &crate::tensor::round_to_bf16),
+        ),
+        super::KvRounding::Fp8 { k_scale, v_scale } => (
+            apply(k, &|x| crate::fp8::round(x / k_scale) * k_scale),
+            apply(v, &|x| crate::fp8::round(x / v_scale) * v_scale),
+        ),
+    }
+}
+
 /// `gelu_tanh(gate) * up`, GELU with the tanh approximation (PyTorch `gelu(approximate="tanh")`).
 pub fn gelu_tanh_mul(gate: &Mat, up: &Mat) -> Mat {
     let mut out = gate.clone();
@@ -465,5 +486,30 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod kv_tests {
+    use super::*;
+    use crate::cpu::KvRounding;
+
+    #[test]
+    fn round_kv_stores_fp8_codes_of_the_scaled_values() {
+        let k = Mat::from_vec(1, 4, vec![0.3, -1000.0, 1e-6, 2.5]).unwrap();
+        let v = Mat::from_vec(1, 4, vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let (rk, rv) = round_kv(
+            &k,
+            &v,
+            KvRounding::Fp8 {
+                k_scale: 0.5,
+                v_scale: 2.0,
+            },
+        );
+        // 0.3/0.5 = 0.6 -> 0.625 -> 0.3125; -2000 saturates at -448 -> -224; 2e-6 -> 0; 5 -> 5.
+        assert_eq!(rk.data, vec![0.3125, -224.0, 0.0, 2.5]);
+        assert_eq!(rv.data, vec![1.0, 2.0, 3.0, 4.0]);
+        let (bk, _) = round_kv(&k, &v, KvRounding::Bf16);
+        assert_eq!(bk.data[0], half::bf16::from_f32(0.3).to_f32());
     }
 }

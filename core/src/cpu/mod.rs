@@ -5,7 +5,7 @@ pub mod kernels;
 use std::collections::BTreeMap;
 
 use crate::backend::{
-    check_supported, validate_batch, Backend, Batch, CacheConfig, Runner, StepOutput,
+    check_supported, validate_batch, Backend, Batch, CacheConfig, KvCacheDtype, Runner, StepOutput,
 };
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op, WeightMap};
@@ -63,7 +63,13 @@ impl Backend for CpuBackend {
                 norms.insert(w.clone(), weights[w].to_f32());
             }
         }
+        let kv_round = graph
+            .cache_layers
+            .iter()
+            .map(|l| kv_rounding(cache.kv_dtype, l, weights))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Box::new(CpuRunner {
+            kv_round,
             graph: graph.clone(),
             weights: weights.clone(),
             norms,
@@ -80,7 +86,49 @@ struct SlotCache {
     layers: Vec<KvLayer>,
 }
 
+/// How keys and values are rounded on their way into the cache (and so as attention reads them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvRounding {
+    Exact,
+    Bf16,
+    Fp8 { k_scale: f32, v_scale: f32 },
+}
+
+fn scalar_scale(weights: &WeightMap, name: &Option<String>) -> Result<f32> {
+    let Some(name) = name else { return Ok(1.0) };
+    let w = weights.get(name).ok_or_else(|| {
+        Error::tensor(
+            name,
+            "KV-cache scale referenced by the graph but not loaded",
+        )
+    })?;
+    let v = w.to_f32();
+    match v.as_slice() {
+        [s] if s.is_finite() && *s > 0.0 => Ok(*s),
+        _ => Err(Error::tensor(
+            name,
+            format!("expected one positive finite scale, found {v:?}"),
+        )),
+    }
+}
+
+fn kv_rounding(
+    dtype: KvCacheDtype,
+    layer: &crate::graph::CacheLayer,
+    weights: &WeightMap,
+) -> Result<KvRounding> {
+    Ok(match dtype {
+        KvCacheDtype::Auto => KvRounding::Exact,
+        KvCacheDtype::Bf16 => KvRounding::Bf16,
+        KvCacheDtype::Fp8 => KvRounding::Fp8 {
+            k_scale: scalar_scale(weights, &layer.k_scale)?,
+            v_scale: scalar_scale(weights, &layer.v_scale)?,
+        },
+    })
+}
+
 struct CpuRunner {
+    kv_round: Vec<KvRounding>,
     graph: Graph,
     weights: WeightMap,
     norms: BTreeMap<String, Vec<f32>>,
@@ -164,7 +212,15 @@ impl Runner for CpuRunner {
                     window,
                     softcap,
                 } => {
-                    let (q, k, v) = (input(0), input(1), input(2));
+                    let q = input(0);
+                    let rounded;
+                    let (k, v) = match self.kv_round[*cache_layer] {
+                        KvRounding::Exact => (input(1), input(2)),
+                        r => {
+                            rounded = kernels::round_kv(input(1), input(2), r);
+                            (&rounded.0, &rounded.1)
+                        }
+                    };
                     let mut out = Mat::zeros(q.rows, n_heads * head_dim);
                     for &(row0, n, start, slot) in &spans {
                         let layer = &mut self.slots[slot].as_mut().expect("slot allocated").layers
