@@ -23,28 +23,7 @@ pub fn embed(table: &Weight, ids: &[u32], scale: f32) -> Mat {
 
 /// Decode one row of a stored tensor into f32.
 pub fn decode_row(dtype: DType, bytes: &[u8], out: &mut [f32]) {
-    match dtype {
-        DType::F32 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        DType::BF16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-            }
-        }
-        DType::F16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-            }
-        }
-        DType::F8E4M3 => {
-            for (o, &b) in out.iter_mut().zip(bytes) {
-                *o = crate::tensor::f8e4m3_to_f32(b);
-            }
-        }
-    }
+    crate::tensor::decode_into(dtype, bytes, out)
 }
 
 /// RMSNorm over groups of `group` values: `x / sqrt(mean(x^2) + eps) * (add_one ? 1 + w : w)`.
