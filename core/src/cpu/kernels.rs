@@ -45,24 +45,14 @@ pub fn rms_norm(x: &Mat, weight: Option<&[f32]>, group: usize, eps: f32, add_one
     out
 }
 
+/// Lanes of every f32 dot product. All dot products (single, or blocked in `linear`) accumulate lane j over
+/// the elements j, j+8, ..., then add the lanes pairwise and the tail last, so a result never depends on
+/// how many rows were computed together (batching does not change logits).
+const LANES: usize = 8;
+
 #[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let n = a.len().min(b.len());
-    let (ac, at) = a[..n].split_at(n - n % L);
-    let (bc, bt) = b[..n].split_at(n - n % L);
-    for (x, y) in ac.chunks_exact(L).zip(bc.chunks_exact(L)) {
-        for j in 0..L {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in at.iter().zip(bt) {
-        tail += x * y;
-    }
-    // Pairwise sum of the lanes.
-    let mut w = L;
+fn reduce_lanes(mut acc: [f32; LANES], tail: f32) -> f32 {
+    let mut w = LANES;
     while w > 1 {
         w /= 2;
         for j in 0..w {
@@ -72,22 +62,152 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let full = n - n % LANES;
+    let mut acc = [0f32; LANES];
+    for (x, y) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+    {
+        for j in 0..LANES {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in a[full..n].iter().zip(&b[full..n]) {
+        tail += x * y;
+    }
+    reduce_lanes(acc, tail)
+}
+
+/// Dot products of 2 weight rows with 4 input rows, register-blocked; same arithmetic as `dot_lanes`.
+#[inline(always)]
+fn dots_2x4(w: [&[f32]; 2], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    let k = w[0].len();
+    let full = k - k % LANES;
+    let w = [&w[0][..k], &w[1][..k]];
+    let x = [&x[0][..k], &x[1][..k], &x[2][..k], &x[3][..k]];
+    let mut acc = [[[0f32; LANES]; 4]; 2];
+    let mut i = 0;
+    while i < full {
+        for r in 0..2 {
+            let wr = &w[r][i..i + LANES];
+            for t in 0..4 {
+                let xt = &x[t][i..i + LANES];
+                for j in 0..LANES {
+                    acc[r][t][j] += wr[j] * xt[j];
+                }
+            }
+        }
+        i += LANES;
+    }
+    let mut out = [[0f32; 4]; 2];
+    for r in 0..2 {
+        for t in 0..4 {
+            let mut tail = 0f32;
+            for i in full..k {
+                tail += w[r][i] * x[t][i];
+            }
+            out[r][t] = reduce_lanes(acc[r][t], tail);
+        }
+    }
+    out
+}
+
+/// `out_t[r * t + ti] = dot(rows[r], x[ti])` for `nr` decoded weight rows of length k.
+#[inline(always)]
+fn gemm_block(rows: &[f32], k: usize, x: &Mat, out_t: &mut [f32]) {
+    let t = x.rows;
+    let nr = rows.len() / k;
+    let row = |r: usize| &rows[r * k..(r + 1) * k];
+    let mut r = 0;
+    while r + 2 <= nr {
+        let mut ti = 0;
+        while ti + 4 <= t {
+            let d = dots_2x4(
+                [row(r), row(r + 1)],
+                [x.row(ti), x.row(ti + 1), x.row(ti + 2), x.row(ti + 3)],
+            );
+            for q in 0..4 {
+                out_t[r * t + ti + q] = d[0][q];
+                out_t[(r + 1) * t + ti + q] = d[1][q];
+            }
+            ti += 4;
+        }
+        for ti in ti..t {
+            out_t[r * t + ti] = dot_lanes(row(r), x.row(ti));
+            out_t[(r + 1) * t + ti] = dot_lanes(row(r + 1), x.row(ti));
+        }
+        r += 2;
+    }
+    for r in r..nr {
+        for ti in 0..t {
+            out_t[r * t + ti] = dot_lanes(row(r), x.row(ti));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gemm_block_avx2(rows: &[f32], k: usize, x: &Mat, out_t: &mut [f32]) {
+    gemm_block(rows, k, x, out_t)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_lanes(a, b)
 }
 
-/// f32 dot product with 16 independent lanes (vectorized with AVX2 where the CPU has it).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked above).
-            return unsafe { dot_avx2(a, b) };
-        }
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// f32 dot product in 8 independent lanes (vectorized with AVX2 where the CPU has it; same result either way).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        return unsafe { dot_avx2(a, b) };
     }
     dot_lanes(a, b)
+}
+
+/// `out_t[r * t + ti] = dot(rows[r], x[ti])`, dispatched to the AVX2 build where available.
+pub fn gemm_rows(rows: &[f32], k: usize, x: &Mat, out_t: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        return unsafe { gemm_block_avx2(rows, k, x, out_t) };
+    }
+    gemm_block(rows, k, x, out_t)
+}
+
+/// Transpose `[n, t]` to a `[t, n]` matrix.
+pub fn transpose_to_mat(out_t: Vec<f32>, n: usize, t: usize) -> Mat {
+    if t == 1 {
+        return Mat {
+            rows: 1,
+            cols: n,
+            data: out_t,
+        };
+    }
+    let mut out = Mat::zeros(t, n);
+    for r in 0..n {
+        for ti in 0..t {
+            out.data[ti * n + r] = out_t[r * t + ti];
+        }
+    }
+    out
 }
 
 /// `y = x W^T` with W `[n, k]` stored as F32/BF16/F16; each weight row is decoded once per call.
@@ -108,29 +228,17 @@ pub fn linear(x: &Mat, w: &Weight) -> Mat {
         .par_chunks_mut(CHUNK * t)
         .enumerate()
         .for_each(|(c, chunk)| {
-            let mut row = vec![0f32; k];
-            for (j, out_row) in chunk.chunks_mut(t).enumerate() {
-                let r = c * CHUNK + j;
-                decode_row(w.dtype, &bytes[r * k * esz..(r + 1) * k * esz], &mut row);
-                for (ti, o) in out_row.iter_mut().enumerate() {
-                    *o = dot(&row, x.row(ti));
-                }
-            }
+            let nr = chunk.len() / t;
+            let r0 = c * CHUNK;
+            let mut rows = vec![0f32; nr * k];
+            decode_row(
+                w.dtype,
+                &bytes[r0 * k * esz..(r0 + nr) * k * esz],
+                &mut rows,
+            );
+            gemm_rows(&rows, k, x, chunk);
         });
-    if t == 1 {
-        return Mat {
-            rows: 1,
-            cols: n,
-            data: out_t,
-        };
-    }
-    let mut out = Mat::zeros(t, n);
-    for r in 0..n {
-        for ti in 0..t {
-            out.data[ti * n + r] = out_t[r * t + ti];
-        }
-    }
-    out
+    transpose_to_mat(out_t, n, t)
 }
 
 /// Rotate-half RoPE on every head of every row, at `positions[row]`.
@@ -360,6 +468,24 @@ mod tests {
                     .map(|kk| x.row(t)[kk] as f64 * wv[n * 37 + kk] as f64)
                     .sum();
                 assert!((y.row(t)[n] as f64 - r).abs() < 1e-5, "{t},{n}");
+            }
+        }
+    }
+
+    /// Blocked and single-row products add in the same order: batching never changes a result.
+    #[test]
+    fn linear_is_batch_invariant_bit_for_bit() {
+        let x = mat(7, 45, |i| ((i * 29 % 31) as f32 - 15.0) * 0.037);
+        let wv: Vec<f32> = (0..9 * 45)
+            .map(|i| ((i * 11 % 23) as f32 - 11.0) * 0.021)
+            .collect();
+        let w = Weight::from_f32("w", vec![9, 45], &wv);
+        let all = linear(&x, &w);
+        for t in 0..7 {
+            let one = linear(&select_rows(&x, &[t]), &w);
+            assert_eq!(one.row(0), all.row(t), "row {t}");
+            for n in 0..9 {
+                assert_eq!(dot(x.row(t), &wv[n * 45..(n + 1) * 45]), all.row(t)[n]);
             }
         }
     }
