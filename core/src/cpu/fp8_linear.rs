@@ -26,7 +26,11 @@ use crate::tensor::{DType, Mat};
 pub const MIN_PER_TOKEN_SCALE: f32 = 1.0 / (E4M3_MAX * 512.0);
 
 /// Lower bound of a group's absolute maximum before it is divided by 448: vLLM
-/// `per_token_group_quant_fp8(..., eps=1e-10)` (`_absmax = tl.maximum(tl.max(tl.abs(y)), eps)`).
+/// `per_token_group_quant_fp8(..., eps=1e-10)`. On CUDA the executing kernel is
+/// csrc/quantization/w8a8/fp8/per_token_group_quant.cu (`local_absmax = eps` seeds the max reduction,
+/// `y_s = local_absmax / max_8bit`, `q = clamp(x / y_s)`: two IEEE divisions, as here); the Triton
+/// fallback `_per_token_group_quant_fp8` has the same formula but Triton's fp32 `/` is `div.full.f32`
+/// (<= 2 ulp), so it can differ from this reference by one code when x/s is within 2 ulp of a midpoint.
 /// An all-zero group gets scale `1e-10/448` and codes 0, so it contributes exact zeros (HF/DeepSeek
 /// `act_quant` has no epsilon and would give 0/0 = NaN there).
 pub const GROUP_AMAX_EPS: f32 = 1e-10;
@@ -58,7 +62,11 @@ pub fn quantize_static(x: &[f32], sx: f32) -> Vec<u8> {
 /// [`per_token_scale`], and codes `encode(x / s)` (vLLM divides here: "we don't use inverted scales so we
 /// can match FBGemm impl"). Returns (codes `[T, k]`, scales `[T]`).
 pub fn quantize_per_token(x: &[f32], k: usize) -> (Vec<u8>, Vec<f32>) {
-    assert!(k > 0 && x.len() % k == 0, "{} values are not rows of {k}", x.len());
+    assert!(
+        k > 0 && x.len().is_multiple_of(k),
+        "{} values are not rows of {k}",
+        x.len()
+    );
     let mut codes = Vec::with_capacity(x.len());
     let mut scales = Vec::with_capacity(x.len() / k);
     for row in x.chunks_exact(k) {
@@ -74,7 +82,7 @@ pub fn quantize_per_token(x: &[f32], k: usize) -> (Vec<u8>, Vec<f32>) {
 /// the columns it has (vLLM's native path zero-pads, which leaves the amax unchanged). Codes are
 /// `encode(x / s)`. Returns (codes `[T, k]`, scales `[T, ceil(k/group)]`).
 pub fn quantize_per_token_group(x: &[f32], k: usize, group: usize) -> (Vec<u8>, Vec<f32>) {
-    assert!(k > 0 && group > 0 && x.len() % k == 0);
+    assert!(k > 0 && group > 0 && x.len().is_multiple_of(k));
     let groups = k.div_ceil(group);
     let mut codes = Vec::with_capacity(x.len());
     let mut scales = Vec::with_capacity(x.len() / k * groups);
@@ -111,9 +119,9 @@ pub enum Fp8Scales {
 }
 
 fn scale_tensor<'a>(weights: &'a WeightMap, name: &str, of: &str) -> Result<&'a Weight> {
-    let s = weights.get(name).ok_or_else(|| {
-        Error::tensor(name, format!("scale of FP8 weight `{of}` is not loaded"))
-    })?;
+    let s = weights
+        .get(name)
+        .ok_or_else(|| Error::tensor(name, format!("scale of FP8 weight `{of}` is not loaded")))?;
     if !matches!(s.dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(Error::tensor(
             name,
@@ -405,8 +413,7 @@ mod tests {
                 )
             })
             .collect();
-        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors"))
-            .unwrap();
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
         let ck = Checkpoint::open(dir.path()).unwrap();
         ck.tensors
     }
@@ -451,7 +458,10 @@ mod tests {
     fn per_token_quantization_reaches_448_and_handles_zero_rows() {
         let x = [0.0, 0.0, 0.0, 1.0, -3.0, 0.5, 1e-7, 0.0, 0.0];
         let (c, s) = quantize_per_token(&x, 3);
-        assert_eq!(s, vec![MIN_PER_TOKEN_SCALE, 3.0 / 448.0, MIN_PER_TOKEN_SCALE]);
+        assert_eq!(
+            s,
+            vec![MIN_PER_TOKEN_SCALE, 3.0 / 448.0, MIN_PER_TOKEN_SCALE]
+        );
         assert_eq!(&c[0..3], &[0, 0, 0]);
         assert_eq!(c[4], 0xFE, "the amax element maps to -448");
         assert_eq!(c[3], encode(1.0 / (3.0 / 448.0)));
@@ -549,7 +559,10 @@ mod tests {
             input_scale: is.into(),
         };
         assert!(err(st("s2", "s0"), "w").contains("`s2`"));
-        assert!(err(st("s0", "s0"), "w").contains("`s0`"), "zero input scale");
+        assert!(
+            err(st("s0", "s0"), "w").contains("`s0`"),
+            "zero input scale"
+        );
         assert!(err(st("missing", "s0"), "w").contains("`missing`"));
         assert!(err(st("s8", "s0"), "w").contains("`s8`"));
         assert!(err(st("s0", "s0"), "wf").contains("`wf`"), "F32 weight");
