@@ -38,6 +38,41 @@ def bf16_exact(shape, gen, std=1.0):
     return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(torch.bfloat16).to(torch.float32)
 
 
+def bf16_range(lo_bits, hi_bits):
+    return torch.arange(lo_bits, hi_bits, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(torch.float32)
+
+
+def plant_static(x, row, col, sx):
+    """Put into x[row, col] a bf16 value v for which v/sx and v*(1/sx) round to different E4M3 codes, so
+    the fixture tells the kernel's multiply by the reciprocal from a division. Returns v."""
+    v = bf16_range(0x3E00, 0x4100)  # 0.125 .. 8
+    hit = v[e4m3(v / sx) != e4m3(v * (1.0 / sx))]
+    assert len(hit) > 0, f"no bf16 value separates x/sx from x*(1/sx) for sx = {float(sx)}"
+    x[row, col] = hit[0]
+    return float(hit[0])
+
+
+def separating_pairs():
+    """(v, amax) bf16 pairs with v < amax where, for s = amax/448, v/s and v*(1/s) round to different
+    E4M3 codes (the dynamic kernels divide)."""
+    v, a = bf16_range(0x3E00, 0x4100)[:, None], bf16_range(0x3F80, 0x4100)[None, :]
+    s = a / 448.0
+    vv, ss = v.expand(-1, a.shape[1]), s.expand(v.shape[0], -1)
+    hit = ((vv < a) & (e4m3(vv / ss) != e4m3(vv * (1.0 / ss)))).nonzero()
+    assert len(hit) > 0
+    return [(float(v[i, 0]), float(a[0, j])) for i, j in hit.tolist()]
+
+
+PAIRS = separating_pairs()
+
+
+def plant_dynamic(x, row, lo, hi, which):
+    """Make x[row, lo:hi] have amax `a` (at lo) and hold `v` (at lo+1) for a separating pair (v, a)."""
+    v, a = PAIRS[which % len(PAIRS)]
+    x[row, lo:hi] = x[row, lo:hi].clamp(-a, a)
+    x[row, lo], x[row, lo + 1] = a, -v
+
+
 def quant_weight_per_tensor(w):
     sw = (w.abs().max() / 448.0).to(torch.float32)
     return e4m3(w / sw), sw
@@ -89,6 +124,8 @@ def case_static(name, gen, t, n, k, sx, big=None):
     w = bf16_exact((n, k), gen, 0.05)
     wq, sw = quant_weight_per_tensor(w)
     sx = torch.tensor(sx, dtype=torch.float32)
+    if math.frexp(float(sx))[0] != 0.5:  # a power of two has an exact reciprocal: nothing to separate
+        plant_static(x, 0, 1, sx)
     xq = e4m3(x * (1.0 / sx))
     acc = dec64(xq) @ dec64(wq).T
     accabs = dec64(xq).abs() @ dec64(wq).abs().T
@@ -108,6 +145,7 @@ def case_dynamic(name, gen, t, n, k, sw_dtype, zero_row=None, tiny_row=None, hug
         x[tiny_row] *= 2.0 ** -14  # amax/448 below 1/(448*512): the floor applies
     if huge_row is not None:
         x[huge_row] *= 4096.0
+    plant_dynamic(x, 0, 0, k, 0)
     w = bf16_exact((n, k), gen, 0.05)
     dt = {"BF16": torch.bfloat16, "F32": torch.float32}[sw_dtype]
     wq, sw = quant_weight_per_channel(w, dt)
@@ -144,6 +182,7 @@ def case_block(name, gen, t, n, k, block, zero_group=None, zero_row=None):
     if zero_row is not None:
         x[zero_row] = 0.0
     x[0, -1] = 300.0  # a large value in the last (partial) group
+    plant_dynamic(x, 0, 0, block[1], k)
     w = bf16_exact((n, k), gen, 0.05)
     wq, sinv = quant_weight_blocks(w, block)
     bi = block[1]
@@ -175,7 +214,7 @@ def main():
     gen = torch.Generator().manual_seed(20261122)
     cases = [
         case_static("static_k13_n7_clamp", gen, 3, 7, 13, 0.0078125, big=40.0),
-        case_static("static_k64_n16", gen, 4, 16, 64, 0.0123),
+        case_static("static_k64_n16", gen, 4, 16, 64, 0.0398065447807312),
         case_dynamic("dynamic_k13_n7_bf16_zero_tiny_huge", gen, 5, 7, 13, "BF16", zero_row=1, tiny_row=2,
                      huge_row=3),
         case_dynamic("dynamic_k200_n9_f32", gen, 3, 9, 200, "F32"),
