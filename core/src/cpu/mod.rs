@@ -1,5 +1,6 @@
 //! The CPU reference backend: f32 math, the executable definition of every op.
 
+pub mod fp8_linear;
 pub mod kernels;
 
 use std::collections::BTreeMap;
@@ -8,7 +9,7 @@ use crate::backend::{
     check_supported, validate_batch, Backend, Batch, CacheConfig, KvCacheDtype, Runner, StepOutput,
 };
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Op, WeightMap};
+use crate::graph::{Graph, Op, QuantScheme, WeightMap};
 use crate::tensor::{DType, Mat};
 
 pub use kernels::KvLayer;
@@ -31,7 +32,8 @@ impl Backend for CpuBackend {
             | Op::Scale { .. }
             | Op::Softcap { .. }
             | Op::SelectRows => true,
-            Op::Linear { scheme, .. } => matches!(scheme, crate::graph::QuantScheme::Dense),
+            // Dense, Fp8Static, Fp8Dynamic, Fp8BlockWeightOnly, Fp8Block (fp8_linear.rs).
+            Op::Linear { .. } => true,
         }
     }
 
@@ -42,7 +44,36 @@ impl Backend for CpuBackend {
         cache: CacheConfig,
     ) -> Result<Box<dyn Runner>> {
         check_supported(self, graph)?;
+        // FP8 linears: F8E4M3 weight, scale tensors present with F32/BF16/F16 dtype and the shapes the
+        // scheme and the weight's shape call for, and the node's widths matching the weight.
+        let mut fp8_tensors = std::collections::BTreeSet::new();
+        for n in &graph.nodes {
+            if let Op::Linear { weight, scheme } = &n.op {
+                if *scheme == QuantScheme::Dense {
+                    continue;
+                }
+                let w = weights.get(weight).ok_or_else(|| {
+                    Error::tensor(weight, "referenced by the graph but not loaded")
+                })?;
+                fp8_linear::prepare(w, scheme, weights)?;
+                let in_cols = n.inputs.first().map(|&i| graph.node(i).cols);
+                if in_cols != Some(w.shape[1]) || n.cols != w.shape[0] {
+                    return Err(Error::tensor(
+                        weight,
+                        format!(
+                            "shape {:?} does not fit node `{}` ({:?} -> {} columns)",
+                            w.shape, n.name, in_cols, n.cols
+                        ),
+                    ));
+                }
+                fp8_tensors.insert(weight.as_str());
+                fp8_tensors.extend(scheme.scale_tensors());
+            }
+        }
         for name in graph.weight_names() {
+            if fp8_tensors.contains(name) {
+                continue;
+            }
             let w = weights
                 .get(name)
                 .ok_or_else(|| Error::tensor(name, "referenced by the graph but not loaded"))?;
@@ -199,7 +230,13 @@ impl Runner for CpuRunner {
                     let w = weight.as_ref().map(|w| self.norms[w].as_slice());
                     kernels::rms_norm(input(0), w, *group, *eps, *add_one)
                 }
-                Op::Linear { weight, .. } => kernels::linear(input(0), &self.weights[weight]),
+                Op::Linear {
+                    weight,
+                    scheme: QuantScheme::Dense,
+                } => kernels::linear(input(0), &self.weights[weight]),
+                Op::Linear { weight, scheme } => {
+                    fp8_linear::linear_fp8(input(0), &self.weights[weight], scheme, &self.weights)?
+                }
                 Op::Rope { head_dim, inv_freq } => {
                     kernels::rope(input(0), &positions, *head_dim, inv_freq)
                 }
