@@ -399,10 +399,7 @@ fn cpu_backend_runs_every_fp8_scheme() {
             .load(
                 &g,
                 &with_x(&c, &m),
-                CacheConfig {
-                    slots: 1,
-                    max_seq_len: c.t,
-                },
+                CacheConfig::new(1, c.t),
             )
             .unwrap_or_else(|e| panic!("{}: {e}", c.name));
         let ids: Vec<u32> = (0..c.t as u32).collect();
@@ -429,10 +426,7 @@ fn bad_scale_tensors_are_load_errors_naming_the_tensor() {
         match CpuBackend.load(
             &g,
             &with_x(c, m),
-            CacheConfig {
-                slots: 1,
-                max_seq_len: 4,
-            },
+            CacheConfig::new(1, 4),
         ) {
             Ok(_) => panic!("{}: loaded", c.name),
             Err(e) => e.to_string(),
