@@ -527,11 +527,22 @@ fn cmd_info(dir: &Path) -> Result<()> {
     if model.kv_cache_fp8 {
         println!("kv cache       FP8 declared by the checkpoint (k_scale/v_scale per layer)");
     }
+    /// Bytes in the largest unit that keeps the number at least 1.
+    fn human(b: f64) -> String {
+        let (v, u) = match b.abs() {
+            x if x >= 1e9 => (b / 1e9, "GB"),
+            x if x >= 1e6 => (b / 1e6, "MB"),
+            x if x >= 1e3 => (b / 1e3, "kB"),
+            _ => (b, "B"),
+        };
+        format!("{v:.1} {u}")
+    }
     println!("per module group:");
     let (mut total, mut total_bf16) = (0usize, 0usize);
     for s in model.group_summary() {
         let schemes: Vec<String> = s.schemes.iter().map(|(n, c)| format!("{n} x{c}")).collect();
-        let dtypes: Vec<String> = s.dtypes.iter().map(|d| d.to_string()).collect();
+        let mut dtypes: Vec<String> = s.dtypes.iter().map(|d| d.to_string()).collect();
+        dtypes.sort();
         let label = match s.group {
             "attention" => "attention q/k/v/o",
             "mlp" => "mlp gate/up/down",
@@ -540,7 +551,7 @@ fn cmd_info(dir: &Path) -> Result<()> {
         total += s.bytes;
         total_bf16 += s.bf16_bytes;
         println!(
-            "  {label:<18} {:<24} {:<12} {:>5} tensors {:>10.1} MB (bf16 {:.1} MB, saved {:.1} MB)",
+            "  {label:<18} {:<24} {:<18} {:>5} tensors {:>10} (bf16 {}, saved {})",
             if schemes.is_empty() {
                 "-".to_string()
             } else {
@@ -548,20 +559,20 @@ fn cmd_info(dir: &Path) -> Result<()> {
             },
             dtypes.join("+"),
             s.tensors,
-            s.bytes as f64 / 1e6,
-            s.bf16_bytes as f64 / 1e6,
-            (s.bf16_bytes as f64 - s.bytes as f64) / 1e6,
+            human(s.bytes as f64),
+            human(s.bf16_bytes as f64),
+            human(s.bf16_bytes as f64 - s.bytes as f64),
         );
     }
     if model.tied_lm_head {
         println!("  {:<18} (tied to embed)", "lm_head");
     }
     println!(
-        "saved vs bf16  {:.1} MB ({:.1} MB as stored, {:.1} MB in bf16)",
-        (total_bf16 as f64 - total as f64) / 1e6,
-        total as f64 / 1e6,
-        total_bf16 as f64 / 1e6
+        "saved vs bf16  {} ({} as stored, {} in bf16)",
+        human(total_bf16 as f64 - total as f64),
+        human(total as f64),
+        human(total_bf16 as f64)
     );
-    println!("total weights  {:.1} MB", model.weight_bytes() as f64 / 1e6);
+    println!("total weights  {}", human(model.weight_bytes() as f64));
     Ok(())
 }

@@ -225,6 +225,8 @@ impl Model {
             ));
         }
         let mut linear_schemes = BTreeMap::new();
+        // Reported after every present tensor is checked (a BF16 weight where FP8 belongs is that error).
+        let mut missing_scale = None;
         let mut modules: Vec<(String, [usize; 2])> = Vec::new();
         for l in 0..config.num_hidden_layers {
             for m in LAYER_LINEARS {
@@ -307,13 +309,9 @@ impl Model {
                     }
                 }
             };
-            // The weight first (an unquantized weight where FP8 belongs is that error, not a missing scale).
-            if let Some(w) = weights.get(&weight) {
-                expected[&weight].check(w, &stored(&weight))?;
-            }
             for s in scheme.scale_tensors() {
-                if !weights.contains_key(s) {
-                    return Err(Error::tensor(
+                if !weights.contains_key(s) && missing_scale.is_none() {
+                    missing_scale = Some(Error::tensor(
                         format!("{stored_module}.{}", &s[m.len() + 1..]),
                         format!(
                             "missing: the FP8 weight `{}` needs it ({})",
@@ -345,6 +343,9 @@ impl Model {
             if let Some(w) = weights.get(name) {
                 e.check(w, &stored(name))?;
             }
+        }
+        if let Some(e) = missing_scale {
+            return Err(e);
         }
         if let Some(extra) = weights.keys().find(|k| !expected.contains_key(*k)) {
             let mut msg =

@@ -564,7 +564,7 @@ fn bad_fp8_checkpoints_are_errors_naming_the_file_tensor_or_field() {
     expect(
         &d,
         &[
-            "model.layers.2.mlp.gate_proj.weight",
+            "model.layers.2.mlp.down_proj.weight",
             "found F8_E4M3",
             "excluded by `model.layers.2.mlp*`",
         ],
@@ -578,7 +578,7 @@ fn bad_fp8_checkpoints_are_errors_naming_the_file_tensor_or_field() {
     expect(
         &d,
         &[
-            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
             "expected dtype F8_E4M3",
             "found BF16",
         ],
