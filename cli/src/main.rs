@@ -549,38 +549,65 @@ fn cmd_info(dir: &Path) -> Result<()> {
             "separate"
         }
     );
-    println!("quantization per module group:");
-    let groups = [
-        ("embed_tokens", "embed_tokens."),
-        ("attention q/k/v/o", "self_attn."),
-        ("mlp gate/up/down", "mlp."),
-        ("norms", "norm"),
-        ("lm_head", "lm_head."),
-    ];
-    for (label, pat) in groups {
-        let ws: Vec<_> = model
-            .weights
+    println!("quantization   {}", model.quant.name());
+    if !model.quant.exclusions().is_empty() {
+        let ex: Vec<&str> = model
+            .quant
+            .exclusions()
             .iter()
-            .filter(|(n, _)| n.contains(pat) && !(label != "norms" && n.contains("norm")))
-            .filter(|(n, _)| !(model.tied_lm_head && n.starts_with("lm_head")))
+            .map(|p| p.source())
             .collect();
-        if ws.is_empty() {
-            if label == "lm_head" {
-                println!("  {label:<20} (tied)");
-            }
-            continue;
-        }
-        let mut dtypes: Vec<String> = ws.iter().map(|(_, w)| w.dtype.to_string()).collect();
+        println!("  kept dense   {}", ex.join(", "));
+    }
+    if model.kv_cache_fp8 {
+        println!("kv cache       FP8 declared by the checkpoint (k_scale/v_scale per layer)");
+    }
+    /// Bytes in the largest unit that keeps the number at least 1.
+    fn human(b: f64) -> String {
+        let (v, u) = match b.abs() {
+            x if x >= 1e9 => (b / 1e9, "GB"),
+            x if x >= 1e6 => (b / 1e6, "MB"),
+            x if x >= 1e3 => (b / 1e3, "kB"),
+            _ => (b, "B"),
+        };
+        format!("{v:.1} {u}")
+    }
+    println!("per module group:");
+    let (mut total, mut total_bf16) = (0usize, 0usize);
+    for s in model.group_summary() {
+        let schemes: Vec<String> = s.schemes.iter().map(|(n, c)| format!("{n} x{c}")).collect();
+        let mut dtypes: Vec<String> = s.dtypes.iter().map(|d| d.to_string()).collect();
         dtypes.sort();
-        dtypes.dedup();
-        let bytes: usize = ws.iter().map(|(_, w)| w.bytes().len()).sum();
+        let label = match s.group {
+            "attention" => "attention q/k/v/o",
+            "mlp" => "mlp gate/up/down",
+            g => g,
+        };
+        total += s.bytes;
+        total_bf16 += s.bf16_bytes;
         println!(
-            "  {label:<20} {:<10} {:>5} tensors {:>10.1} MB",
+            "  {label:<18} {:<24} {:<18} {:>5} tensors {:>10} (bf16 {}, saved {})",
+            if schemes.is_empty() {
+                "-".to_string()
+            } else {
+                schemes.join(", ")
+            },
             dtypes.join("+"),
-            ws.len(),
-            bytes as f64 / 1e6
+            s.tensors,
+            human(s.bytes as f64),
+            human(s.bf16_bytes as f64),
+            human(s.bf16_bytes as f64 - s.bytes as f64),
         );
     }
-    println!("total weights  {:.1} MB", model.weight_bytes() as f64 / 1e6);
+    if model.tied_lm_head {
+        println!("  {:<18} (tied to embed)", "lm_head");
+    }
+    println!(
+        "saved vs bf16  {} ({} as stored, {} in bf16)",
+        human(total_bf16 as f64 - total as f64),
+        human(total as f64),
+        human(total_bf16 as f64)
+    );
+    println!("total weights  {}", human(model.weight_bytes() as f64));
     Ok(())
 }

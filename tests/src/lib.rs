@@ -232,3 +232,190 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+// ---------------------------------------------------------------------------------------------------
+// FP8 checkpoints (fp8-formats.md): tensors of any stored dtype, and the four FP8 formats' quantizers.
+
+/// Stored values of one tensor.
+#[derive(Clone, Debug)]
+pub enum Stored {
+    F32(Vec<f32>),
+    Bf16(Vec<f32>),
+    /// E4M3 codes (from `e4m3_core::fp8::encode`).
+    F8(Vec<u8>),
+}
+
+/// One tensor under its full checkpoint name.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Stored,
+}
+
+impl RawTensor {
+    pub fn new(name: impl Into<String>, shape: Vec<usize>, data: Stored) -> RawTensor {
+        RawTensor {
+            name: name.into(),
+            shape,
+            data,
+        }
+    }
+}
+
+/// Write `config.json` and `model.safetensors` with tensors of mixed dtypes.
+pub fn write_raw_checkpoint(dir: &Path, config: &Value, tensors: &[RawTensor]) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
+    let bytes: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = tensors
+        .iter()
+        .map(|t| {
+            let (dt, b) = match &t.data {
+                Stored::F32(v) => (
+                    safetensors::Dtype::F32,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
+                Stored::Bf16(v) => (
+                    safetensors::Dtype::BF16,
+                    v.iter()
+                        .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                        .collect(),
+                ),
+                Stored::F8(c) => (safetensors::Dtype::F8_E4M3, c.clone()),
+            };
+            (t.name.clone(), t.shape.clone(), dt, b)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, s, dt, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// Write `value` as `dir/name` (e.g. `hf_quant_config.json`).
+pub fn write_json(dir: &Path, name: &str, value: &Value) {
+    std::fs::write(dir.join(name), serde_json::to_string_pretty(value).unwrap()).unwrap();
+}
+
+/// Quantize a `[rows, cols]` matrix to E4M3 with one dequantization scale (amax/448) per
+/// `block = [br, bc]` block; returns the codes and the scales, row-major `[ceil(rows/br), ceil(cols/bc)]`.
+/// Per-tensor is `block = [rows, cols]`, per-channel `[1, cols]`.
+pub fn fp8_quantize(v: &[f32], rows: usize, cols: usize, block: [usize; 2]) -> (Vec<u8>, Vec<f32>) {
+    let (ob, ib) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
+    let mut scales = vec![0f32; ob * ib];
+    for r in 0..rows {
+        for c in 0..cols {
+            let s = &mut scales[(r / block[0]) * ib + c / block[1]];
+            *s = s.max(v[r * cols + c].abs());
+        }
+    }
+    for s in &mut scales {
+        *s = if *s == 0.0 {
+            1.0
+        } else {
+            *s / e4m3_core::fp8::E4M3_MAX
+        };
+    }
+    let codes = (0..rows * cols)
+        .map(|i| {
+            let s = scales[(i / cols / block[0]) * ib + (i % cols) / block[1]];
+            e4m3_core::fp8::encode(v[i] / s)
+        })
+        .collect();
+    (codes, scales)
+}
+
+/// The four FP8 checkpoint formats, as the tiny writer produces them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fp8Format {
+    /// A: F32 scalar `weight_scale` and `input_scale`.
+    ModelOpt,
+    /// B: `weight_scale` `[out, 1]` in BF16.
+    CompressedTensors,
+    /// C: F32 `weight_scale` `[ceil(out/128), 1, ceil(in/128), 1]`.
+    ModelOptPbWo,
+    /// D: F32 `weight_scale_inv` `[ceil(out/b0), ceil(in/b1)]`.
+    FineGrained { block: [usize; 2] },
+}
+
+/// The tiny model's tensors (names without prefix, as `tiny_tensors`) in `format`: every `*_proj.weight`
+/// for which `dense(name)` is false becomes F8_E4M3 with its scales; everything else is stored BF16.
+/// A: the input_scale of a module is `0.01 * (1 + index)`, so per-shard scales differ.
+pub fn tiny_fp8_tensors(
+    t: &Tiny,
+    seed: u64,
+    format: Fp8Format,
+    dense: &dyn Fn(&str) -> bool,
+) -> Vec<RawTensor> {
+    let mut out = Vec::new();
+    for (idx, (name, shape, v)) in tiny_tensors(t, seed).into_iter().enumerate() {
+        let module = name.strip_suffix(".weight").unwrap_or(&name).to_string();
+        if !module.ends_with("_proj") || dense(&name) {
+            out.push(RawTensor::new(name, shape, Stored::Bf16(v)));
+            continue;
+        }
+        let (rows, cols) = (shape[0], shape[1]);
+        let sc = |s: &str| format!("{module}.{s}");
+        match format {
+            Fp8Format::ModelOpt => {
+                let (codes, s) = fp8_quantize(&v, rows, cols, [rows, cols]);
+                out.push(RawTensor::new(name, shape, Stored::F8(codes)));
+                out.push(RawTensor::new(sc("weight_scale"), vec![], Stored::F32(s)));
+                out.push(RawTensor::new(
+                    sc("input_scale"),
+                    vec![],
+                    Stored::F32(vec![0.01 * (1 + idx) as f32]),
+                ));
+            }
+            Fp8Format::CompressedTensors => {
+                let (codes, s) = fp8_quantize(&v, rows, cols, [1, cols]);
+                out.push(RawTensor::new(name, shape, Stored::F8(codes)));
+                out.push(RawTensor::new(
+                    sc("weight_scale"),
+                    vec![rows, 1],
+                    Stored::Bf16(s),
+                ));
+            }
+            Fp8Format::ModelOptPbWo => {
+                let (codes, s) = fp8_quantize(&v, rows, cols, [128, 128]);
+                out.push(RawTensor::new(name, shape, Stored::F8(codes)));
+                out.push(RawTensor::new(
+                    sc("weight_scale"),
+                    vec![rows.div_ceil(128), 1, cols.div_ceil(128), 1],
+                    Stored::F32(s),
+                ));
+            }
+            Fp8Format::FineGrained { block } => {
+                let (codes, s) = fp8_quantize(&v, rows, cols, block);
+                out.push(RawTensor::new(name, shape, Stored::F8(codes)));
+                out.push(RawTensor::new(
+                    sc("weight_scale_inv"),
+                    vec![rows.div_ceil(block[0]), cols.div_ceil(block[1])],
+                    Stored::F32(s),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Prefix every tensor name (`model.`, `model.language_model.`, ...).
+pub fn prefixed(tensors: Vec<RawTensor>, prefix: &str) -> Vec<RawTensor> {
+    tensors
+        .into_iter()
+        .map(|mut t| {
+            t.name = format!("{prefix}{}", t.name);
+            t
+        })
+        .collect()
+}
