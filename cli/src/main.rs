@@ -279,7 +279,15 @@ pub fn load_runner(
     kv: KvDtypeArg,
 ) -> Result<Box<dyn Runner>> {
     let pb = spinner(&format!("preparing the {} backend", backend.name()));
-    let cache = CacheConfig::new(1, max_seq_len).with_kv_dtype(kv.resolve());
+    // `auto` follows the checkpoint: an FP8 KV cache where it declares one (as vLLM does).
+    let kv = match kv {
+        KvDtypeArg::Auto if model.kv_cache_fp8 => KvCacheDtype::Fp8,
+        other => other.resolve(),
+    };
+    if kv != KvCacheDtype::Auto {
+        eprintln!("KV cache: {}", kv.name());
+    }
+    let cache = CacheConfig::new(1, max_seq_len).with_kv_dtype(kv);
     let r = backend.load(&model.graph, &model.weights, cache)?;
     pb.finish_and_clear();
     Ok(r)

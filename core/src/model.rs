@@ -422,7 +422,14 @@ impl Model {
             linear_schemes.insert("lm_head".to_string(), QuantScheme::Dense);
         }
         let embed_dtype = weights["embed_tokens.weight"].dtype;
-        let graph = build_gemma3_graph_quant(&config, embed_dtype, &linear_schemes);
+        let mut graph = build_gemma3_graph_quant(&config, embed_dtype, &linear_schemes);
+        // An FP8 KV cache uses the checkpoint's per-tensor k/v scales where it has them.
+        for (l, layer) in graph.cache_layers.iter_mut().enumerate() {
+            let k = format!("layers.{l}.self_attn.k_scale");
+            let v = format!("layers.{l}.self_attn.v_scale");
+            layer.k_scale = weights.contains_key(&k).then_some(k);
+            layer.v_scale = weights.contains_key(&v).then_some(v);
+        }
         let kv_cache_fp8 = quant.kv_cache_fp8();
         Ok(Model {
             dir: dir.to_path_buf(),

@@ -396,11 +396,7 @@ fn cpu_backend_runs_every_fp8_scheme() {
         let g = graph_for(&c, scheme.clone());
         assert!(CpuBackend.supports(&g.node(g.output).op));
         let mut r = CpuBackend
-            .load(
-                &g,
-                &with_x(&c, &m),
-                CacheConfig::new(1, c.t),
-            )
+            .load(&g, &with_x(&c, &m), CacheConfig::new(1, c.t))
             .unwrap_or_else(|e| panic!("{}: {e}", c.name));
         let ids: Vec<u32> = (0..c.t as u32).collect();
         let out = r
@@ -423,11 +419,7 @@ fn bad_scale_tensors_are_load_errors_naming_the_tensor() {
     let cs = cases();
     let load = |c: &Case, m: &WeightMap, scheme: QuantScheme| -> String {
         let g = graph_for(c, scheme);
-        match CpuBackend.load(
-            &g,
-            &with_x(c, m),
-            CacheConfig::new(1, 4),
-        ) {
+        match CpuBackend.load(&g, &with_x(c, m), CacheConfig::new(1, 4)) {
             Ok(_) => panic!("{}: loaded", c.name),
             Err(e) => e.to_string(),
         }
