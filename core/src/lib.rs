@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod graph;
 pub mod import_gguf;
 pub mod model;
+pub mod quantize;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;
