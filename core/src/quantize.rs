@@ -55,7 +55,10 @@ pub const MSE_CANDIDATES: usize = 65;
 const TEXT_PREFIXES: [&str; 3] = ["model.language_model.", "language_model.model.", "model."];
 const VISION_PREFIXES: [(&str, &str); 4] = [
     ("model.vision_tower.", "model.vision_tower"),
-    ("model.multi_modal_projector.", "model.multi_modal_projector"),
+    (
+        "model.multi_modal_projector.",
+        "model.multi_modal_projector",
+    ),
     ("vision_tower.", "vision_tower"),
     ("multi_modal_projector.", "multi_modal_projector"),
 ];
@@ -378,7 +381,12 @@ pub fn calib_sequences(
     Ok(ids
         .chunks(chunk.max(1))
         .take(samples)
-        .map(|c| bos.filter(|_| seq_len > 1).into_iter().chain(c.iter().copied()).collect())
+        .map(|c| {
+            bos.filter(|_| seq_len > 1)
+                .into_iter()
+                .chain(c.iter().copied())
+                .collect()
+        })
         .collect())
 }
 
@@ -386,7 +394,14 @@ pub fn calib_sequences(
 pub fn calib_taps(layers: usize) -> Vec<String> {
     let mut taps = Vec::new();
     for l in 0..layers {
-        for n in ["input_norm", "attn", "ffn_norm", "gelu_mul", "k_rope", "v_proj"] {
+        for n in [
+            "input_norm",
+            "attn",
+            "ffn_norm",
+            "gelu_mul",
+            "k_rope",
+            "v_proj",
+        ] {
             taps.push(format!("layers.{l}.{n}"));
         }
     }
@@ -425,7 +440,8 @@ pub fn calibrate(
                     slot,
                     start_pos: 0,
                     tokens: s.clone(),
-                    logits: LogitsFor::None,
+                    // Not `None`: the CPU kernels reject a step that selects zero rows (rayon chunk size 0).
+                    logits: LogitsFor::Last,
                 })
                 .collect(),
         };
@@ -532,25 +548,36 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
         return Err(Error::file(from, "source model directory not found"));
     }
     if !cfg_path.is_file() {
-        return Err(Error::file(&cfg_path, "not found (the source checkpoint needs a config.json)"));
+        return Err(Error::file(
+            &cfg_path,
+            "not found (the source checkpoint needs a config.json)",
+        ));
     }
     let same_dir = match (fs::canonicalize(from), fs::canonicalize(to)) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     };
     if same_dir {
-        return Err(Error::file(to, "the output directory must differ from the source directory"));
+        return Err(Error::file(
+            to,
+            "the output directory must differ from the source directory",
+        ));
     }
     let mut config = read_json(&cfg_path)?;
     for (field, q) in [
         ("quantization_config", config.get("quantization_config")),
         (
             "text_config.quantization_config",
-            config.get("text_config").and_then(|t| t.get("quantization_config")),
+            config
+                .get("text_config")
+                .and_then(|t| t.get("quantization_config")),
         ),
     ] {
         if let Some(q) = q {
-            let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("?");
+            let method = q
+                .get("quant_method")
+                .and_then(|m| m.as_str())
+                .unwrap_or("?");
             return Err(Error::field(
                 &cfg_path,
                 field,
@@ -733,9 +760,10 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
                         "weight_scale",
                         vec![m.grid.grid_rows(), 1, m.grid.grid_cols(), 1],
                     ),
-                    Scheme::Fp8Block => {
-                        ("weight_scale_inv", vec![m.grid.grid_rows(), m.grid.grid_cols()])
-                    }
+                    Scheme::Fp8Block => (
+                        "weight_scale_inv",
+                        vec![m.grid.grid_rows(), m.grid.grid_cols()],
+                    ),
                 };
                 outs.push(Out {
                     name: format!("{}.{name}", m.stored),
@@ -991,7 +1019,11 @@ fn quantization_config(
         Scheme::Fp8Dynamic => {
             let mut ignore: Vec<String> = vec![lm_head.to_string()];
             ignore.extend(ignored.iter().cloned());
-            ignore.extend(vision.iter().map(|v| format!("re:{}.*", v.replace('.', "\\."))));
+            ignore.extend(
+                vision
+                    .iter()
+                    .map(|v| format!("re:{}.*", v.replace('.', "\\."))),
+            );
             json!({
                 "config_groups": {"group_0": {
                     "format": "float-quantized",
