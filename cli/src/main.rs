@@ -1,6 +1,7 @@
 //! `e4m3`: run, inspect and benchmark Gemma checkpoints.
 
 mod bench;
+mod quantize;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -149,6 +150,8 @@ enum Cmd {
     },
     /// Prefill and decode speed, peak memory.
     Bench(bench::BenchArgs),
+    /// Write an FP8 (E4M3) checkpoint (ModelOpt, compressed-tensors or FineGrainedFP8 format).
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn main() {
@@ -226,6 +229,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(args) => bench::cmd_bench(args),
+        Cmd::Quantize(args) => quantize::cmd_quantize(args),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod graph;
 pub mod import_gguf;
 pub mod model;
 pub mod quant_config;
+pub mod quantize;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;

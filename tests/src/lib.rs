@@ -419,3 +419,31 @@ pub fn prefixed(tensors: Vec<RawTensor>, prefix: &str) -> Vec<RawTensor> {
         })
         .collect()
 }
+
+/// A tiny WordLevel `tokenizer.json` (whitespace split) over `<pad> <eos> <bos> <unk>` and the words `w4` ..
+/// `w{vocab-1}`, plus a `tokenizer_config.json` with `<bos>` as BOS; for tests that tokenize text.
+pub fn write_word_tokenizer(dir: &Path, vocab: usize) {
+    let mut v = serde_json::Map::new();
+    for (i, t) in ["<pad>", "<eos>", "<bos>", "<unk>"].iter().enumerate() {
+        v.insert(t.to_string(), json!(i));
+    }
+    for i in 4..vocab {
+        v.insert(format!("w{i}"), json!(i));
+    }
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [
+            {"id": 0, "content": "<pad>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 1, "content": "<eos>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 2, "content": "<bos>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+        ],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": v, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"add_bos_token": true, "bos_token": "<bos>", "eos_token": "<eos>"}"#,
+    )
+    .unwrap();
+}

@@ -337,6 +337,16 @@ fn incremental_chunked_and_batched_decode_equal_one_prefill() {
     for (pos, row) in got_b {
         assert!(max_abs_diff(&row, full_b.row(pos)) < 1e-5, "b {pos}");
     }
+    // A step may ask for no logits at all (a prefill chunk of a longer prompt).
+    let mut r2 = cpu_runner(&m, 1, 16);
+    let none = r2
+        .step(&Batch::single(0, 0, a[..5].to_vec(), LogitsFor::None), &[])
+        .unwrap();
+    assert_eq!((none.logits.rows, none.rows.len()), (0, 0));
+    let rest = r2
+        .step(&Batch::single(0, 5, a[5..].to_vec(), LogitsFor::Last), &[])
+        .unwrap();
+    assert!(max_abs_diff(rest.logits.row(0), full_a.row(12)) < 1e-5);
     // Restarting a slot at 0 forgets the old tokens.
     let out = r
         .step(&Batch::single(0, 0, a.clone(), LogitsFor::Last), &[])

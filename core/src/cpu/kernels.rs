@@ -219,6 +219,9 @@ pub fn linear(x: &Mat, w: &Weight) -> Mat {
         w.name, x.cols, w.shape
     );
     let t = x.rows;
+    if t == 0 {
+        return Mat::zeros(0, n);
+    }
     let esz = w.dtype.size();
     let bytes = w.bytes();
     const CHUNK: usize = 16;
