@@ -221,9 +221,18 @@ fn run(cli: Cli) -> Result<()> {
                     progress: true,
                 },
             )?;
+            let types: Vec<String> = report
+                .source_types
+                .iter()
+                .map(|(t, n)| format!("{n} {t}"))
+                .collect();
             eprintln!(
-                "imported {} in {:.1}s: {report:?}",
+                "imported {} ({} tensors: {}) to {} ({:.0} MB) in {:.1}s",
                 gguf.display(),
+                report.tensors,
+                types.join(", "),
+                report.safetensors_path.display(),
+                report.bytes_written as f64 / 1e6,
                 t.elapsed().as_secs_f64()
             );
             Ok(())

@@ -231,6 +231,38 @@ pub fn open_safetensors(path: &Path) -> Result<Vec<Weight>> {
     Ok(out)
 }
 
+/// Start a safetensors file whose tensors are streamed one by one: writes the header for `tensors`
+/// (name, dtype, shape, in file order) with `{"format": "pt"}` metadata and returns the writer; the caller
+/// then writes each tensor's bytes in the same order. Only one tensor need be in memory at a time.
+pub fn begin_safetensors(
+    path: &Path,
+    tensors: &[(String, DType, Vec<usize>)],
+) -> Result<std::io::BufWriter<std::fs::File>> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (name, dtype, shape) in tensors {
+        let n = shape.iter().product::<usize>() * dtype.size();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [offset, offset + n]}),
+        );
+        offset += n;
+    }
+    let mut header_bytes = serde_json::to_vec(&serde_json::Value::Object(header))
+        .map_err(|e| Error::invalid(format!("serializing the safetensors header: {e}")))?;
+    while header_bytes.len() % 8 != 0 {
+        header_bytes.push(b' ');
+    }
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
+        .and_then(|_| w.write_all(&header_bytes))
+        .map_err(|e| Error::io(path, e))?;
+    Ok(w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 //! - `token_embd` was trimmed to the real vocabulary: `vocab_size` is its row count.
 
 use std::fs;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -340,32 +340,12 @@ pub fn import_gguf(
     // so only one dequantized tensor is in memory at a time.
     let st_path = out_dir.join("model.safetensors");
     let esize = opts.dtype.size();
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for p in &plan {
-        let n = p.info.n_elements as usize * esize;
-        header.insert(
-            p.hf_name.clone(),
-            json!({
-                "dtype": opts.dtype.safetensors_name(),
-                "shape": p.shape,
-                "data_offsets": [offset, offset + n],
-            }),
-        );
-        offset += n;
-    }
-    let mut header_bytes = serde_json::to_vec(&Value::Object(header))
-        .map_err(|e| Error::invalid(format!("serializing the safetensors header: {e}")))?;
-    while header_bytes.len() % 8 != 0 {
-        header_bytes.push(b' ');
-    }
-    let file = fs::File::create(&st_path).map_err(|e| Error::io(&st_path, e))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let entries: Vec<(String, DType, Vec<usize>)> = plan
+        .iter()
+        .map(|p| (p.hf_name.clone(), opts.dtype, p.shape.clone()))
+        .collect();
+    let mut w = crate::checkpoint::begin_safetensors(&st_path, &entries)?;
     let werr = |e: std::io::Error| Error::io(&st_path, e);
-    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
-        .map_err(werr)?;
-    w.write_all(&header_bytes).map_err(werr)?;
 
     let pb = if opts.progress {
         let pb = indicatif::ProgressBar::new(plan.len() as u64);
@@ -409,7 +389,9 @@ pub fn import_gguf(
     w.flush().map_err(werr)?;
     drop(w);
     pb.finish_and_clear();
-    let bytes_written = 8 + header_bytes.len() as u64 + offset as u64;
+    let bytes_written = fs::metadata(&st_path)
+        .map_err(|e| Error::io(&st_path, e))?
+        .len();
 
     // config.json
     let cfg_path = out_dir.join("config.json");

@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -836,28 +836,12 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
 
     fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
     let st_path = to.join("model.safetensors");
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for o in &outs {
-        let n = o.shape.iter().product::<usize>() * o.dtype.size();
-        header.insert(
-            o.name.clone(),
-            json!({"dtype": o.dtype.safetensors_name(), "shape": o.shape, "data_offsets": [offset, offset + n]}),
-        );
-        offset += n;
-    }
-    let mut header_bytes = serde_json::to_vec(&Value::Object(header))
-        .map_err(|e| Error::invalid(format!("serializing the safetensors header: {e}")))?;
-    while header_bytes.len() % 8 != 0 {
-        header_bytes.push(b' ');
-    }
-    let file = fs::File::create(&st_path).map_err(|e| Error::io(&st_path, e))?;
-    let mut wr = BufWriter::with_capacity(1 << 20, file);
+    let entries: Vec<(String, DType, Vec<usize>)> = outs
+        .iter()
+        .map(|o| (o.name.clone(), o.dtype, o.shape.clone()))
+        .collect();
+    let mut wr = crate::checkpoint::begin_safetensors(&st_path, &entries)?;
     let werr = |e: std::io::Error| Error::io(&st_path, e);
-    wr.write_all(&(header_bytes.len() as u64).to_le_bytes())
-        .map_err(werr)?;
-    wr.write_all(&header_bytes).map_err(werr)?;
     let pb = bar(opts.progress, outs.len() as u64, "writing", "tensors");
     for o in &outs {
         pb.set_message(o.name.clone());
@@ -879,7 +863,9 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
     wr.flush().map_err(werr)?;
     drop(wr);
     pb.finish_and_clear();
-    let bytes_written = 8 + header_bytes.len() as u64 + offset as u64;
+    let bytes_written = fs::metadata(&st_path)
+        .map_err(|e| Error::io(&st_path, e))?
+        .len();
 
     // Config files.
     let vision: Vec<&str> = VISION_PREFIXES
