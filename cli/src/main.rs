@@ -1,6 +1,7 @@
 //! `e4m3`: run, inspect and benchmark Gemma checkpoints.
 
 mod bench;
+mod eval;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -126,6 +127,8 @@ enum Cmd {
     },
     /// Prefill and decode speed, peak memory.
     Bench(bench::BenchArgs),
+    /// Precision against a baseline: cosine of logits and hidden state, perplexity, per batch x seq config.
+    Eval(eval::EvalArgs),
 }
 
 fn main() {
@@ -195,6 +198,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(args) => bench::cmd_bench(args),
+        Cmd::Eval(args) => eval::cmd_eval(args),
     }
 }
 
