@@ -210,7 +210,9 @@ pub struct NonFinite {
     pub layer: Option<usize>,
     /// The weight the node reads (and its scale tensors), with `contains NaN/Inf` when that tensor holds one.
     pub tensors: Vec<String>,
-    /// The first offending value and where it is (row within the step, column).
+    /// The first offending value (`NaN`, `inf` or `-inf` in JSON) and where it is (row within the step,
+    /// column).
+    #[serde(serialize_with = "value_as_text")]
     pub value: f32,
     pub row: usize,
     pub col: usize,
@@ -218,6 +220,10 @@ pub struct NonFinite {
     pub step_start: usize,
     /// Whether the node was located by tapping every node (`--check-finite`) or only the logits were seen.
     pub located: bool,
+}
+
+fn value_as_text<S: serde::Serializer>(v: &f32, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&v.to_string())
 }
 
 impl fmt::Display for NonFinite {

@@ -129,6 +129,9 @@ fn check_finite_names_the_layer_and_node_of_a_nan_weight() {
         ("linear", Some(1), true)
     );
     assert!(nf.value.is_nan());
+    let json = serde_json::to_value(&nf).unwrap();
+    assert_eq!(json["value"], "NaN");
+    assert_eq!(json["node"], "layers.1.down_proj");
     assert_eq!(
         nf.tensors,
         vec!["layers.1.mlp.down_proj.weight contains NaN/Inf".to_string()]
