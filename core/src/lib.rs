@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod eval;
 pub mod fp8;
 pub mod generate;
 pub mod generation_config;
