@@ -148,7 +148,11 @@ fn check_schemes(m: &Model, dir: &Path, scheme: Scheme) {
             let (fd, fshape, fbytes) = &file[&format!("model.{module}.weight")];
             assert_eq!(*fd, safetensors::Dtype::F8_E4M3);
             assert_eq!(&w.shape, fshape);
-            assert_eq!(w.bytes(), &fbytes[..], "{module}: codes differ from the file");
+            assert_eq!(
+                w.bytes(),
+                &fbytes[..],
+                "{module}: codes differ from the file"
+            );
             let s = &m.weights[&scale_name];
             let (sd, sshape, sbytes) = &file[&format!("model.{module}.{file_scale_suffix}")];
             let [out, inp] = [fshape[0], fshape[1]];
@@ -160,7 +164,10 @@ fn check_schemes(m: &Model, dir: &Path, scheme: Scheme) {
                 }
                 Scheme::D => {
                     assert_eq!(*sd, safetensors::Dtype::F32);
-                    assert_eq!(sshape, &vec![out.div_ceil(BLOCK[0]), inp.div_ceil(BLOCK[1])]);
+                    assert_eq!(
+                        sshape,
+                        &vec![out.div_ceil(BLOCK[0]), inp.div_ceil(BLOCK[1])]
+                    );
                 }
             }
             assert_eq!(s.to_f32(), values_of(*sd, sbytes), "{scale_name}");
@@ -202,8 +209,9 @@ fn check_dequant(m: &Model, dir: &Path, scheme: Scheme) {
                 Scheme::B => scale[r],
                 Scheme::D => scale[(r / BLOCK[0]) * sshape[1] + c / BLOCK[1]],
             };
-            // Exact in f32: an e4m3 value has 4 significant bits, the scale 8 (bf16) or 24 (f32) ... the product
-            // of a 4-bit and a 24-bit significand can need 28 bits, so compute in f64 and round once.
+            // An e4m3 value has 4 significant bits, the scale 8 (bf16, B) or 24 (f32, D): the product is exact
+            // in f64 and rounded once to f32, as a torch f32 multiply does (D). For B the f32 product is exact
+            // (<= 12 bits), so the bf16 rounding below is the single rounding of compressed-tensors' bf16 multiply.
             let v = (decode_e4m3(codes[r * inp + c]) * s as f64) as f32;
             match scheme {
                 Scheme::B => bf16_round(v),
