@@ -68,6 +68,17 @@ fn linear(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var i = 0u; i < p.k; i++) {
             acc += (load_w(wb + i) * ws[sb + i / p.bi]) * xv(r, i);
         }
+    } else if (DT == 1u && (p.k & 1u) == 0u && p.t == 1u) {
+        // Decode (one token row): no redundant activation loads.
+        let wb2 = wb >> 1u;
+        var a0 = 0.0;
+        var a1 = 0.0;
+        for (var i = 0u; i < p.k; i += 2u) {
+            let word = w[wb2 + (i >> 1u)];
+            a0 += bitcast<f32>(word << 16u) * x[i];
+            a1 += bitcast<f32>(word & 0xffff0000u) * x[i + 1u];
+        }
+        acc = vec4<f32>(a0 + a1);
     } else if (DT == 1u && (p.k & 1u) == 0u) {
         // BF16 rows start on a word: two values per load.
         let wb2 = wb >> 1u;

@@ -66,7 +66,9 @@ fn summary(a: &wgpu::Adapter) -> AdapterSummary {
         backend: format!("{:?}", info.backend),
         device_type: format!("{:?}", info.device_type),
         is_cpu: info.device_type == wgpu::DeviceType::Cpu,
-        driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
         max_storage_buffer_binding_size: l.max_storage_buffer_binding_size as u64,
         max_buffer_size: l.max_buffer_size,
         max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
@@ -153,12 +155,16 @@ struct Gpu {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
+    binding_cap: u64,
     pipes: Pipes,
 }
 
 impl Gpu {
+    /// The largest range one binding may cover (`E4M3_WGPU_MAX_BINDING` lowers it, to test splitting).
     fn max_binding(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        (self.limits.max_storage_buffer_binding_size as u64)
+            .min(self.limits.max_buffer_size)
+            .min(self.binding_cap)
     }
 }
 
@@ -293,6 +299,10 @@ impl WgpuBackend {
                 queue,
                 info,
                 limits,
+                binding_cap: std::env::var("E4M3_WGPU_MAX_BINDING")
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map_or(u64::MAX, |v| v.max(1024)),
                 pipes,
             }),
         })
@@ -576,7 +586,10 @@ impl WgpuRunner {
                     if w.shape[0] < graph.vocab_size {
                         return Err(Error::tensor(
                             table,
-                            format!("has {} rows for a vocabulary of {}", w.shape[0], graph.vocab_size),
+                            format!(
+                                "has {} rows for a vocabulary of {}",
+                                w.shape[0], graph.vocab_size
+                            ),
                         ));
                     }
                     Plan::Embed {
@@ -654,7 +667,10 @@ impl WgpuRunner {
                     }
                 }
                 Op::Rope { head_dim, inv_freq } => {
-                    let idx = match rope.iter().position(|(f, d, _)| f == inv_freq && d == head_dim) {
+                    let idx = match rope
+                        .iter()
+                        .position(|(f, d, _)| f == inv_freq && d == head_dim)
+                    {
                         Some(i) => i,
                         None => {
                             rope.push((inv_freq.clone(), *head_dim, storage(&gpu, "rope", 16)));
@@ -1258,11 +1274,7 @@ impl Runner for WgpuRunner {
                         cmds.push(Cmd::Dispatch {
                             pipe: p.select_rows.clone(),
                             layout: el(),
-                            binds: vec![
-                                inp(0),
-                                whole(&self.sel, (r * 4) as u64),
-                                out.clone(),
-                            ],
+                            binds: vec![inp(0), whole(&self.sel, (r * 4) as u64), out.clone()],
                             params: params(&[r as u32, src as u32]),
                             groups: grid(r * src, 256),
                         });

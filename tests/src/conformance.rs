@@ -285,7 +285,9 @@ fn norm_cases(out: &mut Vec<Case>) {
                     cols,
                 );
                 out.push(b.finish(
-                    format!("rms_norm(cols={cols},group={group},add_one={add_one},weight={with_w})"),
+                    format!(
+                        "rms_norm(cols={cols},group={group},add_one={add_one},weight={with_w})"
+                    ),
                     y,
                     vec![Batch::single(0, 0, ids(5, 2), LogitsFor::All)],
                     KvCacheDtype::Auto,
@@ -303,7 +305,8 @@ fn rope_cases(out: &mut Vec<Case>) {
         let inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| 10000f32.powf(-2.0 * i as f32 / head_dim as f32))
             .collect();
-        let y = b.g.add("y", Op::Rope { head_dim, inv_freq }, &[x], head_dim * heads);
+        let y =
+            b.g.add("y", Op::Rope { head_dim, inv_freq }, &[x], head_dim * heads);
         // Positions 0..5, then 5..8, then 300: the cache slot is only used for its length.
         let steps = vec![
             Batch::single(0, 0, ids(5, 0), LogitsFor::All),
@@ -458,7 +461,12 @@ fn linear_cases(out: &mut Vec<Case>) {
 }
 
 fn attention_cases(out: &mut Vec<Case>) {
-    let geoms = [(4usize, 2usize, 8usize), (2, 1, 13), (3, 3, 64), (4, 1, 256)];
+    let geoms = [
+        (4usize, 2usize, 8usize),
+        (2, 1, 13),
+        (3, 3, 64),
+        (4, 1, 256),
+    ];
     for &(nh, nkv, d) in &geoms {
         for window in [None, Some(3usize)] {
             for softcap in [None, Some(5.0f32)] {
@@ -592,10 +600,7 @@ pub fn compare(got: &Mat, want: &Mat, threshold: f64) -> Result<f64, String> {
     Ok(nmse)
 }
 
-fn run_on(
-    backend: &dyn Backend,
-    case: &Case,
-) -> Result<Vec<Mat>, Error> {
+fn run_on(backend: &dyn Backend, case: &Case) -> Result<Vec<Mat>, Error> {
     let mut runner = backend.load(
         &case.graph,
         &case.weights,

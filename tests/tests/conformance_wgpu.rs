@@ -12,7 +12,9 @@ fn wgpu_matches_cpu_reference_on_every_op() {
             if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
                 return;
             }
-            panic!("no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)");
+            panic!(
+                "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
+            );
         }
     };
     let report = run_suite(backend.as_ref(), None);
