@@ -109,7 +109,24 @@ pub fn open(adapter: Option<&str>) -> Result<Box<dyn Backend>> {
             Some(n) => format!("no wgpu adapter whose name contains `{n}`"),
         })
     })?;
-    Ok(Box::new(WgpuBackend::new(a)?))
+    Ok(Box::new(WgpuBackend::new(a, None)?))
+}
+
+/// Like [`open`] with the binding limit lowered to `max_binding` bytes (at least 1 KiB), so that tests
+/// exercise weights split across buffers and activations bound in windows on any adapter.
+pub fn open_with_binding_limit(
+    adapter: Option<&str>,
+    max_binding: u64,
+) -> Result<Box<dyn Backend>> {
+    let list = all_adapters();
+    let a = match adapter {
+        None => list.into_iter().next(),
+        Some(n) => list
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&n.to_lowercase())),
+    }
+    .ok_or_else(|| unavailable("no wgpu adapter found"))?;
+    Ok(Box::new(WgpuBackend::new(a, Some(max_binding))?))
 }
 
 /// Open the wgpu backend on a hardware adapter only (not lavapipe/llvmpipe: `DeviceType::Cpu`), as
@@ -119,7 +136,7 @@ pub fn open_hardware() -> Result<Box<dyn Backend>> {
         .into_iter()
         .find(|a| a.get_info().device_type != wgpu::DeviceType::Cpu)
         .ok_or_else(|| unavailable("no hardware wgpu adapter found"))?;
-    Ok(Box::new(WgpuBackend::new(a)?))
+    Ok(Box::new(WgpuBackend::new(a, None)?))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -281,7 +298,7 @@ pub struct WgpuBackend {
 }
 
 impl WgpuBackend {
-    fn new(adapter: wgpu::Adapter) -> Result<WgpuBackend> {
+    fn new(adapter: wgpu::Adapter, cap: Option<u64>) -> Result<WgpuBackend> {
         let info = adapter.get_info();
         // Ask for exactly what the adapter offers: the storage-binding and buffer limits matter here.
         let limits = adapter.limits();
@@ -302,6 +319,7 @@ impl WgpuBackend {
                 binding_cap: std::env::var("E4M3_WGPU_MAX_BINDING")
                     .ok()
                     .and_then(|v| v.parse::<u64>().ok())
+                    .or(cap)
                     .map_or(u64::MAX, |v| v.max(1024)),
                 pipes,
             }),

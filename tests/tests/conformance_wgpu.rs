@@ -21,3 +21,30 @@ fn wgpu_matches_cpu_reference_on_every_op() {
     assert_eq!(report.failed(), 0, "{} cases failed", report.failed());
     assert!(report.passed() > 0, "no case ran");
 }
+
+/// Weights split across several buffers (binding limit lowered to 64 KiB): linear and embed cases.
+#[test]
+fn wgpu_splits_tensors_larger_than_one_binding() {
+    let backend = match e4m3_backend_wgpu::open_with_binding_limit(None, 64 << 10) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("skipped: no wgpu adapter ({e})");
+            if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
+                return;
+            }
+            panic!(
+                "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
+            );
+        }
+    };
+    for filter in ["linear(dense", "linear(fp8", "embed("] {
+        let report = run_suite(backend.as_ref(), Some(filter));
+        assert_eq!(
+            report.failed(),
+            0,
+            "{filter}: {} cases failed",
+            report.failed()
+        );
+        assert!(report.passed() > 0, "no case ran");
+    }
+}
