@@ -15,6 +15,8 @@ python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v npm >/dev/null || need_apt+=(npm)
 command -v cc >/dev/null || need_apt+=(gcc)
 command -v g++ >/dev/null || need_apt+=(g++)
+# lavapipe (Mesa's software Vulkan driver): the wgpu backend's conformance suite runs on it.
+compgen -G "/usr/share/vulkan/icd.d/lvp_icd*.json" >/dev/null || need_apt+=(mesa-vulkan-drivers libvulkan1)
 if [[ ${#need_apt[@]} -gt 0 ]]; then
   log "installing ${need_apt[*]} with apt-get"
   $SUDO apt-get update -qq

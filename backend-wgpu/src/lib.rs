@@ -1,28 +1,1521 @@
 //! wgpu backend: the portable cross-check path (WGSL shaders in `shaders/`, FP8 decoded from bits).
 //!
-//! This build holds only the skeleton: every entry point answers that the backend is not available,
-//! so code that names the backend compiles and fails clearly at run time.
+//! Weights are uploaded once, packed in u32 words as stored (F32 1, BF16/F16 2, E4M3 4 per word) and
+//! decoded in the shaders bit-exactly like the CPU; every product is accumulated in f32. A tensor larger
+//! than the device's `max_storage_buffer_binding_size` is split by rows across buffers; activations that
+//! outgrow one binding are bound by offset in windows. Activation buffers are pooled by liveness and
+//! reused across steps (they grow only when a step has more rows than any before). The KV cache lives on
+//! the GPU (f32, rounded to BF16 or E4M3 on the way in like the CPU's `round_kv`).
 
-use e4m3_core::backend::Backend;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use e4m3_core::backend::{
+    check_supported, validate_batch, Backend, Batch, CacheConfig, KvCacheDtype, Runner, StepOutput,
+};
+use e4m3_core::checkpoint::Weight;
+use e4m3_core::cpu::fp8_linear::{self, Fp8Scales};
 use e4m3_core::error::{Error, Result};
+use e4m3_core::graph::{Graph, Op, QuantScheme, WeightMap};
+use e4m3_core::tensor::{DType, Mat};
+use wgpu::util::DeviceExt;
 
-/// Open the wgpu backend on the adapter whose name contains `adapter` (first adapter if None).
-pub fn open(adapter: Option<&str>) -> Result<Box<dyn Backend>> {
-    let _ = adapter;
-    Err(Error::BackendUnavailable {
+const COMMON: &str = include_str!("../../shaders/common.wgsl");
+const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
+const NORM: &str = include_str!("../../shaders/norm.wgsl");
+const ROPE: &str = include_str!("../../shaders/rope.wgsl");
+const GATHER: &str = include_str!("../../shaders/gather.wgsl");
+const LINEAR: &str = include_str!("../../shaders/linear.wgsl");
+const QUANT: &str = include_str!("../../shaders/quant.wgsl");
+const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
+
+/// Largest head_dim the attention shader handles (4 values per thread of a 64-thread workgroup).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// One adapter as `e4m3 devices` lists it.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    /// A software rasterizer (lavapipe, llvmpipe, WARP): `DeviceType::Cpu`.
+    pub is_cpu: bool,
+    pub driver: String,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroup_storage_size: u32,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle())
+}
+
+fn all_adapters() -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
+}
+
+fn summary(a: &wgpu::Adapter) -> AdapterSummary {
+    let info = a.get_info();
+    let l = a.limits();
+    let f = a.features();
+    AdapterSummary {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        is_cpu: info.device_type == wgpu::DeviceType::Cpu,
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
+        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size as u64,
+        max_buffer_size: l.max_buffer_size,
+        max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+        max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
+        shader_f16: f.contains(wgpu::Features::SHADER_F16),
+        subgroups: f.contains(wgpu::Features::SUBGROUP),
+    }
+}
+
+/// Every adapter wgpu finds, with its key limits.
+pub fn adapters() -> Vec<AdapterSummary> {
+    all_adapters().iter().map(summary).collect()
+}
+
+fn unavailable(reason: impl Into<String>) -> Error {
+    Error::BackendUnavailable {
         backend: "wgpu".into(),
-        reason: "this build of e4m3 has no wgpu backend yet (the CPU backend is available: --backend cpu)".into(),
+        reason: reason.into(),
+    }
+}
+
+/// Open the wgpu backend on the adapter whose name contains `adapter` (case-insensitive; the first
+/// adapter if None, hardware adapters before software ones).
+pub fn open(adapter: Option<&str>) -> Result<Box<dyn Backend>> {
+    let mut list = all_adapters();
+    list.sort_by_key(|a| a.get_info().device_type == wgpu::DeviceType::Cpu);
+    let chosen = match adapter {
+        None => list.into_iter().next(),
+        Some(name) => {
+            let n = name.to_lowercase();
+            list.into_iter()
+                .find(|a| a.get_info().name.to_lowercase().contains(&n))
+        }
+    };
+    let a = chosen.ok_or_else(|| {
+        unavailable(match adapter {
+            None => "no wgpu adapter found (install a Vulkan/Metal/DX12 driver, e.g. mesa-vulkan-drivers for lavapipe)".to_string(),
+            Some(n) => format!("no wgpu adapter whose name contains `{n}`"),
+        })
+    })?;
+    Ok(Box::new(WgpuBackend::new(a, None)?))
+}
+
+/// Like [`open`] with the binding limit lowered to `max_binding` bytes (at least 1 KiB), so that tests
+/// exercise weights split across buffers and activations bound in windows on any adapter.
+pub fn open_with_binding_limit(
+    adapter: Option<&str>,
+    max_binding: u64,
+) -> Result<Box<dyn Backend>> {
+    let list = all_adapters();
+    let a = match adapter {
+        None => list.into_iter().next(),
+        Some(n) => list
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&n.to_lowercase())),
+    }
+    .ok_or_else(|| unavailable("no wgpu adapter found"))?;
+    Ok(Box::new(WgpuBackend::new(a, Some(max_binding))?))
+}
+
+/// Open the wgpu backend on a hardware adapter only (not lavapipe/llvmpipe: `DeviceType::Cpu`), as
+/// `--backend auto` wants it.
+pub fn open_hardware() -> Result<Box<dyn Backend>> {
+    let a = all_adapters()
+        .into_iter()
+        .find(|a| a.get_info().device_type != wgpu::DeviceType::Cpu)
+        .ok_or_else(|| unavailable("no hardware wgpu adapter found"))?;
+    Ok(Box::new(WgpuBackend::new(a, None)?))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Ro,
+    Rw,
+    Uniform,
+}
+
+struct Pipes {
+    el_layout: wgpu::BindGroupLayout,
+    lin_layout: wgpu::BindGroupLayout,
+    quant_layout: wgpu::BindGroupLayout,
+    attn_layout: wgpu::BindGroupLayout,
+    add: wgpu::ComputePipeline,
+    scale: wgpu::ComputePipeline,
+    softcap: wgpu::ComputePipeline,
+    gelu: wgpu::ComputePipeline,
+    rms_norm: wgpu::ComputePipeline,
+    rope: wgpu::ComputePipeline,
+    embed: Vec<wgpu::ComputePipeline>,
+    select_rows: wgpu::ComputePipeline,
+    /// (dtype code, scheme code) -> pipeline.
+    linear: BTreeMap<(u32, u32), wgpu::ComputePipeline>,
+    quant_static: wgpu::ComputePipeline,
+    quant_group: wgpu::ComputePipeline,
+    attention: wgpu::ComputePipeline,
+    kv_write: wgpu::ComputePipeline,
+}
+
+struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    binding_cap: u64,
+    pipes: Pipes,
+}
+
+impl Gpu {
+    /// The largest range one binding may cover (`E4M3_WGPU_MAX_BINDING` lowers it, to test splitting).
+    fn max_binding(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64)
+            .min(self.limits.max_buffer_size)
+            .min(self.binding_cap)
+    }
+}
+
+fn layout(device: &wgpu::Device, kinds: &[Kind]) -> wgpu::BindGroupLayout {
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match k {
+                    Kind::Ro => wgpu::BufferBindingType::Storage { read_only: true },
+                    Kind::Rw => wgpu::BufferBindingType::Storage { read_only: false },
+                    Kind::Uniform => wgpu::BufferBindingType::Uniform,
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: None,
+        entries: &entries,
     })
+}
+
+fn pipeline(
+    device: &wgpu::Device,
+    module: &wgpu::ShaderModule,
+    bgl: &wgpu::BindGroupLayout,
+    entry: &str,
+    constants: &[(&str, f64)],
+) -> wgpu::ComputePipeline {
+    let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: None,
+        bind_group_layouts: &[Some(bgl)],
+        immediate_size: 0,
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(entry),
+        layout: Some(&pl),
+        module,
+        entry_point: Some(entry),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants,
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    })
+}
+
+fn module(device: &wgpu::Device, name: &str, src: &str) -> wgpu::ShaderModule {
+    device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(name),
+        source: wgpu::ShaderSource::Wgsl(format!("{COMMON}\n{src}").into()),
+    })
+}
+
+impl Pipes {
+    fn new(device: &wgpu::Device) -> Pipes {
+        use Kind::*;
+        let el_layout = layout(device, &[Ro, Ro, Rw, Uniform]);
+        let lin_layout = layout(device, &[Ro, Ro, Rw, Uniform, Ro, Ro]);
+        let quant_layout = layout(device, &[Ro, Rw, Uniform, Rw]);
+        let attn_layout = layout(device, &[Ro, Ro, Ro, Rw, Uniform, Rw, Rw, Ro]);
+        let el = module(device, "elementwise", ELEMENTWISE);
+        let norm = module(device, "norm", NORM);
+        let rope = module(device, "rope", ROPE);
+        let gather = module(device, "gather", GATHER);
+        let lin = module(device, "linear", LINEAR);
+        let quant = module(device, "quant", QUANT);
+        let attn = module(device, "attention", ATTENTION);
+        let mut linear = BTreeMap::new();
+        for (dt, scheme) in [(0, 0), (1, 0), (2, 0), (3, 1), (3, 2), (3, 3), (3, 4)] {
+            linear.insert(
+                (dt, scheme),
+                pipeline(
+                    device,
+                    &lin,
+                    &lin_layout,
+                    "linear",
+                    &[("DT", dt as f64), ("SCHEME", scheme as f64)],
+                ),
+            );
+        }
+        Pipes {
+            add: pipeline(device, &el, &el_layout, "add", &[]),
+            scale: pipeline(device, &el, &el_layout, "scale", &[]),
+            softcap: pipeline(device, &el, &el_layout, "softcap", &[]),
+            gelu: pipeline(device, &el, &el_layout, "gelu_tanh_mul", &[]),
+            rms_norm: pipeline(device, &norm, &el_layout, "rms_norm", &[]),
+            rope: pipeline(device, &rope, &el_layout, "rope", &[]),
+            embed: (0..4)
+                .map(|dt| pipeline(device, &gather, &el_layout, "embed", &[("DT", dt as f64)]))
+                .collect(),
+            select_rows: pipeline(device, &gather, &el_layout, "select_rows", &[]),
+            linear,
+            quant_static: pipeline(device, &quant, &quant_layout, "quant_static", &[]),
+            quant_group: pipeline(device, &quant, &quant_layout, "quant_group", &[]),
+            attention: pipeline(device, &attn, &attn_layout, "attention", &[]),
+            kv_write: pipeline(device, &attn, &attn_layout, "kv_write", &[]),
+            el_layout,
+            lin_layout,
+            quant_layout,
+            attn_layout,
+        }
+    }
+}
+
+pub struct WgpuBackend {
+    gpu: Arc<Gpu>,
+}
+
+impl WgpuBackend {
+    fn new(adapter: wgpu::Adapter, cap: Option<u64>) -> Result<WgpuBackend> {
+        let info = adapter.get_info();
+        // Ask for exactly what the adapter offers: the storage-binding and buffer limits matter here.
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("e4m3"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| unavailable(format!("adapter `{}`: {e}", info.name)))?;
+        let pipes = Pipes::new(&device);
+        Ok(WgpuBackend {
+            gpu: Arc::new(Gpu {
+                device,
+                queue,
+                info,
+                limits,
+                binding_cap: std::env::var("E4M3_WGPU_MAX_BINDING")
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .or(cap)
+                    .map_or(u64::MAX, |v| v.max(1024)),
+                pipes,
+            }),
+        })
+    }
+
+    /// The adapter's name, device type and the storage binding limit in use.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}), max storage binding {} MiB",
+            self.gpu.info.name,
+            self.gpu.info.backend,
+            self.gpu.info.device_type,
+            self.gpu.limits.max_storage_buffer_binding_size >> 20
+        )
+    }
+}
+
+fn dtype_code(d: DType) -> u32 {
+    match d {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        DType::F8E4M3 => 3,
+    }
+}
+
+fn scheme_code(s: &QuantScheme) -> u32 {
+    match s {
+        QuantScheme::Dense => 0,
+        QuantScheme::Fp8Static { .. } => 1,
+        QuantScheme::Fp8Dynamic { .. } => 2,
+        QuantScheme::Fp8BlockWeightOnly { .. } => 3,
+        QuantScheme::Fp8Block { .. } => 4,
+    }
+}
+
+impl Backend for WgpuBackend {
+    fn name(&self) -> String {
+        "wgpu".to_string()
+    }
+
+    fn supports(&self, op: &Op) -> bool {
+        match op {
+            Op::Attention {
+                head_dim,
+                n_heads,
+                n_kv_heads,
+                ..
+            } => *head_dim <= MAX_HEAD_DIM && *n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+            Op::Rope { head_dim, inv_freq } => head_dim % 2 == 0 && inv_freq.len() == head_dim / 2,
+            Op::Embed { .. }
+            | Op::RmsNorm { .. }
+            | Op::Linear { .. }
+            | Op::GeluTanhMul
+            | Op::Add
+            | Op::Scale { .. }
+            | Op::Softcap { .. }
+            | Op::SelectRows => true,
+        }
+    }
+
+    fn load(
+        &self,
+        graph: &Graph,
+        weights: &WeightMap,
+        cache: CacheConfig,
+    ) -> Result<Box<dyn Runner>> {
+        check_supported(self, graph)?;
+        Ok(Box::new(WgpuRunner::new(
+            self.gpu.clone(),
+            graph,
+            weights,
+            cache,
+        )?))
+    }
+}
+
+/// Rows `[row0, row0 + rows)` of a weight, in their own buffer.
+struct WChunk {
+    buf: wgpu::Buffer,
+    row0: usize,
+    rows: usize,
+}
+
+fn padded(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if bytes.len().is_multiple_of(4) && !bytes.is_empty() {
+        bytes.into()
+    } else {
+        let mut v = bytes.to_vec();
+        v.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+        v.into()
+    }
+}
+
+fn upload_f32(gpu: &Gpu, label: &str, v: &[f32]) -> wgpu::Buffer {
+    gpu.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: &padded(bytemuck::cast_slice(v)),
+            usage: wgpu::BufferUsages::STORAGE,
+        })
+}
+
+/// Upload a 2-D weight split by rows so that no buffer exceeds the binding limit.
+fn upload_rows(gpu: &Gpu, w: &Weight) -> Result<Vec<WChunk>> {
+    let (rows, cols) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
+    let esz = w.dtype.size();
+    let row_bytes = (cols * esz) as u64;
+    let bytes = w.bytes();
+    if bytes.len() != rows * cols * esz {
+        return Err(Error::tensor(
+            &w.name,
+            format!("holds {} bytes for shape {:?}", bytes.len(), w.shape),
+        ));
+    }
+    // Keep chunks a multiple of 4 rows so every chunk starts on a word for any packing.
+    let per = ((gpu.max_binding() - 4) / row_bytes.max(1)) as usize / 4 * 4;
+    if per == 0 {
+        return Err(Error::tensor(
+            &w.name,
+            format!(
+                "one row of {row_bytes} bytes exceeds the adapter's storage binding limit of {} bytes",
+                gpu.max_binding()
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    let mut r0 = 0;
+    while r0 < rows.max(1) {
+        let n = per.min(rows - r0.min(rows));
+        let data = &bytes[r0 * cols * esz..(r0 + n) * cols * esz];
+        let buf = gpu
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(&w.name),
+                contents: &padded(data),
+                usage: wgpu::BufferUsages::STORAGE,
+            });
+        out.push(WChunk {
+            buf,
+            row0: r0,
+            rows: n,
+        });
+        r0 += n.max(1);
+        if rows == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+enum Plan {
+    None,
+    Embed {
+        chunks: Vec<WChunk>,
+        dt: u32,
+        cols: usize,
+    },
+    Norm {
+        w: Option<wgpu::Buffer>,
+    },
+    Linear {
+        chunks: Vec<WChunk>,
+        dt: u32,
+        scheme: u32,
+        k: usize,
+        n: usize,
+        ws: Option<wgpu::Buffer>,
+        sw: f32,
+        sx: f32,
+        block: [usize; 2],
+    },
+    /// Index into the runner's RoPE tables.
+    Rope(usize),
+}
+
+struct KvBufs {
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    cap: usize,
+    width: usize,
+    mode: u32,
+    k_scale: f32,
+    v_scale: f32,
+}
+
+struct WgpuRunner {
+    gpu: Arc<Gpu>,
+    graph: Graph,
+    cache: CacheConfig,
+    plans: Vec<Plan>,
+    slot_of: Vec<usize>,
+    slot_cols: Vec<usize>,
+    pool: Vec<wgpu::Buffer>,
+    cap_rows: usize,
+    ids: wgpu::Buffer,
+    info: wgpu::Buffer,
+    sel: wgpu::Buffer,
+    /// (inv_freq, head_dim, table of [rows, head_dim] cos|sin).
+    rope: Vec<(Vec<f32>, usize, wgpu::Buffer)>,
+    max_k: usize,
+    max_groups: usize,
+    xq: wgpu::Buffer,
+    xs: wgpu::Buffer,
+    uniform: wgpu::Buffer,
+    uniform_slots: usize,
+    staging: wgpu::Buffer,
+    dummy: wgpu::Buffer,
+    kv: Vec<KvBufs>,
+    lens: Vec<Option<usize>>,
+}
+
+fn storage(gpu: &Gpu, label: &str, bytes: u64) -> wgpu::Buffer {
+    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(16).div_ceil(4) * 4,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
+}
+
+fn scalar_kv_scale(weights: &WeightMap, name: &Option<String>) -> Result<f32> {
+    let Some(name) = name else { return Ok(1.0) };
+    let w = weights.get(name).ok_or_else(|| {
+        Error::tensor(
+            name,
+            "KV-cache scale referenced by the graph but not loaded",
+        )
+    })?;
+    match w.to_f32().as_slice() {
+        [s] if s.is_finite() && *s > 0.0 => Ok(*s),
+        v => Err(Error::tensor(
+            name,
+            format!("expected one positive finite scale, found {v:?}"),
+        )),
+    }
+}
+
+const UNIFORM_STRIDE: u64 = 256;
+
+impl WgpuRunner {
+    fn new(
+        gpu: Arc<Gpu>,
+        graph: &Graph,
+        weights: &WeightMap,
+        cache: CacheConfig,
+    ) -> Result<WgpuRunner> {
+        let get = |name: &str| {
+            weights
+                .get(name)
+                .ok_or_else(|| Error::tensor(name, "referenced by the graph but not loaded"))
+        };
+        let dense_ok = |w: &Weight| -> Result<()> {
+            if matches!(w.dtype, DType::F32 | DType::BF16 | DType::F16) {
+                Ok(())
+            } else {
+                Err(Error::tensor(
+                    &w.name,
+                    format!(
+                        "dtype {} is not supported here by the wgpu backend (FP8 weights need an FP8 scheme)",
+                        w.dtype
+                    ),
+                ))
+            }
+        };
+        let mut plans = Vec::with_capacity(graph.nodes.len());
+        let mut rope: Vec<(Vec<f32>, usize, wgpu::Buffer)> = Vec::new();
+        let (mut max_k, mut max_groups) = (1usize, 1usize);
+        for n in &graph.nodes {
+            let plan = match &n.op {
+                Op::Embed { table, .. } => {
+                    let w = get(table)?;
+                    if w.shape.len() != 2 || w.shape[1] != n.cols {
+                        return Err(Error::tensor(
+                            table,
+                            format!("shape {:?} does not fit node `{}`", w.shape, n.name),
+                        ));
+                    }
+                    if w.shape[0] < graph.vocab_size {
+                        return Err(Error::tensor(
+                            table,
+                            format!(
+                                "has {} rows for a vocabulary of {}",
+                                w.shape[0], graph.vocab_size
+                            ),
+                        ));
+                    }
+                    Plan::Embed {
+                        chunks: upload_rows(&gpu, w)?,
+                        dt: dtype_code(w.dtype),
+                        cols: n.cols,
+                    }
+                }
+                Op::RmsNorm { weight, group, .. } => {
+                    if *group == 0 || n.cols % group != 0 {
+                        return Err(Error::invalid(format!(
+                            "node `{}`: {} columns are not groups of {group}",
+                            n.name, n.cols
+                        )));
+                    }
+                    let w = match weight {
+                        Some(name) => {
+                            let w = get(name)?;
+                            dense_ok(w)?;
+                            let v = w.to_f32();
+                            if v.len() != *group {
+                                return Err(Error::tensor(
+                                    name,
+                                    format!("has {} values for groups of {group}", v.len()),
+                                ));
+                            }
+                            Some(upload_f32(&gpu, name, &v))
+                        }
+                        None => None,
+                    };
+                    Plan::Norm { w }
+                }
+                Op::Linear { weight, scheme } => {
+                    let w = get(weight)?;
+                    let k = n.inputs.first().map(|&i| graph.node(i).cols);
+                    if w.shape.len() != 2 || k != Some(w.shape[1]) || n.cols != w.shape[0] {
+                        return Err(Error::tensor(
+                            weight,
+                            format!(
+                                "shape {:?} does not fit node `{}` ({k:?} -> {} columns)",
+                                w.shape, n.name, n.cols
+                            ),
+                        ));
+                    }
+                    let (nn, kk) = (w.shape[0], w.shape[1]);
+                    max_k = max_k.max(kk);
+                    let (mut ws, mut sw, mut sx, mut block) = (None, 1.0, 1.0, [1, 1]);
+                    if *scheme == QuantScheme::Dense {
+                        dense_ok(w)?;
+                    } else {
+                        match fp8_linear::prepare(w, scheme, weights)? {
+                            Fp8Scales::Static { sw: a, sx: b } => {
+                                sw = a;
+                                sx = b;
+                            }
+                            Fp8Scales::Dynamic { sw } => ws = Some(upload_f32(&gpu, weight, &sw)),
+                            Fp8Scales::BlockWeightOnly { s, block: b }
+                            | Fp8Scales::Block { sinv: s, block: b } => {
+                                ws = Some(upload_f32(&gpu, weight, &s));
+                                block = b;
+                                max_groups = max_groups.max(kk.div_ceil(b[1]));
+                            }
+                        }
+                    }
+                    Plan::Linear {
+                        chunks: upload_rows(&gpu, w)?,
+                        dt: dtype_code(w.dtype),
+                        scheme: scheme_code(scheme),
+                        k: kk,
+                        n: nn,
+                        ws,
+                        sw,
+                        sx,
+                        block,
+                    }
+                }
+                Op::Rope { head_dim, inv_freq } => {
+                    let idx = match rope
+                        .iter()
+                        .position(|(f, d, _)| f == inv_freq && d == head_dim)
+                    {
+                        Some(i) => i,
+                        None => {
+                            rope.push((inv_freq.clone(), *head_dim, storage(&gpu, "rope", 16)));
+                            rope.len() - 1
+                        }
+                    };
+                    Plan::Rope(idx)
+                }
+                _ => Plan::None,
+            };
+            plans.push(plan);
+        }
+        let mut kv = Vec::new();
+        for l in &graph.cache_layers {
+            let cap = l
+                .window
+                .map_or(cache.max_seq_len, |w| w.min(cache.max_seq_len))
+                .max(1);
+            let width = l.n_kv_heads * l.head_dim;
+            let bytes = (cache.slots * cap * width * 4) as u64;
+            if bytes > gpu.max_binding() {
+                return Err(Error::invalid(format!(
+                    "a KV cache layer of {} MiB exceeds the adapter's storage binding limit of {} MiB; lower the slots or the maximum length",
+                    bytes >> 20,
+                    gpu.max_binding() >> 20
+                )));
+            }
+            let (mode, k_scale, v_scale) = match cache.kv_dtype {
+                KvCacheDtype::Auto => (0, 1.0, 1.0),
+                KvCacheDtype::Bf16 => (1, 1.0, 1.0),
+                KvCacheDtype::Fp8 => (
+                    2,
+                    scalar_kv_scale(weights, &l.k_scale)?,
+                    scalar_kv_scale(weights, &l.v_scale)?,
+                ),
+            };
+            kv.push(KvBufs {
+                k: storage(&gpu, "k cache", bytes),
+                v: storage(&gpu, "v cache", bytes),
+                cap,
+                width,
+                mode,
+                k_scale,
+                v_scale,
+            });
+        }
+        // Pool activation buffers by liveness: a node's output never shares a buffer with its inputs.
+        let last = graph.last_use();
+        let mut slot_of = vec![0usize; graph.nodes.len()];
+        let mut slot_cols: Vec<usize> = Vec::new();
+        let mut free: Vec<usize> = Vec::new();
+        for (i, n) in graph.nodes.iter().enumerate() {
+            let pick = free
+                .iter()
+                .enumerate()
+                .filter(|(_, &s)| slot_cols[s] >= n.cols)
+                .min_by_key(|(_, &s)| slot_cols[s])
+                .or_else(|| free.iter().enumerate().max_by_key(|(_, &s)| slot_cols[s]))
+                .map(|(fi, _)| fi);
+            let s = match pick {
+                Some(fi) => free.swap_remove(fi),
+                None => {
+                    slot_cols.push(0);
+                    slot_cols.len() - 1
+                }
+            };
+            slot_cols[s] = slot_cols[s].max(n.cols);
+            slot_of[i] = s;
+            let mut ins: Vec<usize> = n.inputs.iter().map(|v| v.0).collect();
+            ins.sort();
+            ins.dedup();
+            for inp in ins {
+                if last[inp] == i {
+                    free.push(slot_of[inp]);
+                }
+            }
+            if last[i] == i {
+                free.push(s);
+            }
+        }
+        let dummy = storage(&gpu, "dummy", 16);
+        let mut r = WgpuRunner {
+            pool: Vec::new(),
+            cap_rows: 0,
+            ids: dummy.clone(),
+            info: dummy.clone(),
+            sel: dummy.clone(),
+            xq: dummy.clone(),
+            xs: dummy.clone(),
+            uniform: dummy.clone(),
+            uniform_slots: 0,
+            staging: dummy.clone(),
+            dummy,
+            gpu,
+            graph: graph.clone(),
+            cache,
+            plans,
+            slot_of,
+            slot_cols,
+            rope,
+            max_k,
+            max_groups,
+            kv,
+            lens: vec![None; cache.slots],
+        };
+        r.ensure_rows(cache.max_seq_len.clamp(1, 16))?;
+        Ok(r)
+    }
+
+    /// Grow every per-row buffer to hold `rows` rows (only when a step has more rows than any before).
+    fn ensure_rows(&mut self, rows: usize) -> Result<()> {
+        if rows <= self.cap_rows {
+            return Ok(());
+        }
+        let limit = (self.cache.slots * self.cache.max_seq_len).max(1);
+        let cap = rows.next_power_of_two().min(limit).max(rows);
+        let gpu = self.gpu.clone();
+        let max_buf = gpu.limits.max_buffer_size;
+        self.pool = Vec::with_capacity(self.slot_cols.len());
+        for &c in &self.slot_cols {
+            let bytes = (cap * c * 4) as u64;
+            if bytes > max_buf {
+                return Err(Error::invalid(format!(
+                    "a step of {rows} rows needs an activation buffer of {} MiB, over the adapter's max_buffer_size of {} MiB",
+                    bytes >> 20,
+                    max_buf >> 20
+                )));
+            }
+            self.pool.push(storage(&gpu, "activation", bytes));
+        }
+        self.ids = storage(&gpu, "ids", (cap * 4) as u64);
+        self.sel = storage(&gpu, "select", (cap * 4) as u64);
+        self.info = storage(&gpu, "rows", (cap * 16) as u64);
+        for t in &mut self.rope {
+            t.2 = storage(&gpu, "rope", (cap * t.1 * 4) as u64);
+        }
+        self.xq = storage(&gpu, "xq", (cap * self.max_k * 4) as u64);
+        self.xs = storage(&gpu, "xs", (cap * self.max_groups * 4) as u64);
+        self.cap_rows = cap;
+        Ok(())
+    }
+}
+
+/// A buffer range bound to one binding.
+#[derive(Clone)]
+struct B {
+    buf: wgpu::Buffer,
+    off: u64,
+    size: u64,
+}
+
+fn whole(buf: &wgpu::Buffer, bytes: u64) -> B {
+    B {
+        buf: buf.clone(),
+        off: 0,
+        size: bytes.max(4).min(buf.size()),
+    }
+}
+
+enum Cmd {
+    Dispatch {
+        pipe: wgpu::ComputePipeline,
+        layout: wgpu::BindGroupLayout,
+        binds: Vec<B>,
+        params: [u32; 16],
+        groups: [u32; 3],
+    },
+    Copy {
+        src: wgpu::Buffer,
+        dst: wgpu::Buffer,
+        dst_off: u64,
+        size: u64,
+    },
+}
+
+/// Workgroups for `n` threads of workgroups of `wg`, spread over x and y when x alone would be too many.
+fn grid(n: usize, wg: usize) -> [u32; 3] {
+    let groups = n.div_ceil(wg).max(1);
+    let x = groups.min(65535);
+    [x as u32, groups.div_ceil(x) as u32, 1]
+}
+
+fn params(v: &[u32]) -> [u32; 16] {
+    let mut p = [0u32; 16];
+    p[..v.len()].copy_from_slice(v);
+    p
+}
+
+fn f(x: f32) -> u32 {
+    x.to_bits()
+}
+
+impl WgpuRunner {
+    fn act(&self, node: usize, rows: usize) -> B {
+        let cols = self.graph.nodes[node].cols;
+        whole(&self.pool[self.slot_of[node]], (rows * cols * 4) as u64)
+    }
+
+    /// Elementwise op over `n` values, in windows no larger than one binding.
+    fn elementwise(
+        &self,
+        cmds: &mut Vec<Cmd>,
+        pipe: &wgpu::ComputePipeline,
+        a: &B,
+        b: Option<&B>,
+        o: &B,
+        n: usize,
+        factor: f32,
+    ) {
+        let chunk = ((self.gpu.max_binding() / 4) as usize / 64 * 64).max(64);
+        let mut e0 = 0;
+        while e0 < n {
+            let len = chunk.min(n - e0);
+            let win = |x: &B| B {
+                buf: x.buf.clone(),
+                off: x.off + (e0 * 4) as u64,
+                size: (len * 4) as u64,
+            };
+            let bb = b.map(win).unwrap_or_else(|| whole(&self.dummy, 16));
+            cmds.push(Cmd::Dispatch {
+                pipe: pipe.clone(),
+                layout: self.gpu.pipes.el_layout.clone(),
+                binds: vec![win(a), bb, win(o)],
+                params: params(&[len as u32, f(factor)]),
+                groups: grid(len, 256),
+            });
+            e0 += len;
+        }
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl Runner for WgpuRunner {
+    fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput> {
+        validate_batch(batch, &self.cache, self.graph.vocab_size, |s| {
+            self.lens[s].unwrap_or(0)
+        })?;
+        for t in taps {
+            if self.graph.find(t).is_none() {
+                return Err(Error::invalid(format!("no node named `{t}` to tap")));
+            }
+        }
+        let (ids, positions) = batch.flat_tokens();
+        let logit_rows = batch.logit_rows();
+        let t = ids.len();
+        let nsel = logit_rows.len();
+        self.ensure_rows(t.max(1))?;
+        let gpu = self.gpu.clone();
+        let p = &gpu.pipes;
+        let q = &gpu.queue;
+
+        // Rows of every node's value this step.
+        let mut rows = vec![0usize; self.graph.nodes.len()];
+        for (i, n) in self.graph.nodes.iter().enumerate() {
+            rows[i] = match n.op {
+                Op::Embed { .. } => t,
+                Op::SelectRows => nsel,
+                _ => n.inputs.first().map_or(t, |v| rows[v.0]),
+            };
+        }
+
+        // Per-step inputs.
+        if t > 0 {
+            q.write_buffer(&self.ids, 0, bytemuck::cast_slice(&ids));
+            let mut info = Vec::with_capacity(t * 4);
+            let mut base = 0u32;
+            for s in &batch.seqs {
+                for _ in 0..s.tokens.len() {
+                    info.extend_from_slice(&[
+                        s.slot as u32,
+                        s.start_pos as u32,
+                        s.tokens.len() as u32,
+                        base,
+                    ]);
+                }
+                base += s.tokens.len() as u32;
+            }
+            q.write_buffer(&self.info, 0, bytemuck::cast_slice(&info));
+            for (inv_freq, hd, buf) in &self.rope {
+                let half = hd / 2;
+                let mut tab = vec![0f32; t * hd];
+                for (r, &pos) in positions.iter().enumerate() {
+                    for (i, &fr) in inv_freq.iter().enumerate() {
+                        let a = pos as f32 * fr;
+                        tab[r * hd + i] = a.cos();
+                        tab[r * hd + half + i] = a.sin();
+                    }
+                }
+                q.write_buffer(buf, 0, bytemuck::cast_slice(&tab));
+            }
+        }
+        if nsel > 0 {
+            let sel: Vec<u32> = logit_rows.iter().map(|r| r.0 as u32).collect();
+            q.write_buffer(&self.sel, 0, bytemuck::cast_slice(&sel));
+        }
+
+        let mut cmds: Vec<Cmd> = Vec::new();
+        let mut tap_bufs: Vec<(String, usize, usize, wgpu::Buffer)> = Vec::new();
+        let el = || p.el_layout.clone();
+        let maxb = gpu.max_binding();
+        let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
+        for (i, node) in self.graph.nodes.iter().enumerate() {
+            let r = rows[i];
+            let out = self.act(i, r);
+            let inp = |k: usize| self.act(node.inputs[k].0, rows[node.inputs[k].0]);
+            if r > 0 {
+                match (&node.op, &self.plans[i]) {
+                    (Op::Embed { scale, .. }, Plan::Embed { chunks, dt, cols }) => {
+                        for c in chunks {
+                            cmds.push(Cmd::Dispatch {
+                                pipe: p.embed[*dt as usize].clone(),
+                                layout: el(),
+                                binds: vec![
+                                    whole(&c.buf, c.buf.size()),
+                                    whole(&self.ids, (t * 4) as u64),
+                                    out.clone(),
+                                ],
+                                params: params(&[
+                                    t as u32,
+                                    *cols as u32,
+                                    c.row0 as u32,
+                                    c.rows as u32,
+                                    f(*scale),
+                                ]),
+                                groups: grid(t * cols, 256),
+                            });
+                        }
+                    }
+                    (
+                        Op::RmsNorm {
+                            group,
+                            eps,
+                            add_one,
+                            ..
+                        },
+                        Plan::Norm { w },
+                    ) => {
+                        let ng = r * node.cols / group;
+                        cmds.push(Cmd::Dispatch {
+                            pipe: p.rms_norm.clone(),
+                            layout: el(),
+                            binds: vec![
+                                inp(0),
+                                w.as_ref()
+                                    .map_or_else(|| whole(&self.dummy, 16), |b| whole(b, b.size())),
+                                out.clone(),
+                            ],
+                            params: params(&[
+                                *group as u32,
+                                ng as u32,
+                                f(*eps),
+                                *add_one as u32,
+                                w.is_some() as u32,
+                            ]),
+                            groups: grid(ng, 1),
+                        });
+                    }
+                    (
+                        Op::Linear { .. },
+                        Plan::Linear {
+                            chunks,
+                            dt,
+                            scheme,
+                            k,
+                            n,
+                            ws,
+                            sw,
+                            sx,
+                            block,
+                        },
+                    ) => {
+                        let (k, n) = (*k, *n);
+                        let x = inp(0);
+                        let ib = k.div_ceil(block[1]);
+                        // Activation quantization (W8A8 schemes) into the xq scratch buffer.
+                        let xin = match scheme {
+                            1 | 2 | 4 => {
+                                let xq = whole(&self.xq, (r * k * 4) as u64);
+                                let xs = whole(&self.xs, (r * self.max_groups * 4) as u64);
+                                if *scheme == 1 {
+                                    cmds.push(Cmd::Dispatch {
+                                        pipe: p.quant_static.clone(),
+                                        layout: p.quant_layout.clone(),
+                                        binds: vec![x.clone(), xq.clone(), xs],
+                                        params: params(&[
+                                            (r * k) as u32,
+                                            k as u32,
+                                            0,
+                                            0,
+                                            0,
+                                            f(1.0 / sx),
+                                        ]),
+                                        groups: grid(r * k, 256),
+                                    });
+                                } else {
+                                    let (group, ng, mode) = if *scheme == 2 {
+                                        (k, 1, 0)
+                                    } else {
+                                        (block[1], ib, 1)
+                                    };
+                                    cmds.push(Cmd::Dispatch {
+                                        pipe: p.quant_group.clone(),
+                                        layout: p.quant_layout.clone(),
+                                        binds: vec![x.clone(), xq.clone(), xs],
+                                        params: params(&[
+                                            (r * ng) as u32,
+                                            k as u32,
+                                            group as u32,
+                                            ng as u32,
+                                            mode,
+                                        ]),
+                                        groups: grid(r * ng, 1),
+                                    });
+                                }
+                                xq
+                            }
+                            _ => x,
+                        };
+                        // Token windows so that x and y windows each fit one binding, at aligned offsets.
+                        let row_bytes = (k.max(n) * 4) as u64;
+                        let mut tc = ((maxb / row_bytes) as usize).max(1).min(r);
+                        if tc < r {
+                            let ra = |c: usize| align / gcd((c * 4) as u64, align);
+                            let step = (ra(k) * ra(n) / gcd(ra(k), ra(n))) as usize;
+                            tc = (tc / step * step).max(step);
+                        }
+                        let mut t0 = 0;
+                        while t0 < r {
+                            let tn = tc.min(r - t0);
+                            let xw = B {
+                                buf: xin.buf.clone(),
+                                off: (t0 * k * 4) as u64,
+                                size: (tn * k * 4) as u64,
+                            };
+                            let ow = B {
+                                buf: out.buf.clone(),
+                                off: (t0 * n * 4) as u64,
+                                size: (tn * n * 4) as u64,
+                            };
+                            for c in chunks {
+                                let wsb = match ws {
+                                    Some(b) => whole(b, b.size()),
+                                    None => whole(&self.dummy, 16),
+                                };
+                                let xsb = whole(&self.xs, self.xs.size());
+                                let pipe = p.linear[&(*dt, *scheme)].clone();
+                                cmds.push(Cmd::Dispatch {
+                                    pipe,
+                                    layout: p.lin_layout.clone(),
+                                    binds: vec![
+                                        whole(&c.buf, c.buf.size()),
+                                        xw.clone(),
+                                        ow.clone(),
+                                        wsb,
+                                        xsb,
+                                    ],
+                                    params: params(&[
+                                        c.rows as u32,
+                                        k as u32,
+                                        tn as u32,
+                                        c.row0 as u32,
+                                        n as u32,
+                                        ib as u32,
+                                        block[0] as u32,
+                                        block[1] as u32,
+                                        f(*sw),
+                                        f(*sx),
+                                        t0 as u32,
+                                    ]),
+                                    groups: [
+                                        c.rows.div_ceil(64).max(1) as u32,
+                                        tn.div_ceil(4) as u32,
+                                        1,
+                                    ],
+                                });
+                            }
+                            t0 += tn;
+                        }
+                    }
+                    (Op::Rope { head_dim, .. }, Plan::Rope(ti)) => {
+                        let half = head_dim / 2;
+                        let heads = node.cols / head_dim;
+                        cmds.push(Cmd::Dispatch {
+                            pipe: p.rope.clone(),
+                            layout: el(),
+                            binds: vec![
+                                inp(0),
+                                whole(&self.rope[*ti].2, (r * head_dim * 4) as u64),
+                                out.clone(),
+                            ],
+                            params: params(&[
+                                r as u32,
+                                node.cols as u32,
+                                *head_dim as u32,
+                                half as u32,
+                            ]),
+                            groups: grid(r * heads * half, 256),
+                        });
+                    }
+                    (
+                        Op::Attention {
+                            cache_layer,
+                            n_heads,
+                            n_kv_heads,
+                            head_dim,
+                            scale,
+                            window,
+                            softcap,
+                        },
+                        _,
+                    ) => {
+                        let kvb = &self.kv[*cache_layer];
+                        let binds = vec![
+                            inp(0),
+                            inp(1),
+                            inp(2),
+                            out.clone(),
+                            whole(&kvb.k, kvb.k.size()),
+                            whole(&kvb.v, kvb.v.size()),
+                            whole(&self.info, (t * 16) as u64),
+                        ];
+                        let prm = params(&[
+                            *n_heads as u32,
+                            *n_kv_heads as u32,
+                            *head_dim as u32,
+                            node.cols as u32,
+                            kvb.width as u32,
+                            kvb.cap as u32,
+                            window.unwrap_or(0) as u32,
+                            softcap.is_some() as u32,
+                            f(*scale),
+                            f(softcap.unwrap_or(1.0)),
+                            kvb.mode,
+                            f(kvb.k_scale),
+                            f(kvb.v_scale),
+                            (kvb.cap * kvb.width) as u32,
+                            r as u32,
+                        ]);
+                        cmds.push(Cmd::Dispatch {
+                            pipe: p.attention.clone(),
+                            layout: p.attn_layout.clone(),
+                            binds: binds.clone(),
+                            params: prm,
+                            groups: [r as u32, *n_heads as u32, 1],
+                        });
+                        cmds.push(Cmd::Dispatch {
+                            pipe: p.kv_write.clone(),
+                            layout: p.attn_layout.clone(),
+                            binds,
+                            params: prm,
+                            groups: grid(r * kvb.width, 256),
+                        });
+                    }
+                    (Op::GeluTanhMul, _) => {
+                        self.elementwise(
+                            &mut cmds,
+                            &p.gelu,
+                            &inp(0),
+                            Some(&inp(1)),
+                            &out,
+                            r * node.cols,
+                            0.0,
+                        );
+                    }
+                    (Op::Add, _) => self.elementwise(
+                        &mut cmds,
+                        &p.add,
+                        &inp(0),
+                        Some(&inp(1)),
+                        &out,
+                        r * node.cols,
+                        0.0,
+                    ),
+                    (Op::Scale { factor }, _) => self.elementwise(
+                        &mut cmds,
+                        &p.scale,
+                        &inp(0),
+                        None,
+                        &out,
+                        r * node.cols,
+                        *factor,
+                    ),
+                    (Op::Softcap { cap }, _) => self.elementwise(
+                        &mut cmds,
+                        &p.softcap,
+                        &inp(0),
+                        None,
+                        &out,
+                        r * node.cols,
+                        *cap,
+                    ),
+                    (Op::SelectRows, _) => {
+                        let src = self.graph.nodes[node.inputs[0].0].cols;
+                        cmds.push(Cmd::Dispatch {
+                            pipe: p.select_rows.clone(),
+                            layout: el(),
+                            binds: vec![inp(0), whole(&self.sel, (r * 4) as u64), out.clone()],
+                            params: params(&[r as u32, src as u32]),
+                            groups: grid(r * src, 256),
+                        });
+                    }
+                    _ => {
+                        return Err(Error::Unsupported {
+                            backend: "wgpu".into(),
+                            op: node.op.kind().into(),
+                            node: node.name.clone(),
+                        })
+                    }
+                }
+            }
+            if taps.iter().any(|x| *x == node.name) {
+                let size = (r * node.cols * 4) as u64;
+                let dst = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("tap"),
+                    size: size.max(4),
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                if size > 0 {
+                    cmds.push(Cmd::Copy {
+                        src: out.buf.clone(),
+                        dst: dst.clone(),
+                        dst_off: 0,
+                        size,
+                    });
+                }
+                tap_bufs.push((node.name.clone(), r, node.cols, dst));
+            }
+        }
+        // Logits readback.
+        let out_id = self.graph.output.0;
+        let (orows, ocols) = (rows[out_id], self.graph.nodes[out_id].cols);
+        let obytes = (orows * ocols * 4) as u64;
+        if self.staging.size() < obytes {
+            self.staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("staging"),
+                size: obytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+        }
+        if obytes > 0 {
+            cmds.push(Cmd::Copy {
+                src: self.pool[self.slot_of[out_id]].clone(),
+                dst: self.staging.clone(),
+                dst_off: 0,
+                size: obytes,
+            });
+        }
+
+        // Uniforms: one 256-byte slot per dispatch, written once.
+        let nd = cmds
+            .iter()
+            .filter(|c| matches!(c, Cmd::Dispatch { .. }))
+            .count();
+        if nd > self.uniform_slots {
+            self.uniform_slots = nd.next_power_of_two();
+            self.uniform = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: self.uniform_slots as u64 * UNIFORM_STRIDE,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+        }
+        let mut ubytes = vec![0u8; nd.max(1) * UNIFORM_STRIDE as usize];
+        let mut groups_bg = Vec::with_capacity(nd);
+        let mut di = 0;
+        for c in &cmds {
+            if let Cmd::Dispatch {
+                layout,
+                binds,
+                params,
+                pipe,
+                ..
+            } = c
+            {
+                let _ = pipe;
+                let off = di * UNIFORM_STRIDE as usize;
+                ubytes[off..off + 64].copy_from_slice(bytemuck::cast_slice(params));
+                // The uniform sits at binding 2 (quant), 4 (attention) or 3 (all others).
+                let uslot = if *layout == p.quant_layout {
+                    2
+                } else if *layout == p.attn_layout {
+                    4
+                } else {
+                    3
+                };
+                let mut entries = Vec::with_capacity(binds.len() + 1);
+                let mut it = binds.iter();
+                for bi in 0..=binds.len() as u32 {
+                    let resource = if bi == uslot {
+                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &self.uniform,
+                            offset: off as u64,
+                            size: std::num::NonZeroU64::new(64),
+                        })
+                    } else {
+                        let b = it.next().expect("binding");
+                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &b.buf,
+                            offset: b.off,
+                            size: std::num::NonZeroU64::new(b.size.max(4)),
+                        })
+                    };
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: bi,
+                        resource,
+                    });
+                }
+                groups_bg.push(gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout,
+                    entries: &entries,
+                }));
+                di += 1;
+            }
+        }
+        if nd > 0 {
+            q.write_buffer(&self.uniform, 0, &ubytes);
+        }
+        let mut enc = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        let mut di = 0;
+        let mut ci = 0;
+        while ci < cmds.len() {
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: None,
+                });
+                while let Some(Cmd::Dispatch { pipe, groups, .. }) = cmds.get(ci) {
+                    pass.set_pipeline(pipe);
+                    pass.set_bind_group(0, &groups_bg[di], &[]);
+                    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                    di += 1;
+                    ci += 1;
+                }
+            }
+            while let Some(Cmd::Copy {
+                src,
+                dst,
+                dst_off,
+                size,
+            }) = cmds.get(ci)
+            {
+                enc.copy_buffer_to_buffer(src, 0, dst, *dst_off, *size);
+                ci += 1;
+            }
+        }
+        q.submit([enc.finish()]);
+
+        let read = |buf: &wgpu::Buffer, bytes: u64, rows: usize, cols: usize| -> Result<Mat> {
+            if bytes == 0 {
+                return Ok(Mat::zeros(rows, cols));
+            }
+            let slice = buf.slice(0..bytes);
+            let (tx, rx) = std::sync::mpsc::channel();
+            slice.map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            gpu.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| Error::invalid(format!("wgpu: {e}")))?;
+            rx.recv()
+                .map_err(|e| Error::invalid(format!("wgpu: {e}")))?
+                .map_err(|e| Error::invalid(format!("wgpu: mapping a buffer failed: {e}")))?;
+            let data = {
+                let view = slice
+                    .get_mapped_range()
+                    .map_err(|e| Error::invalid(format!("wgpu: {e:?}")))?;
+                bytemuck::cast_slice::<u8, f32>(&view).to_vec()
+            };
+            buf.unmap();
+            Mat::from_vec(rows, cols, data)
+        };
+        let logits = read(&self.staging, obytes, orows, ocols)?;
+        let mut tapped = BTreeMap::new();
+        for (name, r, c, buf) in &tap_bufs {
+            tapped.insert(name.clone(), read(buf, (r * c * 4) as u64, *r, *c)?);
+        }
+        for s in &batch.seqs {
+            self.lens[s.slot] = Some(s.start_pos + s.tokens.len());
+        }
+        Ok(StepOutput {
+            logits,
+            rows: logit_rows.iter().map(|r| (r.1, r.2)).collect(),
+            taps: tapped,
+        })
+    }
+
+    fn release(&mut self, slot: usize) -> Result<()> {
+        let s = self
+            .lens
+            .get_mut(slot)
+            .ok_or_else(|| Error::invalid(format!("slot {slot} does not exist")))?;
+        *s = None;
+        Ok(())
+    }
+
+    fn seq_len(&self, slot: usize) -> usize {
+        self.lens.get(slot).copied().flatten().unwrap_or(0)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn absent_backend_answers_not_available() {
-        let e = super::open(None)
+    fn open_answers_with_a_backend_or_a_clear_error() {
+        match super::open(None) {
+            Ok(b) => assert_eq!(b.name(), "wgpu"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("backend `wgpu` is not available"), "{e}");
+            }
+        }
+        let e = super::open(Some("no such adapter 12345"))
             .err()
-            .expect("skeleton must refuse")
+            .expect("no adapter has that name")
             .to_string();
-        assert!(e.contains("backend `wgpu` is not available"), "{e}");
+        assert!(e.contains("no wgpu adapter whose name contains"), "{e}");
     }
 }

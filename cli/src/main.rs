@@ -1,6 +1,7 @@
 //! `e4m3`: run, inspect and benchmark Gemma checkpoints.
 
 mod bench;
+mod crosscheck;
 mod eval;
 mod quantize;
 
@@ -155,6 +156,10 @@ enum Cmd {
     Quantize(quantize::QuantizeArgs),
     /// Precision against a baseline: cosine of logits and hidden state, perplexity, per batch x seq config.
     Eval(eval::EvalArgs),
+    /// Every backend and adapter with its key limits.
+    Devices,
+    /// Run two backends on the same tokens and compare every layer's taps and the logits.
+    Crosscheck(crosscheck::CrosscheckArgs),
 }
 
 fn main() {
@@ -243,10 +248,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(args) => bench::cmd_bench(args),
         Cmd::Quantize(args) => quantize::cmd_quantize(args),
         Cmd::Eval(args) => eval::cmd_eval(args),
+        Cmd::Devices => crosscheck::cmd_devices(),
+        Cmd::Crosscheck(args) => crosscheck::cmd_crosscheck(args),
     }
 }
 
-/// Pick the backend: `auto` prefers CUDA, then wgpu, then the CPU.
+/// Pick the backend: `auto` prefers CUDA, then a hardware wgpu adapter (not lavapipe/llvmpipe), then the CPU.
 pub fn open_backend(kind: BackendKind) -> Result<Box<dyn Backend>> {
     Ok(match kind {
         BackendKind::Cpu => Box::new(CpuBackend),
@@ -254,7 +261,7 @@ pub fn open_backend(kind: BackendKind) -> Result<Box<dyn Backend>> {
         BackendKind::Wgpu => e4m3_backend_wgpu::open(None)?,
         BackendKind::Auto => match e4m3_backend_cuda::open(0) {
             Ok(b) => b,
-            Err(_) => match e4m3_backend_wgpu::open(None) {
+            Err(_) => match e4m3_backend_wgpu::open_hardware() {
                 Ok(b) => b,
                 Err(_) => Box::new(CpuBackend),
             },

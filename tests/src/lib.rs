@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: tiny random Gemma 3 checkpoints written on the fly,
 //! and the location of the real model and fixtures.
 
+pub mod conformance;
+
 use std::path::{Path, PathBuf};
 
 use e4m3_core::backend::{Backend, Batch, CacheConfig, LogitsFor, Runner};

@@ -1,0 +1,37 @@
+// Add, Scale, Softcap, GeluTanhMul (core/src/cpu/kernels.rs).
+struct P {
+    n: u32,
+    factor: f32,
+}
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read_write> o: array<f32>;
+@group(0) @binding(3) var<uniform> p: P;
+
+@compute @workgroup_size(256)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id(gid, nwg, 256u);
+    if (i < p.n) { o[i] = a[i] + b[i]; }
+}
+
+@compute @workgroup_size(256)
+fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id(gid, nwg, 256u);
+    if (i < p.n) { o[i] = a[i] * p.factor; }
+}
+
+@compute @workgroup_size(256)
+fn softcap(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id(gid, nwg, 256u);
+    if (i < p.n) { o[i] = p.factor * tanh_safe(a[i] / p.factor); }
+}
+
+@compute @workgroup_size(256)
+fn gelu_tanh_mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id(gid, nwg, 256u);
+    if (i < p.n) {
+        let x = a[i];
+        let g = 0.5 * x * (1.0 + tanh_safe(0.7978846 * (x + 0.044715 * x * x * x)));
+        o[i] = g * b[i];
+    }
+}

@@ -1,0 +1,679 @@
+//! Backend conformance suite in the shape of ggml's test-backend-ops: one case type per op, odd shapes,
+//! every scheme. Each case builds a one-op graph (inputs come from F32 embedding tables, which every
+//! backend gathers exactly), runs it on the backend under test and on the CPU reference, and checks NaN
+//! positions first, then infinities by sign, then NMSE against a per-op threshold. "unsupported" is
+//! reported apart from "failed" and never counted as passed. The printed case name reruns one case:
+//! `E4M3_CONFORMANCE_FILTER=<substring>`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use e4m3_core::backend::{Backend, Batch, CacheConfig, KvCacheDtype, LogitsFor, SeqStep};
+use e4m3_core::checkpoint::{Checkpoint, Weight};
+use e4m3_core::cpu::CpuBackend;
+use e4m3_core::error::Error;
+use e4m3_core::fp8;
+use e4m3_core::graph::{CacheLayer, Graph, Op, QuantScheme, ValueId, WeightMap};
+use e4m3_core::tensor::{DType, Mat};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Per-op NMSE thresholds (issue #4).
+pub const NMSE_ELEMENTWISE: f64 = 1e-7;
+pub const NMSE_NORM: f64 = 1e-6;
+pub const NMSE_ROPE: f64 = 1e-3;
+pub const NMSE_MATMUL: f64 = 5e-4;
+pub const NMSE_ATTENTION: f64 = 5e-4;
+
+pub struct Case {
+    pub name: String,
+    graph: Graph,
+    weights: WeightMap,
+    steps: Vec<Batch>,
+    kv: KvCacheDtype,
+    /// NMSE threshold; 0 means bit-exact.
+    threshold: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Passed { nmse: f64 },
+    Failed(String),
+    Unsupported(String),
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub results: Vec<(String, Outcome)>,
+}
+
+impl Report {
+    pub fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
+        self.results.iter().filter(|(_, o)| f(o)).count()
+    }
+    pub fn passed(&self) -> usize {
+        self.count(|o| matches!(o, Outcome::Passed { .. }))
+    }
+    pub fn failed(&self) -> usize {
+        self.count(|o| matches!(o, Outcome::Failed(_)))
+    }
+    pub fn unsupported(&self) -> usize {
+        self.count(|o| matches!(o, Outcome::Unsupported(_)))
+    }
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Tensors of any dtype, through a real safetensors file (the only way to make a BF16/F16/F8 `Weight`).
+pub fn weight_map(tensors: &[(String, DType, Vec<usize>, Vec<u8>)]) -> WeightMap {
+    let dir: PathBuf = std::env::temp_dir().join(format!(
+        "e4m3-conformance-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            let dt = match d {
+                DType::F32 => safetensors::Dtype::F32,
+                DType::BF16 => safetensors::Dtype::BF16,
+                DType::F16 => safetensors::Dtype::F16,
+                DType::F8E4M3 => safetensors::Dtype::F8_E4M3,
+            };
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dt, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let _ = std::fs::remove_dir_all(&dir); // the mapping stays valid
+    ck.tensors
+}
+
+fn encode(dtype: DType, v: &[f32]) -> Vec<u8> {
+    match dtype {
+        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        DType::F8E4M3 => v.iter().map(|x| fp8::encode(*x)).collect(),
+    }
+}
+
+fn rand_vec(rng: &mut ChaCha8Rng, n: usize, amp: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-amp..amp)).collect()
+}
+
+/// A graph under construction with its weights; inputs are F32 embedding tables of `vocab` rows.
+struct Builder {
+    g: Graph,
+    tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)>,
+    rng: ChaCha8Rng,
+}
+
+impl Builder {
+    fn new(vocab: usize, seed: u64) -> Builder {
+        Builder {
+            g: Graph::new(vocab),
+            tensors: Vec::new(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+    fn tensor(&mut self, name: &str, dtype: DType, shape: Vec<usize>, v: &[f32]) {
+        self.tensors
+            .push((name.to_string(), dtype, shape, encode(dtype, v)));
+    }
+    fn input(&mut self, name: &str, cols: usize, amp: f32) -> ValueId {
+        let v = self.g.vocab_size;
+        let data = rand_vec(&mut self.rng, v * cols, amp);
+        self.tensor(name, DType::F32, vec![v, cols], &data);
+        self.g.add(
+            name,
+            Op::Embed {
+                table: name.to_string(),
+                scale: 1.0,
+            },
+            &[],
+            cols,
+        )
+    }
+    fn finish(
+        mut self,
+        name: String,
+        out: ValueId,
+        steps: Vec<Batch>,
+        kv: KvCacheDtype,
+        threshold: f64,
+    ) -> Case {
+        self.g.output = out;
+        Case {
+            name,
+            weights: weight_map(&self.tensors),
+            graph: self.g,
+            steps,
+            kv,
+            threshold,
+        }
+    }
+}
+
+const VOCAB: usize = 16;
+
+fn ids(n: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7 + salt) % VOCAB) as u32).collect()
+}
+
+fn elementwise_cases(out: &mut Vec<Case>) {
+    for &cols in &[5usize, 13, 1000] {
+        for &t in &[1usize, 7] {
+            for kind in ["add", "scale", "softcap", "gelu_tanh_mul"] {
+                let mut b = Builder::new(VOCAB, cols as u64 * 31 + t as u64);
+                let x = b.input("a", cols, 8.0);
+                let (op, inputs) = match kind {
+                    "add" => (Op::Add, vec![x, b.input("b", cols, 8.0)]),
+                    "scale" => (Op::Scale { factor: 0.37 }, vec![x]),
+                    "softcap" => (Op::Softcap { cap: 5.0 }, vec![x]),
+                    _ => (Op::GeluTanhMul, vec![x, b.input("b", cols, 3.0)]),
+                };
+                let y = b.g.add("y", op, &inputs, cols);
+                let steps = vec![Batch::single(0, 0, ids(t, 1), LogitsFor::All)];
+                out.push(b.finish(
+                    format!("{kind}(cols={cols},rows={t})"),
+                    y,
+                    steps,
+                    KvCacheDtype::Auto,
+                    NMSE_ELEMENTWISE,
+                ));
+            }
+        }
+    }
+}
+
+fn embed_cases(out: &mut Vec<Case>) {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for &cols in &[5usize, 13, 64] {
+            let mut b = Builder::new(VOCAB, 7 + cols as u64);
+            let data = rand_vec(&mut b.rng, VOCAB * cols, 4.0);
+            b.tensor("table", dtype, vec![VOCAB, cols], &data);
+            let y = b.g.add(
+                "embed",
+                Op::Embed {
+                    table: "table".into(),
+                    scale: 2.5,
+                },
+                &[],
+                cols,
+            );
+            out.push(b.finish(
+                format!("embed(dtype={dtype},cols={cols},rows=7)"),
+                y,
+                vec![Batch::single(0, 0, ids(7, 3), LogitsFor::All)],
+                KvCacheDtype::Auto,
+                0.0,
+            ));
+        }
+    }
+    // Every finite E4M3 code, decoded bit-exactly: one-hot rows through an FP8 weight-only linear
+    // with unit scales give y[t][n] = decode(w[n][t]).
+    let mut b = Builder::new(2, 1);
+    b.tensor("x", DType::F32, vec![2, 2], &[1.0, 0.0, 0.0, 1.0]);
+    let x = b.g.add(
+        "x",
+        Op::Embed {
+            table: "x".into(),
+            scale: 1.0,
+        },
+        &[],
+        2,
+    );
+    let codes: Vec<u8> = (0u8..=0x7E).flat_map(|c| [c, c | 0x80]).collect();
+    b.tensors
+        .push(("w".into(), DType::F8E4M3, vec![127, 2], codes));
+    b.tensor("ws", DType::F32, vec![1, 1], &[1.0]);
+    let y = b.g.add(
+        "y",
+        Op::Linear {
+            weight: "w".into(),
+            scheme: QuantScheme::Fp8BlockWeightOnly {
+                weight_scale: "ws".into(),
+                block: [128, 128],
+            },
+        },
+        &[x],
+        127,
+    );
+    out.push(b.finish(
+        "fp8_decode(all finite codes)".into(),
+        y,
+        vec![Batch::single(0, 0, vec![0, 1], LogitsFor::All)],
+        KvCacheDtype::Auto,
+        0.0,
+    ));
+}
+
+fn norm_cases(out: &mut Vec<Case>) {
+    for &(cols, group) in &[(7usize, 7usize), (13, 13), (15, 5), (640, 640), (1024, 256)] {
+        for add_one in [true, false] {
+            for with_w in [true, false] {
+                if !with_w && add_one {
+                    continue;
+                }
+                let mut b = Builder::new(VOCAB, cols as u64);
+                let x = b.input("x", cols, 3.0);
+                let weight = with_w.then(|| {
+                    let w = rand_vec(&mut b.rng, group, 1.0);
+                    b.tensor("w", DType::BF16, vec![group], &w);
+                    "w".to_string()
+                });
+                let y = b.g.add(
+                    "y",
+                    Op::RmsNorm {
+                        weight,
+                        group,
+                        eps: 1e-6,
+                        add_one,
+                    },
+                    &[x],
+                    cols,
+                );
+                out.push(b.finish(
+                    format!(
+                        "rms_norm(cols={cols},group={group},add_one={add_one},weight={with_w})"
+                    ),
+                    y,
+                    vec![Batch::single(0, 0, ids(5, 2), LogitsFor::All)],
+                    KvCacheDtype::Auto,
+                    NMSE_NORM,
+                ));
+            }
+        }
+    }
+}
+
+fn rope_cases(out: &mut Vec<Case>) {
+    for &(head_dim, heads) in &[(4usize, 1usize), (8, 3), (64, 2), (256, 1)] {
+        let mut b = Builder::new(VOCAB, head_dim as u64);
+        let x = b.input("x", head_dim * heads, 2.0);
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 10000f32.powf(-2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let y =
+            b.g.add("y", Op::Rope { head_dim, inv_freq }, &[x], head_dim * heads);
+        // Positions 0..5, then 5..8, then 300: the cache slot is only used for its length.
+        let steps = vec![
+            Batch::single(0, 0, ids(5, 0), LogitsFor::All),
+            Batch::single(0, 5, ids(3, 1), LogitsFor::All),
+            Batch::single(0, 8, ids(1, 2), LogitsFor::All),
+        ];
+        out.push(b.finish(
+            format!("rope(head_dim={head_dim},heads={heads})"),
+            y,
+            steps,
+            KvCacheDtype::Auto,
+            NMSE_ROPE,
+        ));
+    }
+}
+
+fn select_cases(out: &mut Vec<Case>) {
+    let mut b = Builder::new(VOCAB, 5);
+    let x = b.input("x", 13, 2.0);
+    let y = b.g.add("y", Op::SelectRows, &[x], 13);
+    let steps = vec![Batch {
+        seqs: vec![
+            SeqStep {
+                slot: 0,
+                start_pos: 0,
+                tokens: ids(4, 0),
+                logits: LogitsFor::Last,
+            },
+            SeqStep {
+                slot: 1,
+                start_pos: 0,
+                tokens: ids(3, 1),
+                logits: LogitsFor::All,
+            },
+            SeqStep {
+                slot: 2,
+                start_pos: 0,
+                tokens: ids(2, 2),
+                logits: LogitsFor::None,
+            },
+        ],
+    }];
+    out.push(b.finish(
+        "select_rows(cols=13,seqs=3)".into(),
+        y,
+        steps,
+        KvCacheDtype::Auto,
+        0.0,
+    ));
+}
+
+fn linear_cases(out: &mut Vec<Case>) {
+    let shapes = [(5usize, 7usize), (13, 11), (64, 33), (640, 129), (257, 300)];
+    for &(k, n) in &shapes {
+        for &t in &[1usize, 5] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let mut b = Builder::new(VOCAB, (k * n + t) as u64);
+                let x = b.input("x", k, 2.0);
+                let w = rand_vec(&mut b.rng, n * k, 0.5);
+                b.tensor("w", dtype, vec![n, k], &w);
+                let y = b.g.add(
+                    "y",
+                    Op::Linear {
+                        weight: "w".into(),
+                        scheme: QuantScheme::Dense,
+                    },
+                    &[x],
+                    n,
+                );
+                out.push(b.finish(
+                    format!("linear(dense,dtype={dtype},k={k},n={n},rows={t})"),
+                    y,
+                    vec![Batch::single(0, 0, ids(t, 5), LogitsFor::All)],
+                    KvCacheDtype::Auto,
+                    NMSE_MATMUL,
+                ));
+            }
+            for scheme in ["fp8-static", "fp8-dynamic", "fp8-block-wo", "fp8-block"] {
+                let blocks: &[[usize; 2]] = match scheme {
+                    "fp8-block-wo" | "fp8-block" => &[[128, 128], [4, 8], [3, 5]],
+                    _ => &[[0, 0]],
+                };
+                for &block in blocks {
+                    let mut b = Builder::new(VOCAB, (k * n * 3 + t) as u64);
+                    let x = b.input("x", k, 2.0);
+                    let w = rand_vec(&mut b.rng, n * k, 300.0);
+                    b.tensor("w", DType::F8E4M3, vec![n, k], &w);
+                    let (ob, ib) = if block[0] > 0 {
+                        (n.div_ceil(block[0]), k.div_ceil(block[1]))
+                    } else {
+                        (0, 0)
+                    };
+                    let sc = rand_vec(&mut b.rng, (ob * ib).max(n), 0.01)
+                        .iter()
+                        .map(|v| v.abs() + 1e-3)
+                        .collect::<Vec<f32>>();
+                    let qs = match scheme {
+                        "fp8-static" => {
+                            b.tensor("ws", DType::F32, vec![], &[0.0021]);
+                            b.tensor("xs", DType::F32, vec![], &[0.0137]);
+                            QuantScheme::Fp8Static {
+                                weight_scale: "ws".into(),
+                                input_scale: "xs".into(),
+                            }
+                        }
+                        "fp8-dynamic" => {
+                            b.tensor("ws", DType::BF16, vec![n, 1], &sc[..n]);
+                            QuantScheme::Fp8Dynamic {
+                                weight_scale: "ws".into(),
+                            }
+                        }
+                        "fp8-block-wo" => {
+                            b.tensor("ws", DType::F32, vec![ob, ib], &sc[..ob * ib]);
+                            QuantScheme::Fp8BlockWeightOnly {
+                                weight_scale: "ws".into(),
+                                block,
+                            }
+                        }
+                        _ => {
+                            b.tensor("ws", DType::F32, vec![ob, ib], &sc[..ob * ib]);
+                            QuantScheme::Fp8Block {
+                                weight_scale_inv: "ws".into(),
+                                block,
+                            }
+                        }
+                    };
+                    let y = b.g.add(
+                        "y",
+                        Op::Linear {
+                            weight: "w".into(),
+                            scheme: qs,
+                        },
+                        &[x],
+                        n,
+                    );
+                    let bs = if block[0] > 0 {
+                        format!(",block={}x{}", block[0], block[1])
+                    } else {
+                        String::new()
+                    };
+                    out.push(b.finish(
+                        format!("linear({scheme}{bs},k={k},n={n},rows={t})"),
+                        y,
+                        vec![Batch::single(0, 0, ids(t, 5), LogitsFor::All)],
+                        KvCacheDtype::Auto,
+                        NMSE_MATMUL,
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn attention_cases(out: &mut Vec<Case>) {
+    let geoms = [
+        (4usize, 2usize, 8usize),
+        (2, 1, 13),
+        (3, 3, 64),
+        (4, 1, 256),
+    ];
+    for &(nh, nkv, d) in &geoms {
+        for window in [None, Some(3usize)] {
+            for softcap in [None, Some(5.0f32)] {
+                for kv in [KvCacheDtype::Auto, KvCacheDtype::Bf16, KvCacheDtype::Fp8] {
+                    if softcap.is_some() && (kv != KvCacheDtype::Auto || d > 64) {
+                        continue;
+                    }
+                    let mut b = Builder::new(VOCAB, (nh * 100 + d) as u64);
+                    let q = b.input("q", nh * d, 1.5);
+                    let k = b.input("k", nkv * d, 1.5);
+                    let v = b.input("v", nkv * d, 2.0);
+                    let mut layer = CacheLayer {
+                        n_kv_heads: nkv,
+                        head_dim: d,
+                        window,
+                        k_scale: None,
+                        v_scale: None,
+                    };
+                    if kv == KvCacheDtype::Fp8 {
+                        b.tensor("k_scale", DType::F32, vec![], &[0.01]);
+                        b.tensor("v_scale", DType::F32, vec![], &[0.02]);
+                        layer.k_scale = Some("k_scale".into());
+                        layer.v_scale = Some("v_scale".into());
+                    }
+                    b.g.cache_layers.push(layer);
+                    let y = b.g.add(
+                        "attn",
+                        Op::Attention {
+                            cache_layer: 0,
+                            n_heads: nh,
+                            n_kv_heads: nkv,
+                            head_dim: d,
+                            scale: 1.0 / (d as f32).sqrt(),
+                            window,
+                            softcap,
+                        },
+                        &[q, k, v],
+                        nh * d,
+                    );
+                    // Prefill of two sequences in one step, then decode steps for both, then a restart.
+                    let seq = |slot, start, tokens: Vec<u32>| SeqStep {
+                        slot,
+                        start_pos: start,
+                        tokens,
+                        logits: LogitsFor::All,
+                    };
+                    let steps = vec![
+                        Batch {
+                            seqs: vec![seq(0, 0, ids(7, 0)), seq(1, 0, ids(5, 3))],
+                        },
+                        Batch {
+                            seqs: vec![seq(1, 5, ids(1, 4)), seq(0, 7, ids(1, 2))],
+                        },
+                        Batch {
+                            seqs: vec![seq(0, 8, ids(2, 6))],
+                        },
+                        Batch {
+                            seqs: vec![seq(1, 0, ids(4, 9))],
+                        },
+                    ];
+                    out.push(b.finish(
+                        format!(
+                            "attention(heads={nh},kv_heads={nkv},head_dim={d},window={window:?},softcap={softcap:?},kv={})",
+                            kv.name()
+                        ),
+                        y,
+                        steps,
+                        kv,
+                        NMSE_ATTENTION,
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Every case of the suite.
+pub fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    embed_cases(&mut out);
+    elementwise_cases(&mut out);
+    norm_cases(&mut out);
+    rope_cases(&mut out);
+    select_cases(&mut out);
+    linear_cases(&mut out);
+    attention_cases(&mut out);
+    out
+}
+
+/// Compare `got` with the reference `want`: NaN positions, then infinities by sign, then NMSE.
+pub fn compare(got: &Mat, want: &Mat, threshold: f64) -> Result<f64, String> {
+    if got.rows != want.rows || got.cols != want.cols {
+        return Err(format!(
+            "shape {}x{} != reference {}x{}",
+            got.rows, got.cols, want.rows, want.cols
+        ));
+    }
+    for (i, (a, b)) in got.data.iter().zip(&want.data).enumerate() {
+        if a.is_nan() != b.is_nan() {
+            return Err(format!("NaN mismatch at {i}: got {a}, reference {b}"));
+        }
+    }
+    for (i, (a, b)) in got.data.iter().zip(&want.data).enumerate() {
+        if (a.is_infinite() || b.is_infinite()) && a != b {
+            return Err(format!("infinity mismatch at {i}: got {a}, reference {b}"));
+        }
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in got.data.iter().zip(&want.data) {
+        if a.is_finite() && b.is_finite() {
+            num += (*a as f64 - *b as f64).powi(2);
+            den += (*b as f64).powi(2);
+        }
+    }
+    let nmse = if den > 0.0 { num / den } else { num };
+    if threshold == 0.0 {
+        if let Some((i, (a, b))) = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .enumerate()
+            .find(|(_, (a, b))| a.to_bits() != b.to_bits() && !(a.is_nan() && b.is_nan()))
+        {
+            return Err(format!("not bit-exact at {i}: got {a:e}, reference {b:e}"));
+        }
+        return Ok(nmse);
+    }
+    if nmse.is_nan() || nmse > threshold {
+        return Err(format!("NMSE {nmse:.3e} > {threshold:.0e}"));
+    }
+    Ok(nmse)
+}
+
+fn run_on(backend: &dyn Backend, case: &Case) -> Result<Vec<Mat>, Error> {
+    let mut runner = backend.load(
+        &case.graph,
+        &case.weights,
+        CacheConfig::new(4, 64).with_kv_dtype(case.kv),
+    )?;
+    case.steps
+        .iter()
+        .map(|b| runner.step(b, &[]).map(|o| o.logits))
+        .collect()
+}
+
+/// Run one case on `backend` against the CPU reference.
+pub fn run_case(backend: &dyn Backend, case: &Case) -> Outcome {
+    if let Some(n) = case.graph.nodes.iter().find(|n| !backend.supports(&n.op)) {
+        return Outcome::Unsupported(format!("op `{}` (node `{}`)", n.op.kind(), n.name));
+    }
+    let want = match run_on(&CpuBackend, case) {
+        Ok(w) => w,
+        Err(e) => return Outcome::Failed(format!("CPU reference failed: {e}")),
+    };
+    let got = match run_on(backend, case) {
+        Ok(g) => g,
+        Err(e @ Error::Unsupported { .. }) => return Outcome::Unsupported(e.to_string()),
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    let mut worst = 0f64;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        match compare(g, w, case.threshold) {
+            Ok(n) => worst = worst.max(n),
+            Err(e) => return Outcome::Failed(format!("step {i}: {e}")),
+        }
+    }
+    Outcome::Passed { nmse: worst }
+}
+
+/// Run every case whose name contains `filter` (all when None; `E4M3_CONFORMANCE_FILTER` otherwise),
+/// printing one line per case.
+pub fn run_suite(backend: &dyn Backend, filter: Option<&str>) -> Report {
+    let env = std::env::var("E4M3_CONFORMANCE_FILTER").ok();
+    let filter = filter.or(env.as_deref());
+    let mut report = Report::default();
+    for case in cases() {
+        if filter.is_some_and(|f| !case.name.contains(f)) {
+            continue;
+        }
+        let o = run_case(backend, &case);
+        match &o {
+            Outcome::Passed { nmse } => {
+                println!("  {} [{}]: OK (nmse {nmse:.2e})", case.name, backend.name())
+            }
+            Outcome::Failed(e) => println!("  {} [{}]: FAIL: {e}", case.name, backend.name()),
+            Outcome::Unsupported(e) => {
+                println!("  {} [{}]: not supported: {e}", case.name, backend.name())
+            }
+        }
+        report.results.push((case.name.clone(), o));
+    }
+    println!(
+        "{}: {} passed, {} failed, {} unsupported (rerun one case: E4M3_CONFORMANCE_FILTER='<case>')",
+        backend.name(),
+        report.passed(),
+        report.failed(),
+        report.unsupported()
+    );
+    report
+}
+
+/// The random generator is part of the suite's definition; keep it reachable for callers' own cases.
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// A Weight from f32 values in `dtype` (for callers' own cases).
+pub fn weight(name: &str, dtype: DType, shape: Vec<usize>, v: &[f32]) -> Weight {
+    weight_map(&[(name.to_string(), dtype, shape, encode(dtype, v))])[name].clone()
+}

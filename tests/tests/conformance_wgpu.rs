@@ -1,0 +1,50 @@
+//! The backend conformance suite (`e4m3_tests::conformance`) on the wgpu backend, against the CPU
+//! reference. Without a wgpu adapter this test fails unless `E4M3_ALLOW_NO_GPU=1` (CI installs lavapipe).
+
+use e4m3_tests::conformance::run_suite;
+
+#[test]
+fn wgpu_matches_cpu_reference_on_every_op() {
+    let backend = match e4m3_backend_wgpu::open(None) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("skipped: no wgpu adapter ({e})");
+            if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
+                return;
+            }
+            panic!(
+                "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
+            );
+        }
+    };
+    let report = run_suite(backend.as_ref(), None);
+    assert_eq!(report.failed(), 0, "{} cases failed", report.failed());
+    assert!(report.passed() > 0, "no case ran");
+}
+
+/// Weights split across several buffers (binding limit lowered to 64 KiB): linear and embed cases.
+#[test]
+fn wgpu_splits_tensors_larger_than_one_binding() {
+    let backend = match e4m3_backend_wgpu::open_with_binding_limit(None, 64 << 10) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("skipped: no wgpu adapter ({e})");
+            if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
+                return;
+            }
+            panic!(
+                "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
+            );
+        }
+    };
+    for filter in ["linear(dense", "linear(fp8", "embed("] {
+        let report = run_suite(backend.as_ref(), Some(filter));
+        assert_eq!(
+            report.failed(),
+            0,
+            "{filter}: {} cases failed",
+            report.failed()
+        );
+        assert!(report.passed() > 0, "no case ran");
+    }
+}
