@@ -9,6 +9,7 @@ use e4m3_core::backend::{Batch, CacheConfig, LogitsFor};
 use e4m3_core::tensor::Mat;
 
 use crate::{load_model, open_backend, BackendKind};
+use e4m3_core::graph::QuantScheme;
 
 #[derive(clap::Args)]
 pub struct CrosscheckArgs {
@@ -23,9 +24,12 @@ pub struct CrosscheckArgs {
     /// Use N fixed token ids instead of a prompt.
     #[arg(long)]
     tokens: Option<usize>,
-    /// NMSE threshold of every tap.
-    #[arg(long, default_value_t = 1e-3)]
-    threshold: f64,
+    /// NMSE threshold of every tap. Default 1e-3; 2e-2 (about cosine 0.99) when the model quantizes
+    /// activations to FP8 (fp8-static/-dynamic/-block): there a last-bit difference between backends moves a
+    /// dynamic scale or flips an activation code, and the flip travels through the later layers, so the
+    /// end-to-end check is a closeness check and exactness is proven op by op (conformance suite).
+    #[arg(long)]
+    threshold: Option<f64>,
     #[arg(long)]
     json: bool,
 }
@@ -98,6 +102,15 @@ pub fn cmd_crosscheck(a: CrosscheckArgs) -> Result<()> {
             (0..n as u64).map(|i| ((i * 7919 + 2) % v) as u32).collect()
         }
     };
+    let quantizes_activations = model.linear_schemes.values().any(|s| {
+        matches!(
+            s,
+            QuantScheme::Fp8Static { .. }
+                | QuantScheme::Fp8Dynamic { .. }
+                | QuantScheme::Fp8Block { .. }
+        )
+    });
+    let threshold = a.threshold.unwrap_or(if quantizes_activations { 2e-2 } else { 1e-3 });
     let n_layers = model.graph.cache_layers.len();
     let mut taps = Vec::new();
     for l in 0..n_layers {
@@ -128,13 +141,13 @@ pub fn cmd_crosscheck(a: CrosscheckArgs) -> Result<()> {
     }
     let first_bad = rows
         .iter()
-        .position(|(_, s)| s.nmse.is_nan() || s.nmse > a.threshold);
+        .position(|(_, s)| s.nmse.is_nan() || s.nmse > threshold);
     let first_nan = rows.iter().position(|(_, s)| s.non_finite.is_some());
     if a.json {
         let v = serde_json::json!({
             "backends": [outs[0].0, outs[1].0],
             "tokens": ids.len(),
-            "threshold": a.threshold,
+            "threshold": threshold,
             "taps": rows.iter().map(|(n, s)| serde_json::json!({
                 "tap": n, "nmse": s.nmse, "max_abs_diff": s.max_diff, "cosine": s.cosine,
                 "non_finite": s.non_finite,
@@ -149,7 +162,7 @@ pub fn cmd_crosscheck(a: CrosscheckArgs) -> Result<()> {
             outs[0].0,
             outs[1].0,
             ids.len(),
-            a.threshold
+            threshold
         );
         println!(
             "{:<22} {:>11} {:>11} {:>12}",
@@ -180,7 +193,7 @@ pub fn cmd_crosscheck(a: CrosscheckArgs) -> Result<()> {
             "tap `{}` differs: NMSE {:.3e} > {:.0e}",
             rows[i].0,
             rows[i].1.nmse,
-            a.threshold
+            threshold
         );
     }
     if let Some(i) = first_nan {

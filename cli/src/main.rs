@@ -163,6 +163,11 @@ enum Cmd {
 }
 
 fn main() {
+    // Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid" as an error when it is unset (headless
+    // machines); point it at the temp dir before any thread or GPU instance exists.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
