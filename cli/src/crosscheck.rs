@@ -110,7 +110,9 @@ pub fn cmd_crosscheck(a: CrosscheckArgs) -> Result<()> {
                 | QuantScheme::Fp8Block { .. }
         )
     });
-    let threshold = a.threshold.unwrap_or(if quantizes_activations { 2e-2 } else { 1e-3 });
+    let threshold = a
+        .threshold
+        .unwrap_or(if quantizes_activations { 2e-2 } else { 1e-3 });
     let n_layers = model.graph.cache_layers.len();
     let mut taps = Vec::new();
     for l in 0..n_layers {

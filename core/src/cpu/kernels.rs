@@ -45,10 +45,10 @@ pub fn rms_norm(x: &Mat, weight: Option<&[f32]>, group: usize, eps: f32, add_one
     out
 }
 
-/// Lanes of every f32 dot product. All dot products (single, or blocked in `linear`) accumulate lane j over
-/// the elements j, j+8, ..., then add the lanes pairwise and the tail last, so a result never depends on
-/// how many rows were computed together (batching does not change logits).
-const LANES: usize = 8;
+/// Lanes of every f32 dot product: lane j accumulates the elements j, j+LANES, ..., then the lanes are added
+/// pairwise and the tail last. Every product in `linear` goes through `dot_lanes`, so a result never depends
+/// on how many rows were computed together (batching does not change logits).
+const LANES: usize = 16;
 
 #[inline(always)]
 fn reduce_lanes(mut acc: [f32; LANES], tail: f32) -> f32 {
@@ -82,69 +82,13 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     reduce_lanes(acc, tail)
 }
 
-/// Dot products of 2 weight rows with 4 input rows, register-blocked; same arithmetic as `dot_lanes`.
-#[inline(always)]
-fn dots_2x4(w: [&[f32]; 2], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
-    let k = w[0].len();
-    let full = k - k % LANES;
-    let w = [&w[0][..k], &w[1][..k]];
-    let x = [&x[0][..k], &x[1][..k], &x[2][..k], &x[3][..k]];
-    let mut acc = [[[0f32; LANES]; 4]; 2];
-    let mut i = 0;
-    while i < full {
-        for r in 0..2 {
-            let wr = &w[r][i..i + LANES];
-            for t in 0..4 {
-                let xt = &x[t][i..i + LANES];
-                for j in 0..LANES {
-                    acc[r][t][j] += wr[j] * xt[j];
-                }
-            }
-        }
-        i += LANES;
-    }
-    let mut out = [[0f32; 4]; 2];
-    for r in 0..2 {
-        for t in 0..4 {
-            let mut tail = 0f32;
-            for i in full..k {
-                tail += w[r][i] * x[t][i];
-            }
-            out[r][t] = reduce_lanes(acc[r][t], tail);
-        }
-    }
-    out
-}
-
-/// `out_t[r * t + ti] = dot(rows[r], x[ti])` for `nr` decoded weight rows of length k.
+/// `out_t[r * t + ti] = dot(rows[r], x[ti])` for the decoded weight rows (each of length k).
 #[inline(always)]
 fn gemm_block(rows: &[f32], k: usize, x: &Mat, out_t: &mut [f32]) {
     let t = x.rows;
-    let nr = rows.len() / k;
-    let row = |r: usize| &rows[r * k..(r + 1) * k];
-    let mut r = 0;
-    while r + 2 <= nr {
-        let mut ti = 0;
-        while ti + 4 <= t {
-            let d = dots_2x4(
-                [row(r), row(r + 1)],
-                [x.row(ti), x.row(ti + 1), x.row(ti + 2), x.row(ti + 3)],
-            );
-            for q in 0..4 {
-                out_t[r * t + ti + q] = d[0][q];
-                out_t[(r + 1) * t + ti + q] = d[1][q];
-            }
-            ti += 4;
-        }
-        for ti in ti..t {
-            out_t[r * t + ti] = dot_lanes(row(r), x.row(ti));
-            out_t[(r + 1) * t + ti] = dot_lanes(row(r + 1), x.row(ti));
-        }
-        r += 2;
-    }
-    for r in r..nr {
+    for (r, row) in rows.chunks_exact(k).enumerate() {
         for ti in 0..t {
-            out_t[r * t + ti] = dot_lanes(row(r), x.row(ti));
+            out_t[r * t + ti] = dot_lanes(row, x.row(ti));
         }
     }
 }
