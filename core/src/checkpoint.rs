@@ -50,6 +50,32 @@ impl Weight {
         }
     }
 
+    /// A tensor of any dtype held in memory, from its little-endian bytes.
+    pub fn from_bytes(
+        name: &str,
+        dtype: DType,
+        shape: Vec<usize>,
+        bytes: Vec<u8>,
+    ) -> Result<Weight> {
+        let want = shape.iter().product::<usize>() * dtype.size();
+        if bytes.len() != want {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "{} bytes for shape {shape:?} of {dtype}, expected {want}",
+                    bytes.len()
+                ),
+            ));
+        }
+        Ok(Weight {
+            name: name.to_string(),
+            dtype,
+            shape,
+            file: PathBuf::from("<memory>"),
+            storage: Storage::Owned(Arc::new(bytes)),
+        })
+    }
+
     pub fn bytes(&self) -> &[u8] {
         match &self.storage {
             Storage::Mapped { map, start, end } => &map[*start..*end],

@@ -5,11 +5,8 @@
 //! reported apart from "failed" and never counted as passed. The printed case name reruns one case:
 //! `E4M3_CONFORMANCE_FILTER=<substring>`.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use e4m3_core::backend::{Backend, Batch, CacheConfig, KvCacheDtype, LogitsFor, SeqStep};
-use e4m3_core::checkpoint::{Checkpoint, Weight};
+use e4m3_core::checkpoint::Weight;
 use e4m3_core::cpu::CpuBackend;
 use e4m3_core::error::Error;
 use e4m3_core::fp8;
@@ -62,35 +59,17 @@ impl Report {
     }
 }
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// Tensors of any dtype, through a real safetensors file (the only way to make a BF16/F16/F8 `Weight`).
+/// Tensors of any dtype, held in memory.
 pub fn weight_map(tensors: &[(String, DType, Vec<usize>, Vec<u8>)]) -> WeightMap {
-    let dir: PathBuf = std::env::temp_dir().join(format!(
-        "e4m3-conformance-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+    tensors
         .iter()
         .map(|(n, d, s, b)| {
-            let dt = match d {
-                DType::F32 => safetensors::Dtype::F32,
-                DType::BF16 => safetensors::Dtype::BF16,
-                DType::F16 => safetensors::Dtype::F16,
-                DType::F8E4M3 => safetensors::Dtype::F8_E4M3,
-            };
             (
                 n.clone(),
-                safetensors::tensor::TensorView::new(dt, s.clone(), b).unwrap(),
+                Weight::from_bytes(n, *d, s.clone(), b.clone()).unwrap(),
             )
         })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
-    let ck = Checkpoint::open(&dir).unwrap();
-    let _ = std::fs::remove_dir_all(&dir); // the mapping stays valid
-    ck.tensors
+        .collect()
 }
 
 fn encode(dtype: DType, v: &[f32]) -> Vec<u8> {

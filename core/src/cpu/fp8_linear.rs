@@ -393,29 +393,18 @@ pub fn linear_fp8_prepared(x: &Mat, w: &Weight, scales: &Fp8Scales) -> Result<Ma
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::Checkpoint;
 
-    /// Tensors of any dtype, through a real safetensors file (the only way to make an F8 `Weight`).
+    /// Tensors of any dtype, held in memory.
     pub(crate) fn weights(tensors: &[(&str, DType, Vec<usize>, Vec<u8>)]) -> WeightMap {
-        let dir = tempfile::tempdir().unwrap();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        tensors
             .iter()
             .map(|(n, d, s, b)| {
-                let dt = match d {
-                    DType::F32 => safetensors::Dtype::F32,
-                    DType::BF16 => safetensors::Dtype::BF16,
-                    DType::F16 => safetensors::Dtype::F16,
-                    DType::F8E4M3 => safetensors::Dtype::F8_E4M3,
-                };
                 (
                     n.to_string(),
-                    safetensors::tensor::TensorView::new(dt, s.clone(), b).unwrap(),
+                    Weight::from_bytes(n, *d, s.clone(), b.clone()).unwrap(),
                 )
             })
-            .collect();
-        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
-        let ck = Checkpoint::open(dir.path()).unwrap();
-        ck.tensors
+            .collect()
     }
 
     fn f32b(v: &[f32]) -> Vec<u8> {
