@@ -347,6 +347,15 @@ fn dtype_code(d: DType) -> u32 {
     }
 }
 
+/// Bytes per element of a `dtype_code`.
+fn dsize(dt: u32) -> usize {
+    match dt {
+        0 => 4,
+        3 => 1,
+        _ => 2,
+    }
+}
+
 fn scheme_code(s: &QuantScheme) -> u32 {
     match s {
         QuantScheme::Dense => 0,
@@ -426,6 +435,17 @@ fn upload_f32(gpu: &Gpu, label: &str, v: &[f32]) -> wgpu::Buffer {
 
 /// Upload a 2-D weight split by rows so that no buffer exceeds the binding limit.
 fn upload_rows(gpu: &Gpu, w: &Weight) -> Result<Vec<WChunk>> {
+    upload_rows_as(gpu, w, false)
+}
+
+/// Like `upload_rows`, but each chunk is stored column-major for `linear.wgsl`: for every `k`, the chunk's
+/// rows (padded to a whole word) follow each other, so one u32 word holds the same `k` of 1, 2 or 4
+/// consecutive rows and neighbouring invocations (neighbouring row groups) read neighbouring words.
+fn upload_rows_t(gpu: &Gpu, w: &Weight) -> Result<Vec<WChunk>> {
+    upload_rows_as(gpu, w, true)
+}
+
+fn upload_rows_as(gpu: &Gpu, w: &Weight, transpose: bool) -> Result<Vec<WChunk>> {
     let (rows, cols) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
     let esz = w.dtype.size();
     let row_bytes = (cols * esz) as u64;
@@ -451,12 +471,26 @@ fn upload_rows(gpu: &Gpu, w: &Weight) -> Result<Vec<WChunk>> {
     let mut r0 = 0;
     while r0 < rows.max(1) {
         let n = per.min(rows - r0.min(rows));
-        let data = &bytes[r0 * cols * esz..(r0 + n) * cols * esz];
+        let mut data: std::borrow::Cow<'_, [u8]> =
+            (&bytes[r0 * cols * esz..(r0 + n) * cols * esz]).into();
+        if transpose {
+            let per_word = 4 / esz;
+            let np = n.div_ceil(per_word) * per_word;
+            let mut t = vec![0u8; np * cols * esz];
+            for r in 0..n {
+                let src = &data[r * cols * esz..(r + 1) * cols * esz];
+                for (k, e) in src.chunks_exact(esz).enumerate() {
+                    let d = (k * np + r) * esz;
+                    t[d..d + esz].copy_from_slice(e);
+                }
+            }
+            data = t.into();
+        }
         let buf = gpu
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(&w.name),
-                contents: &padded(data),
+                contents: &padded(&data),
                 usage: wgpu::BufferUsages::STORAGE,
             });
         out.push(WChunk {
@@ -673,7 +707,7 @@ impl WgpuRunner {
                         }
                     }
                     Plan::Linear {
-                        chunks: upload_rows(&gpu, w)?,
+                        chunks: upload_rows_t(&gpu, w)?,
                         dt: dtype_code(w.dtype),
                         scheme: scheme_code(scheme),
                         k: kk,
@@ -1165,8 +1199,9 @@ impl Runner for WgpuRunner {
                                         f(*sx),
                                         t0 as u32,
                                     ]),
+                                    // One thread per word of rows (1, 2 or 4 rows) and 4 token rows.
                                     groups: [
-                                        c.rows.div_ceil(64).max(1) as u32,
+                                        c.rows.div_ceil(4 / dsize(*dt)).div_ceil(64).max(1) as u32,
                                         tn.div_ceil(4) as u32,
                                         1,
                                     ],
