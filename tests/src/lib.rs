@@ -449,3 +449,42 @@ pub fn write_word_tokenizer(dir: &Path, vocab: usize) {
     )
     .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Fixture readers shared by the tests.
+
+/// The seven linear modules of every Gemma 3 layer.
+pub const LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+pub fn read_json(p: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+pub fn json_u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn json_f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+pub fn json_f32_matrix(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array().unwrap().iter().map(json_f32s).collect()
+}

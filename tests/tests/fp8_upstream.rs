@@ -19,17 +19,7 @@ use e4m3_core::model::Model;
 use e4m3_core::quant_config::CheckpointQuant;
 use e4m3_core::tensor::DType;
 use e4m3_tests::*;
-use serde_json::Value;
 
-const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 const LAYERS: usize = 6;
 const BLOCK: [usize; 2] = [16, 16];
 
@@ -44,24 +34,6 @@ const BLOCK: [usize; 2] = [16, 16];
 /// leaves ~80x margin over the measured f32 error and would catch almost any flipped code.
 const MAX_DLOGIT_REL: f32 = 1e-5;
 const MIN_COSINE: f64 = 0.9999;
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn f32_matrix(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
-}
 
 /// E4M3 (fn) decode from the bit layout (fp8-formats.md 1.1), independent of the runtime's codec.
 fn decode_e4m3(b: u8) -> f64 {
@@ -272,8 +244,8 @@ fn compare_logits(m: &Model, dir: &Path) -> Agreement {
             .map(|x| x.as_u64().unwrap() as u32)
             .collect();
         assert_eq!(ids[0], 2, "BOS first");
-        let want = f32_matrix(&case["logits"]);
-        let weight_only = f32_matrix(&case["logits_weight_only"]);
+        let want = json_f32_matrix(&case["logits"]);
+        let weight_only = json_f32_matrix(&case["logits_weight_only"]);
         let got = all_logits(m, &ids);
         assert_eq!(got.rows, ids.len());
         let (mut dot, mut ng, mut nw) = (0f64, 0f64, 0f64);

@@ -17,32 +17,14 @@ struct Case {
 fn cases() -> Vec<Case> {
     let text = std::fs::read_to_string(fixture("tiny-gemma3/logits.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
-    let as_u32 = |v: &Value| {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect::<Vec<_>>()
-    };
     v["cases"]
         .as_array()
         .unwrap()
         .iter()
         .map(|c| Case {
-            ids: as_u32(&c["input_ids"]),
-            logits: c["logits"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| {
-                    r.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_f64().unwrap() as f32)
-                        .collect()
-                })
-                .collect(),
-            greedy: as_u32(&c["greedy_ids"]),
+            ids: json_u32s(&c["input_ids"]),
+            logits: json_f32_matrix(&c["logits"]),
+            greedy: json_u32s(&c["greedy_ids"]),
         })
         .collect()
 }

@@ -14,21 +14,6 @@ use serde_json::Value;
 
 const MAX_DLOGIT: f32 = 0.05;
 
-fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
 #[test]
 fn gemma3_270m_matches_transformers() {
     let dir = real_model_dir();
@@ -41,20 +26,20 @@ fn gemma3_270m_matches_transformers() {
         golden["embed_scale"].as_f64().unwrap() as f32,
         e4m3_core::model::embed_scale(640, model.weights["embed_tokens.weight"].dtype)
     );
-    let probe_ids = u32s(&golden["probe_ids"]);
+    let probe_ids = json_u32s(&golden["probe_ids"]);
     let cases = golden["cases"].as_array().unwrap();
     assert!(cases.len() >= 4);
     let mut saw_long = false;
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let prompt_ids = u32s(&case["prompt_ids"]);
+        let prompt_ids = json_u32s(&case["prompt_ids"]);
         assert_eq!(
             tok.encode_prompt(case["prompt"].as_str().unwrap()).unwrap(),
             prompt_ids,
             "{name}: prompt ids"
         );
         saw_long |= prompt_ids.len() > 512;
-        let greedy = u32s(&case["greedy_ids"]);
+        let greedy = json_u32s(&case["greedy_ids"]);
         let mut runner = CpuBackend
             .load(
                 &model.graph,
@@ -72,13 +57,13 @@ fn gemma3_270m_matches_transformers() {
             for r in 0..logits.rows {
                 let p = start + r;
                 let row = logits.row(r);
-                let ids: Vec<u32> = u32s(&top_ids[p])
+                let ids: Vec<u32> = json_u32s(&top_ids[p])
                     .into_iter()
                     .chain(probe_ids.iter().copied())
                     .collect();
-                let want: Vec<f32> = f32s(&top_logits[p])
+                let want: Vec<f32> = json_f32s(&top_logits[p])
                     .into_iter()
-                    .chain(f32s(&probe_logits[p]))
+                    .chain(json_f32s(&probe_logits[p]))
                     .collect();
                 for (&id, &w) in ids.iter().zip(&want) {
                     let d = (row[id as usize] - w).abs();
@@ -88,7 +73,7 @@ fn gemma3_270m_matches_transformers() {
                 }
                 // Our argmax is transformers' argmax unless the two are within the tolerance.
                 let ours = e4m3_core::sampling::argmax(row);
-                let theirs = u32s(&top_ids[p])[0];
+                let theirs = json_u32s(&top_ids[p])[0];
                 assert!(
                     ours == theirs
                         || (row[ours as usize] - row[theirs as usize]).abs() <= MAX_DLOGIT,

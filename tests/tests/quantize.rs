@@ -9,18 +9,10 @@ use e4m3_core::backend::{Batch, LogitsFor};
 use e4m3_core::fp8::{decode, encode};
 use e4m3_core::model::Model;
 use e4m3_core::quantize::{quantize, CalibSource, QuantizeOptions, Scheme, WeightCalib};
-use e4m3_tests::{cpu_runner, tiny_tensors, write_tiny, write_word_tokenizer, Tiny};
+use e4m3_tests::{
+    cpu_runner, read_json, tiny_tensors, write_tiny, write_word_tokenizer, Tiny, LINEARS,
+};
 use serde_json::{json, Value};
-
-const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 
 /// hidden 40, intermediate 72, q 40, kv 8: nothing divides 32, 64 or 128.
 fn odd_tiny() -> Tiny {
@@ -76,10 +68,6 @@ fn read_out(dir: &Path) -> BTreeMap<String, Tensor> {
             )
         })
         .collect()
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
 }
 
 fn bf16(x: f32) -> f32 {

@@ -2,22 +2,13 @@
 //! compare with the BF16 model (cosine of logits at every prompt position; greedy tokens shared).
 
 use e4m3_core::backend::{Batch, LogitsFor};
+use e4m3_core::eval::cosine;
 use e4m3_core::graph::QuantScheme;
 use e4m3_core::model::Model;
 use e4m3_core::quantize::{quantize, QuantizeOptions, Scheme};
 use e4m3_core::sampling::argmax;
 use e4m3_core::tokenizer::Tokenizer;
 use e4m3_tests::*;
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        ab += x as f64 * y as f64;
-        aa += x as f64 * x as f64;
-        bb += y as f64 * y as f64;
-    }
-    ab / (aa.sqrt() * bb.sqrt())
-}
 
 fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut r = cpu_runner(model, 1, prompt.len() + n);
