@@ -28,6 +28,8 @@ if ! command -v cargo >/dev/null; then
 fi
 
 scripts/fetch-model.sh
+# NVRTC from PyPI: the CUDA kernels are compile-checked for sm_90a/sm_100a without a GPU.
+scripts/fetch-nvrtc.sh
 
 log "building the release binary (cargo build --release -p e4m3-cli)"
 cargo build --release -p e4m3-cli

@@ -769,40 +769,7 @@ impl WgpuRunner {
                 v_scale,
             });
         }
-        // Pool activation buffers by liveness: a node's output never shares a buffer with its inputs.
-        let last = graph.last_use();
-        let mut slot_of = vec![0usize; graph.nodes.len()];
-        let mut slot_cols: Vec<usize> = Vec::new();
-        let mut free: Vec<usize> = Vec::new();
-        for (i, n) in graph.nodes.iter().enumerate() {
-            let pick = free
-                .iter()
-                .enumerate()
-                .filter(|(_, &s)| slot_cols[s] >= n.cols)
-                .min_by_key(|(_, &s)| slot_cols[s])
-                .or_else(|| free.iter().enumerate().max_by_key(|(_, &s)| slot_cols[s]))
-                .map(|(fi, _)| fi);
-            let s = match pick {
-                Some(fi) => free.swap_remove(fi),
-                None => {
-                    slot_cols.push(0);
-                    slot_cols.len() - 1
-                }
-            };
-            slot_cols[s] = slot_cols[s].max(n.cols);
-            slot_of[i] = s;
-            let mut ins: Vec<usize> = n.inputs.iter().map(|v| v.0).collect();
-            ins.sort();
-            ins.dedup();
-            for inp in ins {
-                if last[inp] == i {
-                    free.push(slot_of[inp]);
-                }
-            }
-            if last[i] == i {
-                free.push(s);
-            }
-        }
+        let (slot_of, slot_cols) = graph.buffer_slots();
         let dummy = storage(&gpu, "dummy", 16);
         let mut r = WgpuRunner {
             pool: Vec::new(),

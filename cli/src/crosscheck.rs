@@ -210,8 +210,26 @@ pub fn cmd_devices() -> Result<()> {
         "cpu: available ({} threads)",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    match e4m3_backend_cuda::open(0) {
-        Ok(b) => println!("cuda: available ({})", b.name()),
+    match e4m3_backend_cuda::devices() {
+        Ok(list) if !list.is_empty() => {
+            for d in list {
+                println!(
+                    "cuda[{}]: {} (compute {}.{}, {}), {} MiB, {} SMs",
+                    d.ordinal,
+                    d.name,
+                    d.compute_capability.0,
+                    d.compute_capability.1,
+                    d.arch,
+                    d.memory_bytes >> 20,
+                    d.multiprocessors
+                );
+            }
+            match e4m3_backend_cuda::open_cuda(0) {
+                Ok(b) => println!("cuda: available: {}", b.describe()),
+                Err(e) => println!("cuda: {e}"),
+            }
+        }
+        Ok(_) => println!("cuda: no CUDA device found"),
         Err(e) => println!("cuda: {e}"),
     }
     let list = e4m3_backend_wgpu::adapters();

@@ -147,6 +147,15 @@ pub trait Backend {
 pub trait Runner: Send {
     /// Execute one step; `taps` names nodes whose values are returned too.
     fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput>;
+    /// The `k` largest (id, value) pairs of each logits row (rows as in `Batch::logit_rows`), largest first,
+    /// ties by lower id, NaN never picked. A GPU backend selects them on the device so the full logits are
+    /// not copied back; this default computes them from [`Runner::step`].
+    fn step_top_k(&mut self, batch: &Batch, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let out = self.step(batch, &[])?;
+        Ok((0..out.logits.rows)
+            .map(|r| crate::generate::top_k(out.logits.row(r), k))
+            .collect())
+    }
     /// Forget a slot's cached tokens.
     fn release(&mut self, slot: usize) -> Result<()>;
     /// Tokens currently cached in a slot.

