@@ -1,7 +1,7 @@
 //! Shared helpers for the integration tests: tiny random Gemma 3 checkpoints written on the fly,
 //! and the location of the real model and fixtures.
 
-pub mod conformance;
+pub use e4m3_core::conformance;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
-//! The backend conformance suite (`e4m3_tests::conformance`) on the wgpu backend, against the CPU
+//! The backend conformance suite (`e4m3_core::conformance`) on the wgpu backend, against the CPU
 //! reference. Without a wgpu adapter this test fails unless `E4M3_ALLOW_NO_GPU=1` (CI installs lavapipe).
 
-use e4m3_tests::conformance::run_suite;
+use e4m3_core::conformance::run_suite;
 
 #[test]
 fn wgpu_matches_cpu_reference_on_every_op() {

@@ -2,16 +2,19 @@
 //! every scheme. Each case builds a one-op graph (inputs come from F32 embedding tables, which every
 //! backend gathers exactly), runs it on the backend under test and on the CPU reference, and checks NaN
 //! positions first, then infinities by sign, then NMSE against a per-op threshold. "unsupported" is
-//! reported apart from "failed" and never counted as passed. The printed case name reruns one case:
-//! `E4M3_CONFORMANCE_FILTER=<substring>`.
+//! reported apart from "failed" and never counted as passed.
+//!
+//! It lives in the core crate so that the release binary can run it (`e4m3 conformance --backend ...`);
+//! the integration tests run it through [`run_suite`]. The printed case name reruns one case:
+//! `E4M3_CONFORMANCE_FILTER=<substring>` in the tests, `--filter <substring>` on the command line.
 
-use e4m3_core::backend::{Backend, Batch, CacheConfig, KvCacheDtype, LogitsFor, SeqStep};
-use e4m3_core::checkpoint::Weight;
-use e4m3_core::cpu::CpuBackend;
-use e4m3_core::error::Error;
-use e4m3_core::fp8;
-use e4m3_core::graph::{CacheLayer, Graph, Op, QuantScheme, ValueId, WeightMap};
-use e4m3_core::tensor::{DType, Mat};
+use crate::backend::{Backend, Batch, CacheConfig, KvCacheDtype, LogitsFor, SeqStep};
+use crate::checkpoint::Weight;
+use crate::cpu::CpuBackend;
+use crate::error::Error;
+use crate::fp8;
+use crate::graph::{CacheLayer, Graph, Op, QuantScheme, ValueId, WeightMap};
+use crate::tensor::{DType, Mat};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -32,6 +35,13 @@ pub struct Case {
     threshold: f64,
 }
 
+impl Case {
+    /// The NMSE threshold of the case; 0 means bit-exact.
+    pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Passed { nmse: f64 },
@@ -39,14 +49,60 @@ pub enum Outcome {
     Unsupported(String),
 }
 
+impl Outcome {
+    /// "passed", "failed" or "unsupported".
+    pub fn status(&self) -> &'static str {
+        match self {
+            Outcome::Passed { .. } => "passed",
+            Outcome::Failed(_) => "failed",
+            Outcome::Unsupported(_) => "unsupported",
+        }
+    }
+}
+
+/// One case's result with what it was measured against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaseResult {
+    pub name: String,
+    /// The case's NMSE threshold; 0 means bit-exact.
+    pub threshold: f64,
+    /// The worst NMSE over the case's steps, where one was measured (a failed case whose outputs had the
+    /// reference's shape has the NMSE of the step that failed).
+    pub nmse: Option<f64>,
+    pub outcome: Outcome,
+}
+
+impl CaseResult {
+    /// The reason of a failed or unsupported case.
+    pub fn reason(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Passed { .. } => None,
+            Outcome::Failed(r) | Outcome::Unsupported(r) => Some(r),
+        }
+    }
+
+    /// `{"name", "status", "nmse", "threshold", "reason"}`; NMSE and reason are null where absent.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "status": self.outcome.status(),
+            "nmse": self.nmse.filter(|n| n.is_finite()),
+            "threshold": self.threshold,
+            "reason": self.reason(),
+        })
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Report {
-    pub results: Vec<(String, Outcome)>,
+    /// Name of the backend under test.
+    pub backend: String,
+    pub results: Vec<CaseResult>,
 }
 
 impl Report {
     pub fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
-        self.results.iter().filter(|(_, o)| f(o)).count()
+        self.results.iter().filter(|r| f(&r.outcome)).count()
     }
     pub fn passed(&self) -> usize {
         self.count(|o| matches!(o, Outcome::Passed { .. }))
@@ -56,6 +112,18 @@ impl Report {
     }
     pub fn unsupported(&self) -> usize {
         self.count(|o| matches!(o, Outcome::Unsupported(_)))
+    }
+
+    /// `{"backend", "reference": "cpu", "passed", "failed", "unsupported", "cases": [...]}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "backend": self.backend,
+            "reference": "cpu",
+            "passed": self.passed(),
+            "failed": self.failed(),
+            "unsupported": self.unsupported(),
+            "cases": self.results.iter().map(CaseResult::to_json).collect::<Vec<_>>(),
+        })
     }
 }
 
@@ -535,6 +603,23 @@ pub fn cases() -> Vec<Case> {
     out
 }
 
+/// NMSE of `got` against the reference `want` over the positions where both are finite: sum of squared
+/// differences over the reference's sum of squares (the plain sum where the reference is all zeros).
+pub fn nmse(got: &Mat, want: &Mat) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in got.data.iter().zip(&want.data) {
+        if a.is_finite() && b.is_finite() {
+            num += (*a as f64 - *b as f64).powi(2);
+            den += (*b as f64).powi(2);
+        }
+    }
+    if den > 0.0 {
+        num / den
+    } else {
+        num
+    }
+}
+
 /// Compare `got` with the reference `want`: NaN positions, then infinities by sign, then NMSE.
 pub fn compare(got: &Mat, want: &Mat, threshold: f64) -> Result<f64, String> {
     if got.rows != want.rows || got.cols != want.cols {
@@ -553,14 +638,7 @@ pub fn compare(got: &Mat, want: &Mat, threshold: f64) -> Result<f64, String> {
             return Err(format!("infinity mismatch at {i}: got {a}, reference {b}"));
         }
     }
-    let (mut num, mut den) = (0f64, 0f64);
-    for (a, b) in got.data.iter().zip(&want.data) {
-        if a.is_finite() && b.is_finite() {
-            num += (*a as f64 - *b as f64).powi(2);
-            den += (*b as f64).powi(2);
-        }
-    }
-    let nmse = if den > 0.0 { num / den } else { num };
+    let nmse = nmse(got, want);
     if threshold == 0.0 {
         if let Some((i, (a, b))) = got
             .data
@@ -593,26 +671,73 @@ fn run_on(backend: &dyn Backend, case: &Case) -> Result<Vec<Mat>, Error> {
 
 /// Run one case on `backend` against the CPU reference.
 pub fn run_case(backend: &dyn Backend, case: &Case) -> Outcome {
+    evaluate(backend, case).outcome
+}
+
+/// Run one case on `backend` against the CPU reference, with the NMSE and threshold.
+pub fn evaluate(backend: &dyn Backend, case: &Case) -> CaseResult {
+    let result = |nmse, outcome| CaseResult {
+        name: case.name.clone(),
+        threshold: case.threshold,
+        nmse,
+        outcome,
+    };
     if let Some(n) = case.graph.nodes.iter().find(|n| !backend.supports(&n.op)) {
-        return Outcome::Unsupported(format!("op `{}` (node `{}`)", n.op.kind(), n.name));
+        return result(
+            None,
+            Outcome::Unsupported(format!("op `{}` (node `{}`)", n.op.kind(), n.name)),
+        );
     }
     let want = match run_on(&CpuBackend, case) {
         Ok(w) => w,
-        Err(e) => return Outcome::Failed(format!("CPU reference failed: {e}")),
+        Err(e) => return result(None, Outcome::Failed(format!("CPU reference failed: {e}"))),
     };
     let got = match run_on(backend, case) {
         Ok(g) => g,
-        Err(e @ Error::Unsupported { .. }) => return Outcome::Unsupported(e.to_string()),
-        Err(e) => return Outcome::Failed(e.to_string()),
+        Err(e @ Error::Unsupported { .. }) => {
+            return result(None, Outcome::Unsupported(e.to_string()))
+        }
+        Err(e) => return result(None, Outcome::Failed(e.to_string())),
     };
+    if got.len() != want.len() {
+        return result(
+            None,
+            Outcome::Failed(format!("{} outputs, reference {}", got.len(), want.len())),
+        );
+    }
     let mut worst = 0f64;
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         match compare(g, w, case.threshold) {
             Ok(n) => worst = worst.max(n),
-            Err(e) => return Outcome::Failed(format!("step {i}: {e}")),
+            Err(e) => {
+                let n = (g.rows == w.rows && g.cols == w.cols).then(|| nmse(g, w));
+                return result(n, Outcome::Failed(format!("step {i}: {e}")));
+            }
         }
     }
-    Outcome::Passed { nmse: worst }
+    result(Some(worst), Outcome::Passed { nmse: worst })
+}
+
+/// Run every case whose name contains `filter` (all when None), calling `each` after every case as it
+/// finishes. Nothing is printed, and the environment is not read.
+pub fn run_cases(
+    backend: &dyn Backend,
+    filter: Option<&str>,
+    mut each: impl FnMut(&CaseResult),
+) -> Report {
+    let mut report = Report {
+        backend: backend.name(),
+        results: Vec::new(),
+    };
+    for case in cases() {
+        if filter.is_some_and(|f| !case.name.contains(f)) {
+            continue;
+        }
+        let r = evaluate(backend, &case);
+        each(&r);
+        report.results.push(r);
+    }
+    report
 }
 
 /// Run every case whose name contains `filter` (all when None; `E4M3_CONFORMANCE_FILTER` otherwise),
@@ -620,26 +745,14 @@ pub fn run_case(backend: &dyn Backend, case: &Case) -> Outcome {
 pub fn run_suite(backend: &dyn Backend, filter: Option<&str>) -> Report {
     let env = std::env::var("E4M3_CONFORMANCE_FILTER").ok();
     let filter = filter.or(env.as_deref());
-    let mut report = Report::default();
-    for case in cases() {
-        if filter.is_some_and(|f| !case.name.contains(f)) {
-            continue;
-        }
-        let o = run_case(backend, &case);
-        match &o {
-            Outcome::Passed { nmse } => {
-                println!("  {} [{}]: OK (nmse {nmse:.2e})", case.name, backend.name())
-            }
-            Outcome::Failed(e) => println!("  {} [{}]: FAIL: {e}", case.name, backend.name()),
-            Outcome::Unsupported(e) => {
-                println!("  {} [{}]: not supported: {e}", case.name, backend.name())
-            }
-        }
-        report.results.push((case.name.clone(), o));
-    }
+    let name = backend.name();
+    let report = run_cases(backend, filter, |r| match &r.outcome {
+        Outcome::Passed { nmse } => println!("  {} [{name}]: OK (nmse {nmse:.2e})", r.name),
+        Outcome::Failed(e) => println!("  {} [{name}]: FAIL: {e}", r.name),
+        Outcome::Unsupported(e) => println!("  {} [{name}]: not supported: {e}", r.name),
+    });
     println!(
-        "{}: {} passed, {} failed, {} unsupported (rerun one case: E4M3_CONFORMANCE_FILTER='<case>')",
-        backend.name(),
+        "{name}: {} passed, {} failed, {} unsupported (rerun one case: E4M3_CONFORMANCE_FILTER='<case>')",
         report.passed(),
         report.failed(),
         report.unsupported()
@@ -655,4 +768,45 @@ pub fn rng(seed: u64) -> ChaCha8Rng {
 /// A Weight from f32 values in `dtype` (for callers' own cases).
 pub fn weight(name: &str, dtype: DType, shape: Vec<usize>, v: &[f32]) -> Weight {
     weight_map(&[(name.to_string(), dtype, shape, encode(dtype, v))])[name].clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_against_itself_is_exact() {
+        let report = run_cases(&CpuBackend, Some("rms_norm(cols=15"), |_| {});
+        assert_eq!(report.backend, CpuBackend.name());
+        assert_eq!(report.results.len(), 3);
+        for r in &report.results {
+            assert_eq!(r.outcome, Outcome::Passed { nmse: 0.0 }, "{}", r.name);
+            assert_eq!(r.nmse, Some(0.0));
+            assert_eq!(r.threshold, NMSE_NORM);
+        }
+        let v = report.to_json();
+        assert_eq!(v["passed"], 3);
+        assert_eq!(v["cases"][0]["status"], "passed");
+        assert_eq!(v["cases"][0]["nmse"], 0.0);
+        assert!(v["cases"][0]["reason"].is_null());
+    }
+
+    #[test]
+    fn compare_checks_nan_then_infinities_then_nmse() {
+        let m = |d: Vec<f32>| Mat::from_vec(1, d.len(), d).unwrap();
+        let want = m(vec![1.0, 2.0, f32::INFINITY]);
+        assert!(compare(&m(vec![f32::NAN, 2.0, f32::INFINITY]), &want, 1e-3)
+            .unwrap_err()
+            .contains("NaN"));
+        assert!(compare(&m(vec![1.0, 2.0, f32::NEG_INFINITY]), &want, 1e-3)
+            .unwrap_err()
+            .contains("infinity"));
+        let n = compare(&m(vec![1.0, 2.1, f32::INFINITY]), &want, 1e-2).unwrap();
+        assert!((n - 0.01 / 5.0).abs() < 1e-7, "{n}"); // 2.1f32 is not 2.1
+        assert!(compare(&m(vec![1.0, 2.1, f32::INFINITY]), &want, 1e-3).is_err());
+        assert!(compare(&m(vec![1.0, 2.0, f32::INFINITY]), &want, 0.0).is_ok());
+        assert!(compare(&m(vec![1.0, 2.0000002, f32::INFINITY]), &want, 0.0)
+            .unwrap_err()
+            .contains("bit-exact"));
+    }
 }
