@@ -1,6 +1,7 @@
 //! `e4m3`: run, inspect and benchmark Gemma checkpoints.
 
 mod bench;
+mod conformance;
 mod crosscheck;
 mod eval;
 mod quantize;
@@ -160,6 +161,9 @@ enum Cmd {
     Devices,
     /// Run two backends on the same tokens and compare every layer's taps and the logits.
     Crosscheck(crosscheck::CrosscheckArgs),
+    /// The op-by-op conformance suite on one backend against the CPU reference (exit 1 when a case
+    /// fails, 2 when the backend is not available).
+    Conformance(conformance::ConformanceArgs),
 }
 
 fn main() {
@@ -255,6 +259,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(args) => eval::cmd_eval(args),
         Cmd::Devices => crosscheck::cmd_devices(),
         Cmd::Crosscheck(args) => crosscheck::cmd_crosscheck(args),
+        Cmd::Conformance(args) => {
+            let code = conformance::cmd_conformance(args)?;
+            if code != 0 {
+                std::io::stdout().flush()?;
+                std::process::exit(code);
+            }
+            Ok(())
+        }
     }
 }
 
