@@ -343,3 +343,86 @@ fn crosscheck_wgpu_against_cpu_on_the_real_model() {
         assert!(v.to_string().contains("logits"), "{scheme}: {v}");
     }
 }
+
+/// `conformance --backend cpu` runs the suite's cases on the CPU against the CPU reference: every case
+/// passes with NMSE exactly 0, the JSON report holds one entry per case with its threshold.
+#[test]
+fn conformance_cpu_against_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let out = e4m3(&[
+        "conformance",
+        "--backend",
+        "cpu",
+        "--filter",
+        "rms_norm(cols=15",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.contains("rms_norm")).collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for l in &lines {
+        assert!(
+            l.trim_start().starts_with("passed") && l.contains("nmse 0.00e0"),
+            "{l}"
+        );
+    }
+    assert!(
+        stdout.contains("3 cases: 3 passed, 0 failed, 0 unsupported"),
+        "{stdout}"
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["passed"], 3);
+    assert_eq!(v["failed"], 0);
+    assert_eq!(v["unsupported"], 0);
+    let cases = v["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for c in cases {
+        assert!(
+            c["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("rms_norm(cols=15,group=5,"),
+            "{c}"
+        );
+        assert_eq!(c["status"], "passed", "{c}");
+        assert_eq!(c["nmse"].as_f64(), Some(0.0), "{c}");
+        assert_eq!(c["threshold"].as_f64(), Some(1e-6), "{c}");
+        assert!(c["reason"].is_null(), "{c}");
+    }
+    // A filter that matches nothing is an error, not an empty pass.
+    fails_with(
+        &["conformance", "--backend", "cpu", "--filter", "no-such-op"],
+        &["no-such-op"],
+    );
+    // --adapter is for wgpu only.
+    fails_with(
+        &["conformance", "--backend", "cpu", "--adapter", "x"],
+        &["--backend wgpu"],
+    );
+}
+
+/// A backend that is not available here exits with status 2 and says why.
+#[test]
+fn conformance_unavailable_backend_exits_2() {
+    let out = e4m3(&[
+        "conformance",
+        "--backend",
+        "wgpu",
+        "--adapter",
+        "no-such-adapter-e4m3",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(
+        err.contains("backend `wgpu` is not available") && err.contains("no-such-adapter-e4m3"),
+        "{err}"
+    );
+}

@@ -871,6 +871,70 @@ mod tests {
         assert!(v["cases"][0]["reason"].is_null());
     }
 
+    /// The CPU backend with every output scaled by 1.01 and without RoPE: a backend that fails and one
+    /// that lacks an op.
+    struct Skewed;
+    struct SkewedRunner(Box<dyn crate::backend::Runner>);
+
+    impl Backend for Skewed {
+        fn name(&self) -> String {
+            "skewed".into()
+        }
+        fn supports(&self, op: &Op) -> bool {
+            !matches!(op, Op::Rope { .. })
+        }
+        fn load(
+            &self,
+            graph: &Graph,
+            weights: &WeightMap,
+            cache: CacheConfig,
+        ) -> crate::Result<Box<dyn crate::backend::Runner>> {
+            Ok(Box::new(SkewedRunner(
+                CpuBackend.load(graph, weights, cache)?,
+            )))
+        }
+    }
+
+    impl crate::backend::Runner for SkewedRunner {
+        fn step(
+            &mut self,
+            batch: &Batch,
+            taps: &[String],
+        ) -> crate::Result<crate::backend::StepOutput> {
+            let mut out = self.0.step(batch, taps)?;
+            out.logits.data.iter_mut().for_each(|x| *x *= 1.01);
+            Ok(out)
+        }
+        fn release(&mut self, slot: usize) -> crate::Result<()> {
+            self.0.release(slot)
+        }
+        fn seq_len(&self, slot: usize) -> usize {
+            self.0.seq_len(slot)
+        }
+    }
+
+    #[test]
+    fn failures_carry_the_nmse_and_unsupported_is_apart() {
+        let report = run_cases(&Skewed, Some("(head_dim=8,heads=3)"), |_| {});
+        assert_eq!(report.results.len(), 1);
+        assert_eq!(report.unsupported(), 1);
+        assert_eq!(report.failed(), 0);
+        assert!(report.results[0].reason().unwrap().contains("rope"));
+        let report = run_cases(&Skewed, Some("scale(cols=13,rows=7)"), |_| {});
+        let r = &report.results[0];
+        assert!(
+            matches!(&r.outcome, Outcome::Failed(e) if e.contains("NMSE")),
+            "{r:?}"
+        );
+        let n = r.nmse.unwrap();
+        assert!((n - 1e-4).abs() < 1e-6, "{n}");
+        let v = report.to_json();
+        assert_eq!(v["failed"], 1);
+        assert_eq!(v["cases"][0]["status"], "failed");
+        assert_eq!(v["cases"][0]["threshold"], NMSE_ELEMENTWISE);
+        assert!(v["cases"][0]["reason"].as_str().unwrap().contains("step 0"));
+    }
+
     #[test]
     fn compare_checks_nan_then_infinities_then_nmse() {
         let m = |d: Vec<f32>| Mat::from_vec(1, d.len(), d).unwrap();
