@@ -33,6 +33,7 @@ impl Lt {
 
     /// `d[t, n] = sum_k x[t, k] * w[n, k]` with x, w E4M3 codes (row-major) and d f32 (row-major).
     /// Column-major view: D (n x t) = W^T(op T of a k x n matrix) * X (k x t): cuBLASLt's "TN" layout.
+    #[allow(clippy::too_many_arguments)]
     pub fn fp8_gemm(
         &self,
         stream: u64,

@@ -464,6 +464,7 @@ impl CudaRunner {
             ptr(&self.xs),
         );
         let mut tapped = BTreeMap::new();
+        #[allow(clippy::needless_range_loop)] // the loop body mutates self.plans[i]
         for i in 0..self.graph.nodes.len() {
             let node = &self.graph.nodes[i];
             let r = rows[i];
@@ -671,7 +672,7 @@ impl CudaRunner {
                 }
             }
             let node = &self.graph.nodes[i];
-            if taps.iter().any(|x| *x == node.name) {
+            if taps.contains(&node.name) {
                 let data = dev.read::<f32>(self.act(i), r * node.cols)?;
                 tapped.insert(node.name.clone(), Mat::from_vec(r, node.cols, data)?);
             }
