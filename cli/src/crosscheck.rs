@@ -1,6 +1,7 @@
 //! `e4m3 crosscheck`: two backends on the same tokens, compared tap by tap (each layer's attn_out,
 //! mlp_out, residual, then the logits): NMSE, max|diff|, cosine; the first tap past its threshold and the
-//! first NaN/Inf are reported, and the command fails when any tap does.
+//! first NaN/Inf are reported, and the command fails when any tap does. `--plot FILE.png` draws the
+//! same numbers as a heatmap (layers x tap kinds, plus the logits; see `plot.rs`).
 
 use std::path::PathBuf;
 
@@ -8,6 +9,7 @@ use anyhow::{bail, Result};
 use e4m3_core::backend::{Batch, CacheConfig, LogitsFor};
 use e4m3_core::tensor::Mat;
 
+use crate::plot::{Cell, Heatmap};
 use crate::{load_model, open_backend, BackendKind};
 use e4m3_core::graph::QuantScheme;
 
@@ -32,7 +34,19 @@ pub struct CrosscheckArgs {
     threshold: Option<f64>,
     #[arg(long)]
     json: bool,
+    /// Also draw the per-layer NMSE as a heatmap PNG (rows: layers, columns: attn_out, mlp_out,
+    /// residual; the logits as a last row; colour log10(NMSE) from -12 to 0; taps past the threshold
+    /// outlined red).
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
 }
+
+/// The tap kinds of every layer, in order, with their column labels in the plot.
+const TAP_KINDS: [(&str, &str); 3] = [
+    ("attn_out", "ATTN"),
+    ("mlp_out", "MLP"),
+    ("residual", "RES"),
+];
 
 fn parse_kind(s: &str) -> Result<BackendKind> {
     Ok(match s.trim() {
@@ -85,6 +99,35 @@ fn stats(a: &Mat, b: &Mat) -> Stat {
     }
 }
 
+fn cell(s: Option<&Stat>) -> Cell {
+    match s {
+        None => Cell::Missing,
+        Some(s) => Cell::Value {
+            nmse: s.nmse,
+            non_finite: s.non_finite.is_some(),
+        },
+    }
+}
+
+/// Rows of (tap name, stats) as a heatmap: one row per layer, one column per tap kind.
+fn heatmap(rows: &[(String, Stat)], n_layers: usize, threshold: f64) -> Heatmap {
+    let find = |name: &str| rows.iter().find(|(n, _)| n == name).map(|(_, s)| s);
+    Heatmap {
+        columns: TAP_KINDS.iter().map(|(_, l)| l.to_string()).collect(),
+        rows: (0..n_layers)
+            .map(|l| {
+                let cells = TAP_KINDS
+                    .iter()
+                    .map(|(t, _)| cell(find(&format!("layers.{l}.{t}"))))
+                    .collect();
+                (l.to_string(), cells)
+            })
+            .collect(),
+        logits: cell(find("logits")),
+        threshold,
+    }
+}
+
 pub fn cmd_crosscheck(a: CrosscheckArgs) -> Result<()> {
     let kinds: Vec<&str> = a.backends.split(',').collect();
     if kinds.len() != 2 {
@@ -116,7 +159,7 @@ pub fn cmd_crosscheck(a: CrosscheckArgs) -> Result<()> {
     let n_layers = model.graph.cache_layers.len();
     let mut taps = Vec::new();
     for l in 0..n_layers {
-        for t in ["attn_out", "mlp_out", "residual"] {
+        for (t, _) in TAP_KINDS {
             let name = format!("layers.{l}.{t}");
             if model.graph.find(&name).is_some() {
                 taps.push(name);
@@ -145,6 +188,11 @@ pub fn cmd_crosscheck(a: CrosscheckArgs) -> Result<()> {
         .iter()
         .position(|(_, s)| s.nmse.is_nan() || s.nmse > threshold);
     let first_nan = rows.iter().position(|(_, s)| s.non_finite.is_some());
+    if let Some(path) = &a.plot {
+        let m = heatmap(&rows, n_layers, threshold);
+        crate::plot::write_png(path, &crate::plot::render(&m))?;
+        eprintln!("heatmap written to {}", path.display());
+    }
     if a.json {
         let v = serde_json::json!({
             "backends": [outs[0].0, outs[1].0],

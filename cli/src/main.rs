@@ -4,6 +4,7 @@ mod bench;
 mod conformance;
 mod crosscheck;
 mod eval;
+mod plot;
 mod quantize;
 
 use std::io::Write;

@@ -426,3 +426,58 @@ fn conformance_unavailable_backend_exits_2() {
         "{err}"
     );
 }
+
+/// `crosscheck --plot` on a tiny random Gemma 3 (3 layers), CPU against CPU: the PNG decodes, has the
+/// size of 3 tap columns x 3 layers plus the logits row, and is drawn (NMSE 0 everywhere: every cell in
+/// the scale's bottom colour, no cell outlined, only the legend's threshold line in red).
+#[test]
+fn crosscheck_plot_writes_a_heatmap_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    let t = e4m3_tests::Tiny::default();
+    assert_eq!(t.full.len(), 3);
+    e4m3_tests::write_tiny(&model, &t, 5);
+    let plot = dir.path().join("heat.png");
+    let out = e4m3(&[
+        "crosscheck",
+        "--model",
+        model.to_str().unwrap(),
+        "--backends",
+        "cpu,cpu",
+        "--tokens",
+        "5",
+        "--json",
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("heatmap written to"), "{err}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let taps = v["taps"].as_array().unwrap();
+    assert_eq!(taps.len(), 3 * 3 + 1, "{v}");
+    assert!(taps.iter().all(|t| t["nmse"] == 0.0), "{v}");
+
+    let file = std::io::BufReader::new(std::fs::File::open(&plot).unwrap());
+    let mut r = png::Decoder::new(file).read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    let info = r.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    // Width: margin 10 + labels 78 + 3 columns x 56 + gap 16 + bar 16 + tick labels 42 + margin 10.
+    // Height: margin 10 + header 22 + max(3 layers x 18 + gap 6 + logits 18, 100) + margin 10.
+    assert_eq!((info.width, info.height), (340, 142));
+    let px: Vec<[u8; 3]> = buf[..info.buffer_size()]
+        .chunks(3)
+        .map(|c| [c[0], c[1], c[2]])
+        .collect();
+    let mut colours = px.clone();
+    colours.sort();
+    colours.dedup();
+    assert!(colours.len() > 20, "{} colours", colours.len());
+    // The scale's bottom colour (NMSE 0) fills the 10 cells: each 54 x 16 inside its grid lines.
+    let bottom = px.iter().filter(|&&c| c == [68, 1, 84]).count();
+    assert!(bottom >= 9 * 54 * 16 + 166 * 16, "{bottom}");
+    // Red: only the threshold mark across the legend bar (24 x 3), no cell outlined.
+    let red = px.iter().filter(|&&c| c == [230, 0, 0]).count();
+    assert_eq!(red, 24 * 3);
+}
