@@ -382,23 +382,7 @@ impl Backend for CudaBackend {
     }
 
     fn supports(&self, op: &Op) -> bool {
-        match op {
-            Op::Attention {
-                head_dim,
-                n_heads,
-                n_kv_heads,
-                ..
-            } => *head_dim <= MAX_HEAD_DIM && *n_kv_heads > 0 && n_heads % n_kv_heads == 0,
-            Op::Rope { head_dim, inv_freq } => head_dim % 2 == 0 && inv_freq.len() == head_dim / 2,
-            Op::Embed { .. }
-            | Op::RmsNorm { .. }
-            | Op::Linear { .. }
-            | Op::GeluTanhMul
-            | Op::Add
-            | Op::Scale { .. }
-            | Op::Softcap { .. }
-            | Op::SelectRows => true,
-        }
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM)
     }
 
     fn load(

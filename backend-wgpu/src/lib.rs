@@ -11,12 +11,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use e4m3_core::backend::{
-    check_supported, validate_batch, Backend, Batch, CacheConfig, KvCacheDtype, Runner, StepOutput,
+    check_supported, validate_batch, Backend, Batch, CacheConfig, Runner, StepOutput,
 };
 use e4m3_core::checkpoint::Weight;
-use e4m3_core::cpu::fp8_linear::{self, Fp8Scales};
+use e4m3_core::cpu::fp8_linear::Fp8Scales;
+use e4m3_core::cpu::{kv_rounding, KvRounding};
 use e4m3_core::error::{Error, Result};
 use e4m3_core::graph::{Graph, Op, QuantScheme, WeightMap};
+use e4m3_core::prepare::{node_weights, NodeWeights};
 use e4m3_core::tensor::{DType, Mat};
 use wgpu::util::DeviceExt;
 
@@ -372,23 +374,7 @@ impl Backend for WgpuBackend {
     }
 
     fn supports(&self, op: &Op) -> bool {
-        match op {
-            Op::Attention {
-                head_dim,
-                n_heads,
-                n_kv_heads,
-                ..
-            } => *head_dim <= MAX_HEAD_DIM && *n_kv_heads > 0 && n_heads % n_kv_heads == 0,
-            Op::Rope { head_dim, inv_freq } => head_dim % 2 == 0 && inv_freq.len() == head_dim / 2,
-            Op::Embed { .. }
-            | Op::RmsNorm { .. }
-            | Op::Linear { .. }
-            | Op::GeluTanhMul
-            | Op::Add
-            | Op::Scale { .. }
-            | Op::Softcap { .. }
-            | Op::SelectRows => true,
-        }
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM)
     }
 
     fn load(
@@ -578,23 +564,6 @@ fn storage(gpu: &Gpu, label: &str, bytes: u64) -> wgpu::Buffer {
     })
 }
 
-fn scalar_kv_scale(weights: &WeightMap, name: &Option<String>) -> Result<f32> {
-    let Some(name) = name else { return Ok(1.0) };
-    let w = weights.get(name).ok_or_else(|| {
-        Error::tensor(
-            name,
-            "KV-cache scale referenced by the graph but not loaded",
-        )
-    })?;
-    match w.to_f32().as_slice() {
-        [s] if s.is_finite() && *s > 0.0 => Ok(*s),
-        v => Err(Error::tensor(
-            name,
-            format!("expected one positive finite scale, found {v:?}"),
-        )),
-    }
-}
-
 const UNIFORM_STRIDE: u64 = 256;
 
 impl WgpuRunner {
@@ -604,106 +573,42 @@ impl WgpuRunner {
         weights: &WeightMap,
         cache: CacheConfig,
     ) -> Result<WgpuRunner> {
-        let get = |name: &str| {
-            weights
-                .get(name)
-                .ok_or_else(|| Error::tensor(name, "referenced by the graph but not loaded"))
-        };
-        let dense_ok = |w: &Weight| -> Result<()> {
-            if matches!(w.dtype, DType::F32 | DType::BF16 | DType::F16) {
-                Ok(())
-            } else {
-                Err(Error::tensor(
-                    &w.name,
-                    format!(
-                        "dtype {} is not supported here by the wgpu backend (FP8 weights need an FP8 scheme)",
-                        w.dtype
-                    ),
-                ))
-            }
-        };
         let mut plans = Vec::with_capacity(graph.nodes.len());
         let mut rope: Vec<(Vec<f32>, usize, wgpu::Buffer)> = Vec::new();
         let (mut max_k, mut max_groups) = (1usize, 1usize);
         for n in &graph.nodes {
-            let plan = match &n.op {
-                Op::Embed { table, .. } => {
-                    let w = get(table)?;
-                    if w.shape.len() != 2 || w.shape[1] != n.cols {
-                        return Err(Error::tensor(
-                            table,
-                            format!("shape {:?} does not fit node `{}`", w.shape, n.name),
-                        ));
-                    }
-                    if w.shape[0] < graph.vocab_size {
-                        return Err(Error::tensor(
-                            table,
-                            format!(
-                                "has {} rows for a vocabulary of {}",
-                                w.shape[0], graph.vocab_size
-                            ),
-                        ));
-                    }
-                    Plan::Embed {
-                        chunks: upload_rows(&gpu, w)?,
-                        dt: dtype_code(w.dtype),
-                        cols: n.cols,
-                    }
-                }
-                Op::RmsNorm { weight, group, .. } => {
-                    if *group == 0 || n.cols % group != 0 {
-                        return Err(Error::invalid(format!(
-                            "node `{}`: {} columns are not groups of {group}",
-                            n.name, n.cols
-                        )));
-                    }
-                    let w = match weight {
-                        Some(name) => {
-                            let w = get(name)?;
-                            dense_ok(w)?;
-                            let v = w.to_f32();
-                            if v.len() != *group {
-                                return Err(Error::tensor(
-                                    name,
-                                    format!("has {} values for groups of {group}", v.len()),
-                                ));
-                            }
-                            Some(upload_f32(&gpu, name, &v))
-                        }
-                        None => None,
-                    };
-                    Plan::Norm { w }
-                }
-                Op::Linear { weight, scheme } => {
-                    let w = get(weight)?;
-                    let k = n.inputs.first().map(|&i| graph.node(i).cols);
-                    if w.shape.len() != 2 || k != Some(w.shape[1]) || n.cols != w.shape[0] {
-                        return Err(Error::tensor(
-                            weight,
-                            format!(
-                                "shape {:?} does not fit node `{}` ({k:?} -> {} columns)",
-                                w.shape, n.name, n.cols
-                            ),
-                        ));
-                    }
-                    let (nn, kk) = (w.shape[0], w.shape[1]);
+            let plan = match (&n.op, node_weights(graph, n, weights)?) {
+                (Op::Embed { .. }, NodeWeights::Embed(w)) => Plan::Embed {
+                    chunks: upload_rows(&gpu, w)?,
+                    dt: dtype_code(w.dtype),
+                    cols: n.cols,
+                },
+                (Op::RmsNorm { weight, .. }, NodeWeights::Norm(w)) => Plan::Norm {
+                    w: w.map(|v| upload_f32(&gpu, weight.as_deref().unwrap_or("norm"), &v)),
+                },
+                (
+                    Op::Linear { weight, scheme },
+                    NodeWeights::Linear {
+                        weight: w,
+                        k: kk,
+                        n: nn,
+                        scales,
+                    },
+                ) => {
                     max_k = max_k.max(kk);
                     let (mut ws, mut sw, mut sx, mut block) = (None, 1.0, 1.0, [1, 1]);
-                    if *scheme == QuantScheme::Dense {
-                        dense_ok(w)?;
-                    } else {
-                        match fp8_linear::prepare(w, scheme, weights)? {
-                            Fp8Scales::Static { sw: a, sx: b } => {
-                                sw = a;
-                                sx = b;
-                            }
-                            Fp8Scales::Dynamic { sw } => ws = Some(upload_f32(&gpu, weight, &sw)),
-                            Fp8Scales::BlockWeightOnly { s, block: b }
-                            | Fp8Scales::Block { sinv: s, block: b } => {
-                                ws = Some(upload_f32(&gpu, weight, &s));
-                                block = b;
-                                max_groups = max_groups.max(kk.div_ceil(b[1]));
-                            }
+                    match scales {
+                        None => {}
+                        Some(Fp8Scales::Static { sw: a, sx: b }) => {
+                            sw = a;
+                            sx = b;
+                        }
+                        Some(Fp8Scales::Dynamic { sw }) => ws = Some(upload_f32(&gpu, weight, &sw)),
+                        Some(Fp8Scales::BlockWeightOnly { s, block: b })
+                        | Some(Fp8Scales::Block { sinv: s, block: b }) => {
+                            ws = Some(upload_f32(&gpu, weight, &s));
+                            block = b;
+                            max_groups = max_groups.max(kk.div_ceil(b[1]));
                         }
                     }
                     Plan::Linear {
@@ -718,7 +623,7 @@ impl WgpuRunner {
                         block,
                     }
                 }
-                Op::Rope { head_dim, inv_freq } => {
+                (Op::Rope { head_dim, inv_freq }, _) => {
                     let idx = match rope
                         .iter()
                         .position(|(f, d, _)| f == inv_freq && d == head_dim)
@@ -750,14 +655,10 @@ impl WgpuRunner {
                     gpu.max_binding() >> 20
                 )));
             }
-            let (mode, k_scale, v_scale) = match cache.kv_dtype {
-                KvCacheDtype::Auto => (0, 1.0, 1.0),
-                KvCacheDtype::Bf16 => (1, 1.0, 1.0),
-                KvCacheDtype::Fp8 => (
-                    2,
-                    scalar_kv_scale(weights, &l.k_scale)?,
-                    scalar_kv_scale(weights, &l.v_scale)?,
-                ),
+            let (mode, k_scale, v_scale) = match kv_rounding(cache.kv_dtype, l, weights)? {
+                KvRounding::Exact => (0, 1.0, 1.0),
+                KvRounding::Bf16 => (1, 1.0, 1.0),
+                KvRounding::Fp8 { k_scale, v_scale } => (2, k_scale, v_scale),
             };
             kv.push(KvBufs {
                 k: storage(&gpu, "k cache", bytes),

@@ -132,9 +132,34 @@ impl CacheConfig {
     }
 }
 
+/// Device memory as a backend accounts for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes the backend holds now (weights, caches, activations, workspaces).
+    pub in_use: u64,
+    /// Most bytes it held at once since it was opened.
+    pub peak: u64,
+    /// The device's total memory.
+    pub total: u64,
+}
+
 pub trait Backend {
     fn name(&self) -> String;
     fn supports(&self, op: &Op) -> bool;
+    /// One line on the device (name, architecture, notable kernel choices), for reports.
+    fn describe(&self) -> String {
+        self.name()
+    }
+    /// Device memory accounting, where the backend has a device of its own (`None` on the CPU).
+    fn memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+    /// Device-to-device copy bandwidth in bytes per second (bytes read plus bytes written), measured now
+    /// over `bytes` bytes, the bandwidth floor of a memory-bound kernel. `None` where it does not apply.
+    fn copy_bandwidth(&self, bytes: usize) -> Option<f64> {
+        let _ = bytes;
+        None
+    }
     /// Upload weights, allocate caches and prepare to execute `graph`.
     fn load(
         &self,

@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod graph;
 pub mod import_gguf;
 pub mod model;
+pub mod prepare;
 pub mod quant_config;
 pub mod quantize;
 pub mod sampling;

@@ -143,7 +143,7 @@ fn scalar_scale(weights: &WeightMap, name: &Option<String>) -> Result<f32> {
     }
 }
 
-fn kv_rounding(
+pub fn kv_rounding(
     dtype: KvCacheDtype,
     layer: &crate::graph::CacheLayer,
     weights: &WeightMap,
