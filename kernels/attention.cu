@@ -46,9 +46,11 @@ __device__ __forceinline__ float score(const float* qs, const float* k, const u8
     float s = 0.0f;
     if (j >= start) {
         u64 base = (u64)(row0 + j - start) * p.kv_cols + kvo;
+#pragma unroll 8
         for (u32 c = 0; c < p.d; c++) s += qs[c] * kv_round<KT>(k[base + c], p.k_scale);
     } else {
         u64 base = cache_index(table, p, slot, j, kvo);
+#pragma unroll 8
         for (u32 c = 0; c < p.d; c++) s += qs[c] * kv_load<KT>(kc, base + c, p.k_scale);
     }
     s *= p.scale;
@@ -111,6 +113,7 @@ __device__ void attention_impl(const float* __restrict__ q, const float* __restr
             u32 c = tid + ci * ATT_THREADS;
             if (c < p.d) {
                 float a = acc[ci];
+#pragma unroll 4
                 for (u32 jj = 0; jj < nj; jj++) {
                     u32 jk = jt + jj;
                     float val;

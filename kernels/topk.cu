@@ -15,6 +15,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) top_k_rows(const floa
     for (u32 round = 0; round < k; round++) {
         float bv = -3.4e38f;
         u32 bi = 0xffffffffu;
+#pragma unroll 8
         for (u32 i = threadIdx.x; i < vocab; i += TOPK_THREADS) {
             float v = row[i];
             if (v != v) continue;

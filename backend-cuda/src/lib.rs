@@ -11,12 +11,13 @@ pub mod pages;
 mod runner;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{
     result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaModule, CudaStream,
 };
-use e4m3_core::backend::{check_supported, Backend, CacheConfig, Runner};
+use e4m3_core::backend::{check_supported, Backend, CacheConfig, DeviceMemory, Runner};
 use e4m3_core::error::{Error, Result};
 use e4m3_core::graph::{Graph, Op, WeightMap};
 
@@ -48,6 +49,12 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "linear_fp8_dynamic",
             "linear_fp8_block_wo",
             "linear_fp8_block",
+            "linear_vec_dense_f32",
+            "linear_vec_dense_bf16",
+            "linear_vec_dense_f16",
+            "linear_vec_fp8_static",
+            "linear_vec_fp8_dynamic",
+            "linear_vec_fp8_block_wo",
             "fp8_gemm_epilogue",
         ],
     ),
@@ -162,6 +169,14 @@ pub(crate) struct Mem {
     pub ptr: u64,
     pub bytes: usize,
     ctx: Arc<CudaContext>,
+    used: Arc<Usage>,
+}
+
+/// Bytes the backend holds on the device, and the most it held at once.
+#[derive(Default)]
+pub(crate) struct Usage {
+    in_use: AtomicU64,
+    peak: AtomicU64,
 }
 
 impl Drop for Mem {
@@ -170,6 +185,7 @@ impl Drop for Mem {
             let _ = self.ctx.bind_to_thread();
             let _ = drv::free_sync(self.ptr);
         }
+        self.used.in_use.fetch_sub(self.bytes as u64, Ordering::Relaxed);
     }
 }
 
@@ -193,6 +209,8 @@ pub(crate) struct Dev {
     pub lt_note: String,
     pub summary: String,
     _workspace: Option<Mem>,
+    used: Arc<Usage>,
+    total_mem: u64,
 }
 
 // The context and functions are plain driver handles; every use binds the context to the calling thread.
@@ -210,10 +228,13 @@ impl Dev {
                 ))
             })?;
             drv::memset_d8_sync(ptr, 0, bytes).map_err(drv_err("memset"))?;
+            let now = self.used.in_use.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+            self.used.peak.fetch_max(now, Ordering::Relaxed);
             Ok(Mem {
                 ptr,
                 bytes,
                 ctx: self.ctx.clone(),
+                used: self.used.clone(),
             })
         }
     }
@@ -296,7 +317,9 @@ impl CudaBackend {
             .map_err(|e| unavailable(format!("no usable CUDA device {ordinal}: {e}")))?;
         // One stream: the per-slice event tracking of cudarc is not needed.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of its own: the legacy default stream cannot be captured into a CUDA graph.
+        let stream = ctx.new_stream().map_err(drv_err("stream"))?;
+        let total_mem = ctx.total_mem().map_err(drv_err("memory"))? as u64;
         let (maj, min) = ctx.compute_capability().map_err(drv_err("attribute"))?;
         let arch = arch_for(maj, min);
         let name = ctx.name().map_err(drv_err("name"))?;
@@ -333,6 +356,8 @@ impl CudaBackend {
             lt_note: String::new(),
             summary: String::new(),
             _workspace: None,
+            used: Arc::new(Usage::default()),
+            total_mem,
         };
         if std::env::var_os("E4M3_CUDA_NO_CUBLASLT").is_some() {
             dev.lt_note = "cuBLASLt FP8 GEMM off (E4M3_CUDA_NO_CUBLASLT)".into();
@@ -362,6 +387,26 @@ impl CudaBackend {
     pub fn describe(&self) -> String {
         self.dev.summary.clone()
     }
+
+    /// Time `reps` device-to-device copies of `bytes` bytes; bytes read plus written per second.
+    fn measure_copy(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let dev = &self.dev;
+        dev.ctx.bind_to_thread().map_err(drv_err("bind"))?;
+        let (src, dst) = (dev.alloc(bytes)?, dev.alloc(bytes)?);
+        let s = dev.stream.cu_stream();
+        let copy = || unsafe { drv::memcpy_dtod_async(dst.ptr, src.ptr, bytes, s) }.map_err(drv_err("copy"));
+        copy()?;
+        let start = dev.ctx.new_event(None).map_err(drv_err("event"))?;
+        let end = dev.ctx.new_event(None).map_err(drv_err("event"))?;
+        start.record(&dev.stream).map_err(drv_err("event"))?;
+        for _ in 0..reps {
+            copy()?;
+        }
+        end.record(&dev.stream).map_err(drv_err("event"))?;
+        end.synchronize().map_err(drv_err("event"))?;
+        let ms = start.elapsed_ms(&end).map_err(drv_err("event"))? as f64;
+        Ok(2.0 * bytes as f64 * reps as f64 / (ms / 1e3))
+    }
 }
 
 /// Open the CUDA backend on device `ordinal`.
@@ -383,6 +428,22 @@ impl Backend for CudaBackend {
 
     fn supports(&self, op: &Op) -> bool {
         e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM)
+    }
+
+    fn describe(&self) -> String {
+        self.dev.summary.clone()
+    }
+
+    fn memory(&self) -> Option<DeviceMemory> {
+        Some(DeviceMemory {
+            in_use: self.dev.used.in_use.load(Ordering::Relaxed),
+            peak: self.dev.used.peak.load(Ordering::Relaxed),
+            total: self.dev.total_mem,
+        })
+    }
+
+    fn copy_bandwidth(&self, bytes: usize) -> Option<f64> {
+        self.measure_copy(bytes.max(1 << 20), 20).ok()
     }
 
     fn load(

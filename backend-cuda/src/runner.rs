@@ -1,7 +1,10 @@
 //! The CUDA runner: weights uploaded once, activations in f32 buffers shared by liveness, a paged KV
 //! cache (pages of `PAGE` positions handed out to slots on demand), one kernel launch sequence per step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::CudaGraph;
 use std::sync::Arc;
 
 use e4m3_core::backend::{validate_batch, Batch, CacheConfig, Runner, StepOutput};
@@ -103,7 +106,18 @@ pub struct CudaRunner {
     lens: Vec<Option<usize>>,
     /// Kernel choices changed while running (a cuBLASLt refusal and its fallback).
     pub notes: Vec<String>,
+    graphs_enabled: bool,
+    /// Captured steps by (rows, logits rows), and the shapes seen once (captured when seen again).
+    graphs: HashMap<(usize, usize), SendGraph>,
+    seen: HashSet<(usize, usize)>,
 }
+
+/// A captured CUDA graph; the runner that owns it is used by one thread at a time.
+struct SendGraph(CudaGraph);
+unsafe impl Send for SendGraph {}
+
+/// Steps of at most this many rows are captured as CUDA graphs.
+const GRAPH_MAX_ROWS: usize = 64;
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
     (n.div_ceil(block).max(1) as u32, 1, 1)
@@ -251,6 +265,9 @@ impl CudaRunner {
             kv,
             lens: vec![None; cache.slots],
             notes: Vec::new(),
+            graphs_enabled: std::env::var("E4M3_CUDA_GRAPHS").as_deref() != Ok("0"),
+            graphs: HashMap::new(),
+            seen: HashSet::new(),
         };
         r.ensure_rows(cache.max_seq_len.clamp(1, 16))?;
         Ok(r)
@@ -262,6 +279,9 @@ impl CudaRunner {
         }
         let limit = (self.cache.slots * self.cache.max_seq_len).max(1);
         let cap = rows.next_power_of_two().min(limit).max(rows);
+        // Captured graphs point at the buffers about to be replaced.
+        self.graphs.clear();
+        self.seen.clear();
         self.pool.clear();
         for &c in &self.slot_cols {
             self.pool.push(self.dev.alloc(cap * c * 4)?);
@@ -337,7 +357,6 @@ impl CudaRunner {
             };
         }
         let dev = self.dev.clone();
-        let ptr = |m: &Option<Mem>| m.as_ref().map_or(0, |m| m.ptr);
         if t > 0 {
             dev.write(self.ids.as_ref().expect("allocated"), &ids)?;
             let mut info = Vec::with_capacity(t * 4);
@@ -371,6 +390,43 @@ impl CudaRunner {
             let sel: Vec<u32> = logit_rows.iter().map(|r| r.0 as u32).collect();
             dev.write(self.sel.as_ref().expect("allocated"), &sel)?;
         }
+        // Steps of few rows (decode) replay a CUDA graph captured the second time their shape is seen:
+        // every per-step value lives in device buffers written above, so the launches are the same.
+        let key = (t, nsel);
+        let graphable = taps.is_empty() && t <= GRAPH_MAX_ROWS && self.graphs_enabled;
+        let tapped = if graphable && self.graphs.contains_key(&key) {
+            self.graphs[&key].0.launch().map_err(|e| Error::invalid(format!("CUDA graph launch: {e}")))?;
+            BTreeMap::new()
+        } else if graphable && self.seen.contains(&key) {
+            let stream = dev.stream.clone();
+            stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(|e| Error::invalid(format!("CUDA graph capture: {e}")))?;
+            let launched = self.launch_nodes(&rows, t, taps);
+            let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+            launched?;
+            let graph = graph
+                .map_err(|e| Error::invalid(format!("CUDA graph capture: {e}")))?
+                .ok_or_else(|| Error::invalid("CUDA graph capture produced no graph"))?;
+            graph.launch().map_err(|e| Error::invalid(format!("CUDA graph launch: {e}")))?;
+            self.graphs.insert(key, SendGraph(graph));
+            BTreeMap::new()
+        } else {
+            if graphable {
+                self.seen.insert(key);
+            }
+            self.launch_nodes(&rows, t, taps)?
+        };
+        for s in &batch.seqs {
+            self.lens[s.slot] = Some(s.start_pos + s.tokens.len());
+        }
+        Ok((rows, tapped))
+    }
+
+    /// Launch every node's kernels for a step of `t` rows (`rows`: each node's rows); read back the taps.
+    fn launch_nodes(&mut self, rows: &[usize], t: usize, taps: &[String]) -> Result<BTreeMap<String, Mat>> {
+        let dev = self.dev.clone();
+        let ptr = |m: &Option<Mem>| m.as_ref().map_or(0, |m| m.ptr);
         let (ids_p, info_p, sel_p, xq_p, xs_p) = (
             ptr(&self.ids),
             ptr(&self.info),
@@ -592,10 +648,7 @@ impl CudaRunner {
                 tapped.insert(node.name.clone(), Mat::from_vec(r, node.cols, data)?);
             }
         }
-        for s in &batch.seqs {
-            self.lens[s.slot] = Some(s.start_pos + s.tokens.len());
-        }
-        Ok((rows, tapped))
+        Ok(tapped)
     }
 
     /// Launch one linear. Returns `Some(reason)` when cuBLASLt refused it (nothing was written then).
@@ -665,13 +718,22 @@ impl CudaRunner {
             )?;
             return Ok(None);
         }
-        let name = match (lp.scheme, lp.dt) {
-            (0, 0) => "linear_dense_f32",
-            (0, 1) => "linear_dense_bf16",
-            (0, _) => "linear_dense_f16",
-            (1, _) => "linear_fp8_static",
-            (2, _) => "linear_fp8_dynamic",
-            (3, _) => "linear_fp8_block_wo",
+        // 16-byte loads where the rows allow them (kernels/linear.cu linear_vec_*).
+        let per_chunk = [4, 8, 8, 16][lp.dt as usize];
+        let vec = lp.scheme <= 3 && k % per_chunk == 0 && (lp.scheme != 3 || lp.block[1] % per_chunk == 0);
+        let name = match (vec, lp.scheme, lp.dt) {
+            (true, 0, 0) => "linear_vec_dense_f32",
+            (true, 0, 1) => "linear_vec_dense_bf16",
+            (true, 0, _) => "linear_vec_dense_f16",
+            (true, 1, _) => "linear_vec_fp8_static",
+            (true, 2, _) => "linear_vec_fp8_dynamic",
+            (true, 3, _) => "linear_vec_fp8_block_wo",
+            (_, 0, 0) => "linear_dense_f32",
+            (_, 0, 1) => "linear_dense_bf16",
+            (_, 0, _) => "linear_dense_f16",
+            (_, 1, _) => "linear_fp8_static",
+            (_, 2, _) => "linear_fp8_dynamic",
+            (_, 3, _) => "linear_fp8_block_wo",
             _ => "linear_fp8_block",
         };
         dev.launch(
