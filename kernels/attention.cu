@@ -40,19 +40,20 @@ __device__ __forceinline__ u64 cache_index(const u32* table, const AttnP& p, u32
     return ((u64)page * PAGE + lj % PAGE) * p.kv_cols + col;
 }
 
+// Score of key j, computed by a whole warp (lanes over the head dimension); every lane gets it.
 template <int KT>
-__device__ __forceinline__ float score(const float* qs, const float* k, const u8* kc, const u32* table,
-                                       const AttnP& p, u32 j, u32 slot, u32 start, u32 row0, u32 kvo) {
+__device__ __forceinline__ float score_warp(const float* qs, const float* k, const u8* kc, const u32* table,
+                                            const AttnP& p, u32 j, u32 slot, u32 start, u32 row0, u32 kvo,
+                                            u32 lane) {
     float s = 0.0f;
     if (j >= start) {
         u64 base = (u64)(row0 + j - start) * p.kv_cols + kvo;
-#pragma unroll 8
-        for (u32 c = 0; c < p.d; c++) s += qs[c] * kv_round<KT>(k[base + c], p.k_scale);
+        for (u32 c = lane; c < p.d; c += 32) s += qs[c] * kv_round<KT>(k[base + c], p.k_scale);
     } else {
         u64 base = cache_index(table, p, slot, j, kvo);
-#pragma unroll 8
-        for (u32 c = 0; c < p.d; c++) s += qs[c] * kv_load<KT>(kc, base + c, p.k_scale);
+        for (u32 c = lane; c < p.d; c += 32) s += qs[c] * kv_load<KT>(kc, base + c, p.k_scale);
     }
+    s = warp_sum(s);
     s *= p.scale;
     if (p.has_softcap) s = p.softcap * tanhf(s / p.softcap);
     return s;
@@ -74,10 +75,12 @@ __device__ void attention_impl(const float* __restrict__ q, const float* __restr
     u32 kvo = kvh * p.d;
     for (u32 c = tid; c < p.d; c += ATT_THREADS) qs[c] = q[(u64)r * p.q_cols + h * p.d + c];
     __syncthreads();
-    // Pass 1: running max and sum of exponentials per thread, then combined.
+    // Pass 1: running max and sum of exponentials per warp (a key per warp at a time), then combined.
+    const u32 NW = ATT_THREADS / 32;
+    u32 warp = tid >> 5, lane = tid & 31;
     float m = -3.0e38f, l = 0.0f;
-    for (u32 j = lo + tid; j <= pos; j += ATT_THREADS) {
-        float s = score<KT>(qs, k, kc, table, p, j, slot, start, row0, kvo);
+    for (u32 j = lo + warp; j <= pos; j += NW) {
+        float s = score_warp<KT>(qs, k, kc, table, p, j, slot, start, row0, kvo, lane);
         if (s > m) {
             l = l * expf(m - s) + 1.0f;
             m = s;
@@ -85,15 +88,9 @@ __device__ void attention_impl(const float* __restrict__ q, const float* __restr
             l += expf(s - m);
         }
     }
-    for (int off = 16; off > 0; off >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, off), l2 = __shfl_xor_sync(0xffffffffu, l, off);
-        float mm = fmaxf(m, m2);
-        l = l * expf(m - mm) + l2 * expf(m2 - mm);
-        m = mm;
-    }
-    if ((tid & 31) == 0) {
-        red_m[tid >> 5] = m;
-        red_l[tid >> 5] = l;
+    if (lane == 0) {
+        red_m[warp] = m;
+        red_l[warp] = l;
     }
     __syncthreads();
     float gm = red_m[0], gl = 0.0f;
@@ -104,8 +101,13 @@ __device__ void attention_impl(const float* __restrict__ q, const float* __restr
 #pragma unroll
     for (int i = 0; i < MAX_D / ATT_THREADS; i++) acc[i] = 0.0f;
     for (u32 jt = lo; jt <= pos; jt += ATT_THREADS) {
-        u32 j = jt + tid;
-        if (j <= pos) pt[tid] = expf(score<KT>(qs, k, kc, table, p, j, slot, start, row0, kvo) - gm) / gl;
+        // Each warp scores 32 of the tile's keys.
+        for (u32 i = 0; i < 32; i++) {
+            u32 idx = warp * 32 + i, j = jt + idx;
+            if (j > pos) break;
+            float s = score_warp<KT>(qs, k, kc, table, p, j, slot, start, row0, kvo, lane);
+            if (lane == 0) pt[idx] = expf(s - gm) / gl;
+        }
         __syncthreads();
         u32 nj = min((u32)ATT_THREADS, pos + 1 - jt);
 #pragma unroll

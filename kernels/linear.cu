@@ -87,7 +87,8 @@ LINEAR(linear_fp8_block, 3, 4)
 // The same arithmetic with 16-byte loads: each lane reads 16 bytes of the weight row (4 F32, 8 BF16/F16 or
 // 16 E4M3 values) and the matching activations, two chunks in flight, so a decode GEMV streams the
 // weights instead of waiting on one 2-byte load at a time. Needs k * sizeof(weight) a multiple of 16 (and
-// for scheme 3 a block width that is a multiple of the chunk); schemes 0-3 only.
+// for schemes 3 and 4 a block width that is a multiple of the chunk). Scheme 4 applies its group scales
+// per 16-value chunk (the same sum, rounded in another order than the reference's per-group dot).
 template <int DT>
 __device__ __forceinline__ void decode_chunk(uint4 raw, float* w) {
     const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -143,6 +144,15 @@ __device__ void linear_vec_impl(const u8* __restrict__ w, const float* __restric
                     decode_chunk<3>(*(const uint4*)(xq + xi), xv);
 #pragma unroll
                     for (int e = 0; e < V; e++) a += wv[e] * xv[e];
+                } else if (SCH == 4) {
+                    // The chunk lies in one activation group g: its dot times that group's two scales.
+                    float xv[16];
+                    decode_chunk<3>(*(const uint4*)(xq + xi), xv);
+                    float d = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < V; e++) d += wv[e] * xv[e];
+                    u32 g = (ch * V) / bi;
+                    a += d * (xs[(u64)(t0 + r) * ib + g] * ws[(u64)(col / bo) * ib + g]);
                 } else {
                     const float4* xr = (const float4*)(x + xi);
 #pragma unroll
@@ -184,6 +194,7 @@ LINEAR_VEC(linear_vec_dense_f16, 2, 0)
 LINEAR_VEC(linear_vec_fp8_static, 3, 1)
 LINEAR_VEC(linear_vec_fp8_dynamic, 3, 2)
 LINEAR_VEC(linear_vec_fp8_block_wo, 3, 3)
+LINEAR_VEC(linear_vec_fp8_block, 3, 4)
 
 // Scales applied after a cuBLASLt FP8 GEMM that produced the raw f32 accumulators acc = xq . wq:
 // mode 1 (scheme A) y = sx * (sw * acc); mode 2 (scheme B) y = xs[t] * (ws[n] * acc).

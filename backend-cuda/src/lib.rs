@@ -55,6 +55,7 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "linear_vec_fp8_static",
             "linear_vec_fp8_dynamic",
             "linear_vec_fp8_block_wo",
+            "linear_vec_fp8_block",
             "fp8_gemm_epilogue",
         ],
     ),
@@ -69,7 +70,7 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "kv_write_fp8",
         ],
     ),
-    ("topk", &["top_k_rows"]),
+    ("topk", &["top_k_partial", "top_k_merge"]),
 ];
 
 /// The CUDA libraries that cannot be loaded here (empty when all are present).

@@ -100,7 +100,8 @@ pub struct CudaRunner {
     max_groups: usize,
     xq: Option<Mem>,
     xs: Option<Mem>,
-    topk: Option<(Mem, Mem, usize)>,
+    /// Top-k outputs (values, ids, capacity) and the per-chunk candidates of the first stage.
+    topk: Option<(Mem, Mem, usize, Mem, Mem)>,
     classes: Vec<PageClass>,
     kv: Vec<KvLayer>,
     lens: Vec<Option<usize>>,
@@ -115,6 +116,9 @@ pub struct CudaRunner {
 /// A captured CUDA graph; the runner that owns it is used by one thread at a time.
 struct SendGraph(CudaGraph);
 unsafe impl Send for SendGraph {}
+
+/// Logits per block in the first top-k stage (kernels/topk.cu).
+const TOPK_CHUNK: usize = 8192;
 
 /// Steps of at most this many rows are captured as CUDA graphs.
 const GRAPH_MAX_ROWS: usize = 64;
@@ -720,7 +724,7 @@ impl CudaRunner {
         }
         // 16-byte loads where the rows allow them (kernels/linear.cu linear_vec_*).
         let per_chunk = [4, 8, 8, 16][lp.dt as usize];
-        let vec = lp.scheme <= 3 && k % per_chunk == 0 && (lp.scheme != 3 || lp.block[1] % per_chunk == 0);
+        let vec = k % per_chunk == 0 && (lp.scheme < 3 || lp.block[1] % per_chunk == 0);
         let name = match (vec, lp.scheme, lp.dt) {
             (true, 0, 0) => "linear_vec_dense_f32",
             (true, 0, 1) => "linear_vec_dense_bf16",
@@ -728,6 +732,7 @@ impl CudaRunner {
             (true, 1, _) => "linear_vec_fp8_static",
             (true, 2, _) => "linear_vec_fp8_dynamic",
             (true, 3, _) => "linear_vec_fp8_block_wo",
+            (true, _, _) => "linear_vec_fp8_block",
             (_, 0, 0) => "linear_dense_f32",
             (_, 0, 1) => "linear_dense_bf16",
             (_, 0, _) => "linear_dense_f16",
@@ -786,21 +791,36 @@ impl Runner for CudaRunner {
         }
         let k = k.min(vocab);
         let need = orows * k;
-        if self.topk.as_ref().is_none_or(|t| t.2 < need) {
-            self.topk = Some((self.dev.alloc(need * 4)?, self.dev.alloc(need * 4)?, need));
+        let chunks = vocab.div_ceil(TOPK_CHUNK);
+        let cand = orows * chunks * k;
+        if self.topk.as_ref().is_none_or(|t| t.2 < need || t.3.bytes < cand * 4) {
+            self.topk = Some((
+                self.dev.alloc(need * 4)?,
+                self.dev.alloc(need * 4)?,
+                need,
+                self.dev.alloc(cand * 4)?,
+                self.dev.alloc(cand * 4)?,
+            ));
         }
-        let (vals, ids, _) = self.topk.as_ref().expect("allocated");
+        let (vals, ids, _, pv, pi) = self.topk.as_ref().expect("allocated");
         self.dev.launch(
-            "top_k_rows",
-            (orows as u32, 1, 1),
+            "top_k_partial",
+            (chunks as u32, orows as u32, 1),
             1024,
             &[
                 A::P(self.act(out_id)),
                 A::U(vocab as u32),
                 A::U(k as u32),
-                A::P(vals.ptr),
-                A::P(ids.ptr),
+                A::U(TOPK_CHUNK as u32),
+                A::P(pv.ptr),
+                A::P(pi.ptr),
             ],
+        )?;
+        self.dev.launch(
+            "top_k_merge",
+            (orows as u32, 1, 1),
+            1024,
+            &[A::P(pv.ptr), A::P(pi.ptr), A::U((chunks * k) as u32), A::U(k as u32), A::P(vals.ptr), A::P(ids.ptr)],
         )?;
         let v = self.dev.read::<f32>(vals.ptr, need)?;
         let i = self.dev.read::<u32>(ids.ptr, need)?;

@@ -33,6 +33,9 @@ pub struct Case {
     kv: KvCacheDtype,
     /// NMSE threshold; 0 means bit-exact.
     threshold: f64,
+    /// Compare `Runner::step_top_k(batch, k)` (ids and values, as a `[rows, 2k]` matrix) instead of the
+    /// logits.
+    top_k: Option<usize>,
 }
 
 impl Case {
@@ -208,6 +211,7 @@ impl Builder {
             steps,
             kv,
             threshold,
+            top_k: None,
         }
     }
 }
@@ -403,6 +407,41 @@ fn select_cases(out: &mut Vec<Case>) {
         KvCacheDtype::Auto,
         0.0,
     ));
+}
+
+/// `step_top_k` against the CPU's: ids and values bit-exact, rows wider than one GPU top-k chunk, k of 1,
+/// 8 and 72 (top-k 64 sampling fetches 72), and k over the row width (fewer candidates than asked).
+fn top_k_cases(out: &mut Vec<Case>) {
+    for &(cols, k) in &[(20000usize, 1usize), (20000, 8), (20000, 72), (13, 20)] {
+        let mut b = Builder::new(VOCAB, (cols + k) as u64);
+        let x = b.input("x", cols, 3.0);
+        let y = b.g.add("y", Op::SelectRows, &[x], cols);
+        let steps = vec![Batch {
+            seqs: vec![
+                SeqStep {
+                    slot: 0,
+                    start_pos: 0,
+                    tokens: ids(3, 0),
+                    logits: LogitsFor::All,
+                },
+                SeqStep {
+                    slot: 1,
+                    start_pos: 0,
+                    tokens: ids(2, 5),
+                    logits: LogitsFor::Last,
+                },
+            ],
+        }];
+        let mut case = b.finish(
+            format!("top_k(cols={cols},k={k})"),
+            y,
+            steps,
+            KvCacheDtype::Auto,
+            0.0,
+        );
+        case.top_k = Some(k);
+        out.push(case);
+    }
 }
 
 fn linear_cases(out: &mut Vec<Case>) {
@@ -677,6 +716,7 @@ pub fn cases() -> Vec<Case> {
     norm_cases(&mut out);
     rope_cases(&mut out);
     select_cases(&mut out);
+    top_k_cases(&mut out);
     linear_cases(&mut out);
     attention_cases(&mut out);
     long_attention_cases(&mut out);
@@ -745,7 +785,22 @@ fn run_on(backend: &dyn Backend, case: &Case) -> Result<Vec<Mat>, Error> {
     )?;
     case.steps
         .iter()
-        .map(|b| runner.step(b, &[]).map(|o| o.logits))
+        .map(|b| match case.top_k {
+            None => runner.step(b, &[]).map(|o| o.logits),
+            Some(k) => {
+                let rows = runner.step_top_k(b, k)?;
+                let mut m = Mat::zeros(rows.len(), 2 * k);
+                for (r, cands) in rows.iter().enumerate() {
+                    // Missing candidates (fewer than k values) stay (-1, -1).
+                    for j in 0..k {
+                        let (id, v) = cands.get(j).map_or((-1.0, -1.0), |c| (c.0 as f32, c.1));
+                        m.data[r * 2 * k + 2 * j] = id;
+                        m.data[r * 2 * k + 2 * j + 1] = v;
+                    }
+                }
+                Ok(m)
+            }
+        })
         .collect()
 }
 
