@@ -190,6 +190,39 @@ impl Drop for Mem {
     }
 }
 
+/// Page-locked host memory (freed on drop).
+pub(crate) struct Pinned {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    fn new(bytes: usize) -> Result<Pinned> {
+        let ptr = unsafe { drv::malloc_host(bytes, 0) }
+            .map_err(|e| Error::invalid(format!("CUDA could not allocate {bytes} bytes of page-locked memory: {e}")))?;
+        Ok(Pinned {
+            ptr: ptr as *mut u8,
+            bytes,
+        })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = drv::free_host(self.ptr as *mut std::ffi::c_void);
+        }
+    }
+}
+
+/// Upload staging: a bump region reset whenever the stream is known to be idle.
+pub(crate) struct Staging {
+    buf: Pinned,
+    used: usize,
+}
+
 /// A kernel argument.
 pub(crate) enum A {
     /// A device pointer (0 for an unused one).
@@ -212,6 +245,8 @@ pub(crate) struct Dev {
     _workspace: Option<Mem>,
     used: Arc<Usage>,
     total_mem: u64,
+    upload_staging: std::sync::Mutex<Staging>,
+    download_staging: std::sync::Mutex<Pinned>,
 }
 
 // The context and functions are plain driver handles; every use binds the context to the calling thread.
@@ -248,29 +283,56 @@ impl Dev {
         Ok(m)
     }
 
-    /// Copy `data` to `dst` (stream-ordered).
+    /// Copy `data` to `dst` (stream-ordered) through page-locked staging memory, so the copy is a true
+    /// asynchronous DMA and the host does not wait for it.
     pub fn write<T: Copy>(&self, dst: &Mem, data: &[T]) -> Result<()> {
-        if data.is_empty() {
+        let bytes = std::mem::size_of_val(data);
+        if bytes == 0 {
             return Ok(());
         }
-        assert!(
-            std::mem::size_of_val(data) <= dst.bytes,
-            "device write past the buffer"
-        );
-        unsafe { drv::memcpy_htod_async(dst.ptr, data, self.stream.cu_stream()) }
-            .map_err(drv_err("copy to device"))
+        assert!(bytes <= dst.bytes, "device write past the buffer");
+        let mut st = self.upload_staging.lock().expect("staging lock");
+        let at = st.used.next_multiple_of(64);
+        if at + bytes > st.buf.bytes {
+            // Earlier copies may still read the staging memory: wait for them before reusing or growing it.
+            self.stream.synchronize().map_err(drv_err("copy to device"))?;
+            st.used = 0;
+            if bytes > st.buf.bytes {
+                st.buf = Pinned::new((bytes * 2).max(1 << 20))?;
+            }
+        }
+        let at = st.used.next_multiple_of(64);
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, st.buf.ptr.add(at), bytes);
+            drv_sys::cuMemcpyHtoDAsync_v2(dst.ptr, st.buf.ptr.add(at) as *const std::ffi::c_void, bytes, self.stream.cu_stream())
+                .result()
+                .map_err(drv_err("copy to device"))?;
+        }
+        st.used = at + bytes;
+        Ok(())
     }
 
-    /// Copy `n` values from device address `src` (waits for the stream).
+    /// Copy `n` values from device address `src` (waits for the stream), through page-locked memory.
     pub fn read<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>> {
+        let bytes = n * std::mem::size_of::<T>();
         let mut out = vec![T::default(); n];
-        if n > 0 {
-            unsafe { drv::memcpy_dtoh_async(&mut out, src, self.stream.cu_stream()) }
-                .map_err(drv_err("copy to host"))?;
+        let mut rd = self.download_staging.lock().expect("staging lock");
+        if bytes > rd.bytes {
+            *rd = Pinned::new(bytes.next_power_of_two().max(1 << 20))?;
         }
-        self.stream
-            .synchronize()
-            .map_err(drv_err("kernel execution"))?;
+        if bytes > 0 {
+            unsafe {
+                drv_sys::cuMemcpyDtoHAsync_v2(rd.ptr as *mut std::ffi::c_void, src, bytes, self.stream.cu_stream())
+                    .result()
+                    .map_err(drv_err("copy to host"))?;
+            }
+        }
+        self.stream.synchronize().map_err(drv_err("kernel execution"))?;
+        // Every earlier upload has completed: its staging memory can be reused.
+        self.upload_staging.lock().expect("staging lock").used = 0;
+        if bytes > 0 {
+            unsafe { std::ptr::copy_nonoverlapping(rd.ptr, out.as_mut_ptr() as *mut u8, bytes) };
+        }
         Ok(out)
     }
 
@@ -359,6 +421,11 @@ impl CudaBackend {
             _workspace: None,
             used: Arc::new(Usage::default()),
             total_mem,
+            upload_staging: std::sync::Mutex::new(Staging {
+                buf: Pinned::new(1 << 20)?,
+                used: 0,
+            }),
+            download_staging: std::sync::Mutex::new(Pinned::new(1 << 20)?),
         };
         if std::env::var_os("E4M3_CUDA_NO_CUBLASLT").is_some() {
             dev.lt_note = "cuBLASLt FP8 GEMM off (E4M3_CUDA_NO_CUBLASLT)".into();

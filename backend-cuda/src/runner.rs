@@ -111,7 +111,40 @@ pub struct CudaRunner {
     /// Captured steps by (rows, logits rows), and the shapes seen once (captured when seen again).
     graphs: HashMap<(usize, usize), SendGraph>,
     seen: HashSet<(usize, usize)>,
+    profile: Option<Profile>,
 }
+
+impl Drop for CudaRunner {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            if p.steps > 0 {
+                let n = p.steps as f64;
+                eprintln!(
+                    "e4m3 cuda profile: {} steps of <= {GRAPH_MAX_ROWS} rows: host prep {:.1} us, launch {:.1} us, GPU {:.1} us, step total {:.1} us (means)",
+                    p.steps,
+                    p.prep / n * 1e6,
+                    p.launch / n * 1e6,
+                    p.gpu / n * 1e3,
+                    p.total / n * 1e6
+                );
+            }
+        }
+    }
+}
+
+/// Where a decode step's time goes (E4M3_CUDA_PROFILE=1; printed when the runner is dropped).
+#[derive(Default)]
+struct Profile {
+    steps: u64,
+    prep: f64,
+    launch: f64,
+    gpu: f64,
+    total: f64,
+    events: Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
+    pending: Option<(std::time::Instant, f64, f64)>,
+}
+
+unsafe impl Send for Profile {}
 
 /// A captured CUDA graph; the runner that owns it is used by one thread at a time.
 struct SendGraph(CudaGraph);
@@ -272,6 +305,7 @@ impl CudaRunner {
             graphs_enabled: std::env::var("E4M3_CUDA_GRAPHS").as_deref() != Ok("0"),
             graphs: HashMap::new(),
             seen: HashSet::new(),
+            profile: (std::env::var("E4M3_CUDA_PROFILE").as_deref() == Ok("1")).then(Profile::default),
         };
         r.ensure_rows(cache.max_seq_len.clamp(1, 16))?;
         Ok(r)
@@ -333,6 +367,7 @@ impl CudaRunner {
         batch: &Batch,
         taps: &[String],
     ) -> Result<(Vec<usize>, BTreeMap<String, Mat>)> {
+        let t_start = std::time::Instant::now();
         validate_batch(batch, &self.cache, self.graph.vocab_size, |s| {
             self.lens[s].unwrap_or(0)
         })?;
@@ -398,6 +433,17 @@ impl CudaRunner {
         // every per-step value lives in device buffers written above, so the launches are the same.
         let key = (t, nsel);
         let graphable = taps.is_empty() && t <= GRAPH_MAX_ROWS && self.graphs_enabled;
+        let t_prep = t_start.elapsed().as_secs_f64();
+        if t <= GRAPH_MAX_ROWS {
+            if let Some(p) = &mut self.profile {
+                if p.events.is_none() {
+                    let e = |d: &Dev| d.ctx.new_event(None).map_err(|e| Error::invalid(format!("CUDA event: {e}")));
+                    p.events = Some((e(&dev)?, e(&dev)?));
+                }
+                let ev = p.events.as_ref().expect("created");
+                ev.0.record(&dev.stream).map_err(|e| Error::invalid(format!("CUDA event: {e}")))?;
+            }
+        }
         let tapped = if graphable && self.graphs.contains_key(&key) {
             self.graphs[&key].0.launch().map_err(|e| Error::invalid(format!("CUDA graph launch: {e}")))?;
             BTreeMap::new()
@@ -421,6 +467,13 @@ impl CudaRunner {
             }
             self.launch_nodes(&rows, t, taps)?
         };
+        if t <= GRAPH_MAX_ROWS {
+            if let Some(p) = &mut self.profile {
+                let ev = p.events.as_ref().expect("created");
+                ev.1.record(&dev.stream).map_err(|e| Error::invalid(format!("CUDA event: {e}")))?;
+                p.pending = Some((t_start, t_prep, t_start.elapsed().as_secs_f64() - t_prep));
+            }
+        }
         for s in &batch.seqs {
             self.lens[s.slot] = Some(s.start_pos + s.tokens.len());
         }
@@ -655,6 +708,20 @@ impl CudaRunner {
         Ok(tapped)
     }
 
+    /// Account a profiled step once its results are back on the host.
+    fn finish_profile(&mut self) {
+        if let Some(p) = &mut self.profile {
+            if let (Some((t0, prep, launch)), Some(ev)) = (p.pending.take(), &p.events) {
+                let gpu = ev.0.elapsed_ms(&ev.1).unwrap_or(0.0) as f64;
+                p.steps += 1;
+                p.prep += prep;
+                p.launch += launch;
+                p.gpu += gpu;
+                p.total += t0.elapsed().as_secs_f64();
+            }
+        }
+    }
+
     /// Launch one linear. Returns `Some(reason)` when cuBLASLt refused it (nothing was written then).
     fn linear(
         dev: &Dev,
@@ -775,6 +842,7 @@ impl Runner for CudaRunner {
         let out_id = self.graph.output.0;
         let (orows, ocols) = (rows[out_id], self.graph.nodes[out_id].cols);
         let data = self.dev.read::<f32>(self.act(out_id), orows * ocols)?;
+        self.finish_profile();
         Ok(StepOutput {
             logits: Mat::from_vec(orows, ocols, data)?,
             rows: batch.logit_rows().iter().map(|r| (r.1, r.2)).collect(),
@@ -824,6 +892,7 @@ impl Runner for CudaRunner {
         )?;
         let v = self.dev.read::<f32>(vals.ptr, need)?;
         let i = self.dev.read::<u32>(ids.ptr, need)?;
+        self.finish_profile();
         Ok((0..orows)
             .map(|r| {
                 (0..k)
