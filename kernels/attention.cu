@@ -150,11 +150,103 @@ __device__ void kv_write_impl(const float* k, const float* v, u8* kc, u8* vc, co
     kv_store<KT>(vc, dst, v[t], p.v_scale);
 }
 
+// Split attention for steps of few rows (decode), where one block per (row, head) would leave the GPU
+// idle: block z of (row, head) takes keys [lo + z*SPLIT_KEYS, +SPLIT_KEYS) and writes its partial max,
+// sum of exponentials and weighted values to part[((row * n_heads + head) * splits + z) * (d + 2)];
+// attention_combine merges the splits. Blocks past the row's last key write an empty partial, so the grid
+// can be sized for the cache capacity and a captured graph stays valid as sequences grow.
+#define SPLIT_KEYS ATT_THREADS
+template <int KT>
+__device__ void attention_split_impl(const float* __restrict__ q, const float* __restrict__ k,
+                                     const float* __restrict__ v, const u8* kc, const u8* vc, const u32* table,
+                                     const uint4* info, AttnP p, float* __restrict__ part) {
+    __shared__ float qs[MAX_D];
+    __shared__ float sc[SPLIT_KEYS];
+    __shared__ float scratch[32];
+    u32 r = blockIdx.x, h = blockIdx.y, z = blockIdx.z, tid = threadIdx.x;
+    u32 warp = tid >> 5, lane = tid & 31;
+    uint4 inf = info[r];
+    u32 slot = inf.x, start = inf.y, row0 = inf.w;
+    u32 pos = start + (r - row0);
+    u32 lo = (p.window != 0 && pos + 1 > p.window) ? pos + 1 - p.window : 0;
+    u32 cs = lo + z * SPLIT_KEYS;
+    float* out = part + (((u64)r * p.n_heads + h) * gridDim.z + z) * (p.d + 2);
+    if (cs > pos) {
+        if (tid == 0) {
+            out[0] = -3.0e38f;
+            out[1] = 0.0f;
+        }
+        return;
+    }
+    u32 n = min((u32)SPLIT_KEYS, pos + 1 - cs);
+    u32 kvh = h / (p.n_heads / p.n_kv_heads);
+    u32 kvo = kvh * p.d;
+    for (u32 c = tid; c < p.d; c += ATT_THREADS) qs[c] = q[(u64)r * p.q_cols + h * p.d + c];
+    __syncthreads();
+    // Each warp scores 32 of the split's keys.
+    for (u32 i = 0; i < 32; i++) {
+        u32 idx = warp * 32 + i;
+        if (idx >= n) break;
+        float s = score_warp<KT>(qs, k, kc, table, p, cs + idx, slot, start, row0, kvo, lane);
+        if (lane == 0) sc[idx] = s;
+    }
+    __syncthreads();
+    float m = block_max(tid < n ? sc[tid] : -3.0e38f, scratch);
+    float e = tid < n ? expf(sc[tid] - m) : 0.0f;
+    float l = block_sum(e, scratch);
+    __syncthreads();
+    if (tid < n) sc[tid] = e;
+    __syncthreads();
+    for (u32 c = tid; c < p.d; c += ATT_THREADS) {
+        float a = 0.0f;
+#pragma unroll 4
+        for (u32 jj = 0; jj < n; jj++) {
+            u32 jk = cs + jj;
+            float val;
+            if (jk >= start) val = kv_round<KT>(v[(u64)(row0 + jk - start) * p.kv_cols + kvo + c], p.v_scale);
+            else val = kv_load<KT>(vc, cache_index(table, p, slot, jk, kvo + c), p.v_scale);
+            a += sc[jj] * val;
+        }
+        out[2 + c] = a;
+    }
+    if (tid == 0) {
+        out[0] = m;
+        out[1] = l;
+    }
+}
+
+// o[r, h*d + c] = sum_z acc_z[c] e^(m_z - M) / sum_z l_z e^(m_z - M), M = max_z m_z.
+extern "C" __global__ void attention_combine(const float* __restrict__ part, float* __restrict__ o, u32 n_heads, u32 d,
+                                             u32 q_cols, u32 splits) {
+    u32 r = blockIdx.x, h = blockIdx.y;
+    const float* base = part + ((u64)r * n_heads + h) * splits * (d + 2);
+    float mx = -3.0e38f;
+    for (u32 z = 0; z < splits; z++) mx = fmaxf(mx, base[(u64)z * (d + 2)]);
+    float l = 0.0f;
+    for (u32 z = 0; z < splits; z++) {
+        float lz = base[(u64)z * (d + 2) + 1];
+        if (lz > 0.0f) l += lz * expf(base[(u64)z * (d + 2)] - mx);
+    }
+    for (u32 c = threadIdx.x; c < d; c += blockDim.x) {
+        float a = 0.0f;
+        for (u32 z = 0; z < splits; z++) {
+            const float* pz = base + (u64)z * (d + 2);
+            if (pz[1] > 0.0f) a += pz[2 + c] * expf(pz[0] - mx);
+        }
+        o[(u64)r * q_cols + h * d + c] = a / l;
+    }
+}
+
 #define ATTN(sfx, KT)                                                                                           \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_##sfx(                                 \
         const float* q, const float* k, const float* v, float* o, const u8* kc, const u8* vc, const u32* table, \
         const uint4* info, AttnP p) {                                                                           \
         attention_impl<KT>(q, k, v, o, kc, vc, table, info, p);                                                 \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_split_##sfx(                           \
+        const float* q, const float* k, const float* v, const u8* kc, const u8* vc, const u32* table,           \
+        const uint4* info, AttnP p, float* part) {                                                              \
+        attention_split_impl<KT>(q, k, v, kc, vc, table, info, p, part);                                        \
     }                                                                                                           \
     extern "C" __global__ void kv_write_##sfx(const float* k, const float* v, u8* kc, u8* vc, const u32* table, \
                                               const uint4* info, AttnP p) {                                     \

@@ -63,11 +63,15 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         "attention",
         &[
             "attention_f32",
+            "attention_split_f32",
             "kv_write_f32",
             "attention_bf16",
+            "attention_split_bf16",
             "kv_write_bf16",
             "attention_fp8",
+            "attention_split_fp8",
             "kv_write_fp8",
+            "attention_combine",
         ],
     ),
     ("topk", &["top_k_partial", "top_k_merge"]),
@@ -186,7 +190,9 @@ impl Drop for Mem {
             let _ = self.ctx.bind_to_thread();
             let _ = drv::free_sync(self.ptr);
         }
-        self.used.in_use.fetch_sub(self.bytes as u64, Ordering::Relaxed);
+        self.used
+            .in_use
+            .fetch_sub(self.bytes as u64, Ordering::Relaxed);
     }
 }
 
@@ -200,8 +206,11 @@ unsafe impl Send for Pinned {}
 
 impl Pinned {
     fn new(bytes: usize) -> Result<Pinned> {
-        let ptr = unsafe { drv::malloc_host(bytes, 0) }
-            .map_err(|e| Error::invalid(format!("CUDA could not allocate {bytes} bytes of page-locked memory: {e}")))?;
+        let ptr = unsafe { drv::malloc_host(bytes, 0) }.map_err(|e| {
+            Error::invalid(format!(
+                "CUDA could not allocate {bytes} bytes of page-locked memory: {e}"
+            ))
+        })?;
         Ok(Pinned {
             ptr: ptr as *mut u8,
             bytes,
@@ -295,7 +304,9 @@ impl Dev {
         let at = st.used.next_multiple_of(64);
         if at + bytes > st.buf.bytes {
             // Earlier copies may still read the staging memory: wait for them before reusing or growing it.
-            self.stream.synchronize().map_err(drv_err("copy to device"))?;
+            self.stream
+                .synchronize()
+                .map_err(drv_err("copy to device"))?;
             st.used = 0;
             if bytes > st.buf.bytes {
                 st.buf = Pinned::new((bytes * 2).max(1 << 20))?;
@@ -304,9 +315,14 @@ impl Dev {
         let at = st.used.next_multiple_of(64);
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, st.buf.ptr.add(at), bytes);
-            drv_sys::cuMemcpyHtoDAsync_v2(dst.ptr, st.buf.ptr.add(at) as *const std::ffi::c_void, bytes, self.stream.cu_stream())
-                .result()
-                .map_err(drv_err("copy to device"))?;
+            drv_sys::cuMemcpyHtoDAsync_v2(
+                dst.ptr,
+                st.buf.ptr.add(at) as *const std::ffi::c_void,
+                bytes,
+                self.stream.cu_stream(),
+            )
+            .result()
+            .map_err(drv_err("copy to device"))?;
         }
         st.used = at + bytes;
         Ok(())
@@ -322,12 +338,19 @@ impl Dev {
         }
         if bytes > 0 {
             unsafe {
-                drv_sys::cuMemcpyDtoHAsync_v2(rd.ptr as *mut std::ffi::c_void, src, bytes, self.stream.cu_stream())
-                    .result()
-                    .map_err(drv_err("copy to host"))?;
+                drv_sys::cuMemcpyDtoHAsync_v2(
+                    rd.ptr as *mut std::ffi::c_void,
+                    src,
+                    bytes,
+                    self.stream.cu_stream(),
+                )
+                .result()
+                .map_err(drv_err("copy to host"))?;
             }
         }
-        self.stream.synchronize().map_err(drv_err("kernel execution"))?;
+        self.stream
+            .synchronize()
+            .map_err(drv_err("kernel execution"))?;
         // Every earlier upload has completed: its staging memory can be reused.
         self.upload_staging.lock().expect("staging lock").used = 0;
         if bytes > 0 {
@@ -462,10 +485,18 @@ impl CudaBackend {
         dev.ctx.bind_to_thread().map_err(drv_err("bind"))?;
         let (src, dst) = (dev.alloc(bytes)?, dev.alloc(bytes)?);
         let s = dev.stream.cu_stream();
-        let copy = || unsafe { drv::memcpy_dtod_async(dst.ptr, src.ptr, bytes, s) }.map_err(drv_err("copy"));
+        let copy = || {
+            unsafe { drv::memcpy_dtod_async(dst.ptr, src.ptr, bytes, s) }.map_err(drv_err("copy"))
+        };
         copy()?;
-        let start = dev.ctx.new_event(None).map_err(drv_err("event"))?;
-        let end = dev.ctx.new_event(None).map_err(drv_err("event"))?;
+        let start = dev
+            .ctx
+            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(drv_err("event"))?;
+        let end = dev
+            .ctx
+            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(drv_err("event"))?;
         start.record(&dev.stream).map_err(drv_err("event"))?;
         for _ in 0..reps {
             copy()?;

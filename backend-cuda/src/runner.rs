@@ -112,6 +112,8 @@ pub struct CudaRunner {
     graphs: HashMap<(usize, usize), SendGraph>,
     seen: HashSet<(usize, usize)>,
     profile: Option<Profile>,
+    /// Partial results of split attention: SPLIT_MAX_ROWS x heads x splits x (head_dim + 2).
+    attn_part: Option<Mem>,
 }
 
 impl Drop for CudaRunner {
@@ -149,6 +151,11 @@ unsafe impl Send for Profile {}
 /// A captured CUDA graph; the runner that owns it is used by one thread at a time.
 struct SendGraph(CudaGraph);
 unsafe impl Send for SendGraph {}
+
+/// Steps of at most this many rows split each row's keys over blocks (kernels/attention.cu
+/// attention_split_*), `SPLIT_KEYS` keys a block.
+const SPLIT_MAX_ROWS: usize = 8;
+const SPLIT_KEYS: usize = 128;
 
 /// Logits per block in the first top-k stage (kernels/topk.cu).
 const TOPK_CHUNK: usize = 8192;
@@ -280,6 +287,24 @@ impl CudaRunner {
             });
         }
         let (slot_of, slot_cols) = graph.buffer_slots();
+        let mut part_floats = 0;
+        for n in &graph.nodes {
+            if let Op::Attention {
+                cache_layer,
+                n_heads,
+                head_dim,
+                ..
+            } = &n.op
+            {
+                let cap = classes[kv[*cache_layer].class].pages.cap;
+                part_floats = part_floats.max(n_heads * cap.div_ceil(SPLIT_KEYS) * (head_dim + 2));
+            }
+        }
+        let attn_part = if part_floats > 0 {
+            Some(dev.alloc(SPLIT_MAX_ROWS * part_floats * 4)?)
+        } else {
+            None
+        };
         let mut r = CudaRunner {
             dev,
             graph: graph.clone(),
@@ -305,7 +330,9 @@ impl CudaRunner {
             graphs_enabled: std::env::var("E4M3_CUDA_GRAPHS").as_deref() != Ok("0"),
             graphs: HashMap::new(),
             seen: HashSet::new(),
-            profile: (std::env::var("E4M3_CUDA_PROFILE").as_deref() == Ok("1")).then(Profile::default),
+            attn_part,
+            profile: (std::env::var("E4M3_CUDA_PROFILE").as_deref() == Ok("1"))
+                .then(Profile::default),
         };
         r.ensure_rows(cache.max_seq_len.clamp(1, 16))?;
         Ok(r)
@@ -437,15 +464,23 @@ impl CudaRunner {
         if t <= GRAPH_MAX_ROWS {
             if let Some(p) = &mut self.profile {
                 if p.events.is_none() {
-                    let e = |d: &Dev| d.ctx.new_event(None).map_err(|e| Error::invalid(format!("CUDA event: {e}")));
+                    let e = |d: &Dev| {
+                        d.ctx
+                            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                            .map_err(|e| Error::invalid(format!("CUDA event: {e}")))
+                    };
                     p.events = Some((e(&dev)?, e(&dev)?));
                 }
                 let ev = p.events.as_ref().expect("created");
-                ev.0.record(&dev.stream).map_err(|e| Error::invalid(format!("CUDA event: {e}")))?;
+                ev.0.record(&dev.stream)
+                    .map_err(|e| Error::invalid(format!("CUDA event: {e}")))?;
             }
         }
         let tapped = if graphable && self.graphs.contains_key(&key) {
-            self.graphs[&key].0.launch().map_err(|e| Error::invalid(format!("CUDA graph launch: {e}")))?;
+            self.graphs[&key]
+                .0
+                .launch()
+                .map_err(|e| Error::invalid(format!("CUDA graph launch: {e}")))?;
             BTreeMap::new()
         } else if graphable && self.seen.contains(&key) {
             let stream = dev.stream.clone();
@@ -458,7 +493,9 @@ impl CudaRunner {
             let graph = graph
                 .map_err(|e| Error::invalid(format!("CUDA graph capture: {e}")))?
                 .ok_or_else(|| Error::invalid("CUDA graph capture produced no graph"))?;
-            graph.launch().map_err(|e| Error::invalid(format!("CUDA graph launch: {e}")))?;
+            graph
+                .launch()
+                .map_err(|e| Error::invalid(format!("CUDA graph launch: {e}")))?;
             self.graphs.insert(key, SendGraph(graph));
             BTreeMap::new()
         } else {
@@ -470,7 +507,8 @@ impl CudaRunner {
         if t <= GRAPH_MAX_ROWS {
             if let Some(p) = &mut self.profile {
                 let ev = p.events.as_ref().expect("created");
-                ev.1.record(&dev.stream).map_err(|e| Error::invalid(format!("CUDA event: {e}")))?;
+                ev.1.record(&dev.stream)
+                    .map_err(|e| Error::invalid(format!("CUDA event: {e}")))?;
                 p.pending = Some((t_start, t_prep, t_start.elapsed().as_secs_f64() - t_prep));
             }
         }
@@ -481,7 +519,12 @@ impl CudaRunner {
     }
 
     /// Launch every node's kernels for a step of `t` rows (`rows`: each node's rows); read back the taps.
-    fn launch_nodes(&mut self, rows: &[usize], t: usize, taps: &[String]) -> Result<BTreeMap<String, Mat>> {
+    fn launch_nodes(
+        &mut self,
+        rows: &[usize],
+        t: usize,
+        taps: &[String],
+    ) -> Result<BTreeMap<String, Mat>> {
         let dev = self.dev.clone();
         let ptr = |m: &Option<Mem>| m.as_ref().map_or(0, |m| m.ptr);
         let (ids_p, info_p, sel_p, xq_p, xs_p) = (
@@ -629,12 +672,48 @@ impl CudaRunner {
                             A::P(info_p),
                             A::S(p.clone()),
                         ];
-                        dev.launch(
-                            &format!("attention_{sfx}"),
-                            (r as u32, *n_heads as u32, 1),
-                            128,
-                            &args,
-                        )?;
+                        if r <= SPLIT_MAX_ROWS {
+                            // Decode: keys split over blocks sized for the ring capacity, then merged.
+                            let splits = c.pages.cap.div_ceil(SPLIT_KEYS);
+                            let part = self.attn_part.as_ref().expect("allocated at load").ptr;
+                            let sargs = [
+                                A::P(inp(0)),
+                                A::P(inp(1)),
+                                A::P(inp(2)),
+                                A::P(l.k.ptr),
+                                A::P(l.v.ptr),
+                                A::P(c.dev.ptr),
+                                A::P(info_p),
+                                A::S(p.clone()),
+                                A::P(part),
+                            ];
+                            dev.launch(
+                                &format!("attention_split_{sfx}"),
+                                (r as u32, *n_heads as u32, splits as u32),
+                                128,
+                                &sargs,
+                            )?;
+                            dev.launch(
+                                "attention_combine",
+                                (r as u32, *n_heads as u32, 1),
+                                128,
+                                &[
+                                    A::P(part),
+                                    A::P(out),
+                                    A::U(*n_heads as u32),
+                                    A::U(*head_dim as u32),
+                                    A::U(node.cols as u32),
+                                    A::U(splits as u32),
+                                ],
+                            )?;
+                        } else {
+                            dev.launch(
+                                &format!("attention_{sfx}"),
+                                (r as u32, *n_heads as u32, 1),
+                                128,
+                                &args,
+                            )?;
+                        }
                         let wargs = [
                             A::P(inp(1)),
                             A::P(inp(2)),
@@ -861,7 +940,11 @@ impl Runner for CudaRunner {
         let need = orows * k;
         let chunks = vocab.div_ceil(TOPK_CHUNK);
         let cand = orows * chunks * k;
-        if self.topk.as_ref().is_none_or(|t| t.2 < need || t.3.bytes < cand * 4) {
+        if self
+            .topk
+            .as_ref()
+            .is_none_or(|t| t.2 < need || t.3.bytes < cand * 4)
+        {
             self.topk = Some((
                 self.dev.alloc(need * 4)?,
                 self.dev.alloc(need * 4)?,
@@ -888,7 +971,14 @@ impl Runner for CudaRunner {
             "top_k_merge",
             (orows as u32, 1, 1),
             1024,
-            &[A::P(pv.ptr), A::P(pi.ptr), A::U((chunks * k) as u32), A::U(k as u32), A::P(vals.ptr), A::P(ids.ptr)],
+            &[
+                A::P(pv.ptr),
+                A::P(pi.ptr),
+                A::U((chunks * k) as u32),
+                A::U(k as u32),
+                A::P(vals.ptr),
+                A::P(ids.ptr),
+            ],
         )?;
         let v = self.dev.read::<f32>(vals.ptr, need)?;
         let i = self.dev.read::<u32>(ids.ptr, need)?;
