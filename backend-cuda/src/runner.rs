@@ -112,6 +112,8 @@ pub struct CudaRunner {
     graphs: HashMap<(usize, usize), SendGraph>,
     seen: HashSet<(usize, usize)>,
     profile: Option<Profile>,
+    /// RMSNorm nodes computed together with their consumer.
+    fused: Vec<Option<Fused>>,
     /// Partial results of split attention: SPLIT_MAX_ROWS x heads x splits x (head_dim + 2).
     attn_part: Option<Mem>,
 }
@@ -132,6 +134,55 @@ impl Drop for CudaRunner {
             }
         }
     }
+}
+
+/// An RMSNorm computed together with its only consumer, the node right after it (or later, where no node
+/// in between touches the consumer's buffer): a residual Add, or a RoPE over groups of one head each.
+#[derive(Clone, Copy)]
+enum Fused {
+    Add { add: usize, other: usize },
+    Rope { rope: usize, table: usize },
+}
+
+/// Which RMSNorm nodes can be fused with their consumer (kernels/norm.cu).
+fn find_fusions(graph: &Graph, slot_of: &[usize], rope: &[(Vec<f32>, usize, Option<Mem>)]) -> Vec<Option<Fused>> {
+    let n = graph.nodes.len();
+    let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (j, node) in graph.nodes.iter().enumerate() {
+        for v in &node.inputs {
+            if !consumers[v.0].contains(&j) {
+                consumers[v.0].push(j);
+            }
+        }
+    }
+    let mut out = vec![None; n];
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let Op::RmsNorm { group, .. } = node.op else { continue };
+        if graph.output.0 == i || consumers[i].len() != 1 {
+            continue;
+        }
+        let j = consumers[i][0];
+        // The consumer's buffer is written early (at i): nothing between may read or write it.
+        let clash = (i + 1..j).any(|m| {
+            slot_of[m] == slot_of[j] || graph.nodes[m].inputs.iter().any(|v| slot_of[v.0] == slot_of[j])
+        });
+        if j <= i || clash {
+            continue;
+        }
+        let c = &graph.nodes[j];
+        out[i] = match &c.op {
+            Op::Add if c.inputs.len() == 2 => {
+                let other = if c.inputs[0].0 == i { c.inputs[1].0 } else { c.inputs[0].0 };
+                (other < i && other != i).then_some(Fused::Add { add: j, other })
+            }
+            Op::Rope { head_dim, inv_freq } if *head_dim == group && group <= 512 => rope
+                .iter()
+                .position(|(f, d, _)| f == inv_freq && d == head_dim)
+                .map(|table| Fused::Rope { rope: j, table }),
+            _ => None,
+        };
+    }
+    out
 }
 
 /// Where a decode step's time goes (E4M3_CUDA_PROFILE=1; printed when the runner is dropped).
@@ -287,6 +338,11 @@ impl CudaRunner {
             });
         }
         let (slot_of, slot_cols) = graph.buffer_slots();
+        let fused = if std::env::var("E4M3_CUDA_FUSE").as_deref() == Ok("0") {
+            vec![None; graph.nodes.len()]
+        } else {
+            find_fusions(graph, &slot_of, &rope)
+        };
         let mut part_floats = 0;
         for n in &graph.nodes {
             if let Op::Attention {
@@ -330,6 +386,7 @@ impl CudaRunner {
             graphs_enabled: std::env::var("E4M3_CUDA_GRAPHS").as_deref() != Ok("0"),
             graphs: HashMap::new(),
             seen: HashSet::new(),
+            fused,
             attn_part,
             profile: (std::env::var("E4M3_CUDA_PROFILE").as_deref() == Ok("1"))
                 .then(Profile::default),
@@ -536,7 +593,13 @@ impl CudaRunner {
         );
         let mut tapped = BTreeMap::new();
         #[allow(clippy::needless_range_loop)] // the loop body mutates self.plans[i]
+        // Fusions need every fused-away value unread: none when taps are asked for.
+        let fuse = taps.is_empty();
+        let mut skip = vec![false; self.graph.nodes.len()];
         for i in 0..self.graph.nodes.len() {
+            if skip[i] {
+                continue;
+            }
             let node = &self.graph.nodes[i];
             let r = rows[i];
             let out = self.act(i);
@@ -571,6 +634,18 @@ impl CudaRunner {
                         Plan::Norm { w },
                     ) => {
                         let ng = ne / group;
+                        // Fused with its only consumer: write that node's output instead.
+                        let (out, res, tab) = match self.fused[i] {
+                            Some(Fused::Add { add, other }) if fuse => {
+                                skip[add] = true;
+                                (self.act(add), self.act(other), 0)
+                            }
+                            Some(Fused::Rope { rope, table }) if fuse => {
+                                skip[rope] = true;
+                                (self.act(rope), 0, ptr(&self.rope[table].2))
+                            }
+                            _ => (out, 0, 0),
+                        };
                         dev.launch(
                             "rms_norm",
                             (ng as u32, 1, 1),
@@ -584,6 +659,9 @@ impl CudaRunner {
                                 A::F(*eps),
                                 A::U(*add_one as u32),
                                 A::U(w.is_some() as u32),
+                                A::P(res),
+                                A::P(tab),
+                                A::U((node.cols / group) as u32),
                             ],
                         )?;
                     }

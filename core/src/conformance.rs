@@ -349,6 +349,51 @@ fn norm_cases(out: &mut Vec<Case>) {
     }
 }
 
+/// An RMSNorm followed by its only consumer, a residual add or a RoPE: the shapes GPU backends fuse.
+fn fused_norm_cases(out: &mut Vec<Case>) {
+    for &(cols, group, then_rope) in &[(640usize, 640usize, false), (1000, 1000, false), (128, 64, true), (512, 256, true)] {
+        let mut b = Builder::new(VOCAB, (cols + group) as u64);
+        let res = b.input("res", cols, 2.0);
+        let x = b.input("x", cols, 3.0);
+        let w = rand_vec(&mut b.rng, group, 1.0);
+        b.tensor("w", DType::BF16, vec![group], &w);
+        let n = b.g.add(
+            "n",
+            Op::RmsNorm {
+                weight: Some("w".into()),
+                group,
+                eps: 1e-6,
+                add_one: true,
+            },
+            &[x],
+            cols,
+        );
+        let (y, name) = if then_rope {
+            let inv_freq: Vec<f32> = (0..group / 2)
+                .map(|i| 10000f32.powf(-2.0 * i as f32 / group as f32))
+                .collect();
+            let y = b.g.add(
+                "y",
+                Op::Rope {
+                    head_dim: group,
+                    inv_freq,
+                },
+                &[n],
+                cols,
+            );
+            (y, format!("rms_norm+rope(cols={cols},head_dim={group})"))
+        } else {
+            let y = b.g.add("y", Op::Add, &[res, n], cols);
+            (y, format!("rms_norm+add(cols={cols})"))
+        };
+        let steps = vec![
+            Batch::single(0, 0, ids(5, 2), LogitsFor::All),
+            Batch::single(0, 5, ids(1, 3), LogitsFor::All),
+        ];
+        out.push(b.finish(name, y, steps, KvCacheDtype::Auto, NMSE_ROPE.min(NMSE_NORM)));
+    }
+}
+
 fn rope_cases(out: &mut Vec<Case>) {
     for &(head_dim, heads) in &[(4usize, 1usize), (8, 3), (64, 2), (256, 1)] {
         let mut b = Builder::new(VOCAB, head_dim as u64);
@@ -714,6 +759,7 @@ pub fn cases() -> Vec<Case> {
     embed_cases(&mut out);
     elementwise_cases(&mut out);
     norm_cases(&mut out);
+    fused_norm_cases(&mut out);
     rope_cases(&mut out);
     select_cases(&mut out);
     top_k_cases(&mut out);
