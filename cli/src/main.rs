@@ -152,7 +152,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "bf16")]
         dtype: OutDType,
     },
-    /// Prefill and decode speed, peak memory.
+    /// Time to first token, decode latency and throughput per batch size, memory and bandwidth, for a
+    /// checkpoint or a synthetic model of a real shape.
     Bench(bench::BenchArgs),
     /// Write an FP8 (E4M3) checkpoint (ModelOpt, compressed-tensors or FineGrainedFP8 format).
     Quantize(quantize::QuantizeArgs),
@@ -313,6 +314,15 @@ fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
+/// The KV-cache dtype for `--kv-cache-dtype`: `auto` follows the checkpoint, an FP8 KV cache where it
+/// declares one (as vLLM does).
+pub fn resolve_kv(model: &Model, kv: KvDtypeArg) -> KvCacheDtype {
+    match kv {
+        KvDtypeArg::Auto if model.kv_cache_fp8 => KvCacheDtype::Fp8,
+        other => other.resolve(),
+    }
+}
+
 /// Load weights into the backend, with room for one sequence of `max_seq_len` tokens.
 pub fn load_runner(
     backend: &dyn Backend,
@@ -321,11 +331,7 @@ pub fn load_runner(
     kv: KvDtypeArg,
 ) -> Result<Box<dyn Runner>> {
     let pb = spinner(&format!("preparing the {} backend", backend.name()));
-    // `auto` follows the checkpoint: an FP8 KV cache where it declares one (as vLLM does).
-    let kv = match kv {
-        KvDtypeArg::Auto if model.kv_cache_fp8 => KvCacheDtype::Fp8,
-        other => other.resolve(),
-    };
+    let kv = resolve_kv(model, kv);
     if kv != KvCacheDtype::Auto {
         eprintln!("KV cache: {}", kv.name());
     }

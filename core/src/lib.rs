@@ -20,6 +20,7 @@ pub mod prepare;
 pub mod quant_config;
 pub mod quantize;
 pub mod sampling;
+pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;
 

@@ -958,7 +958,7 @@ fn ct_args(strategy: &str, dynamic: bool, observer: Option<&str>) -> Value {
 }
 
 /// The `quantization_config` of config.json for `opts.scheme`.
-fn quantization_config(
+pub(crate) fn quantization_config(
     opts: &QuantizeOptions,
     lm_head: &str,
     ignored: &[String],
