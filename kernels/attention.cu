@@ -155,7 +155,7 @@ __device__ void kv_write_impl(const float* k, const float* v, u8* kc, u8* vc, co
 // sum of exponentials and weighted values to part[((row * n_heads + head) * splits + z) * (d + 2)];
 // attention_combine merges the splits. Blocks past the row's last key write an empty partial, so the grid
 // can be sized for the cache capacity and a captured graph stays valid as sequences grow.
-#define SPLIT_KEYS ATT_THREADS
+#define SPLIT_KEYS 32
 template <int KT>
 __device__ void attention_split_impl(const float* __restrict__ q, const float* __restrict__ k,
                                      const float* __restrict__ v, const u8* kc, const u8* vc, const u32* table,
@@ -183,10 +183,8 @@ __device__ void attention_split_impl(const float* __restrict__ q, const float* _
     u32 kvo = kvh * p.d;
     for (u32 c = tid; c < p.d; c += ATT_THREADS) qs[c] = q[(u64)r * p.q_cols + h * p.d + c];
     __syncthreads();
-    // Each warp scores 32 of the split's keys.
-    for (u32 i = 0; i < 32; i++) {
-        u32 idx = warp * 32 + i;
-        if (idx >= n) break;
+    // The warps score the split's keys in turn.
+    for (u32 idx = warp; idx < n; idx += ATT_THREADS / 32) {
         float s = score_warp<KT>(qs, k, kc, table, p, cs + idx, slot, start, row0, kvo, lane);
         if (lane == 0) sc[idx] = s;
     }
@@ -215,23 +213,31 @@ __device__ void attention_split_impl(const float* __restrict__ q, const float* _
     }
 }
 
-// o[r, h*d + c] = sum_z acc_z[c] e^(m_z - M) / sum_z l_z e^(m_z - M), M = max_z m_z.
+// o[r, h*d + c] = sum_z acc_z[c] e^(m_z - M) / sum_z l_z e^(m_z - M), M = max_z m_z, over the splits that
+// hold keys of the row (the others are empty).
 extern "C" __global__ void attention_combine(const float* __restrict__ part, float* __restrict__ o, u32 n_heads, u32 d,
-                                             u32 q_cols, u32 splits) {
+                                             u32 q_cols, u32 splits, const uint4* info, u32 window) {
+    __shared__ float scratch[32];
     u32 r = blockIdx.x, h = blockIdx.y;
+    uint4 inf = info[r];
+    u32 pos = inf.y + (r - inf.w);
+    u32 lo = (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
+    u32 used = min(splits, (pos + 1 - lo + SPLIT_KEYS - 1) / SPLIT_KEYS);
     const float* base = part + ((u64)r * n_heads + h) * splits * (d + 2);
     float mx = -3.0e38f;
-    for (u32 z = 0; z < splits; z++) mx = fmaxf(mx, base[(u64)z * (d + 2)]);
+    for (u32 z = threadIdx.x; z < used; z += blockDim.x) mx = fmaxf(mx, base[(u64)z * (d + 2)]);
+    mx = block_max(mx, scratch);
     float l = 0.0f;
-    for (u32 z = 0; z < splits; z++) {
-        float lz = base[(u64)z * (d + 2) + 1];
-        if (lz > 0.0f) l += lz * expf(base[(u64)z * (d + 2)] - mx);
+    for (u32 z = threadIdx.x; z < used; z += blockDim.x) {
+        const float* pz = base + (u64)z * (d + 2);
+        l += pz[1] * expf(pz[0] - mx);
     }
+    l = block_sum(l, scratch);
     for (u32 c = threadIdx.x; c < d; c += blockDim.x) {
         float a = 0.0f;
-        for (u32 z = 0; z < splits; z++) {
+        for (u32 z = 0; z < used; z++) {
             const float* pz = base + (u64)z * (d + 2);
-            if (pz[1] > 0.0f) a += pz[2 + c] * expf(pz[0] - mx);
+            a += pz[2 + c] * expf(pz[0] - mx);
         }
         o[(u64)r * q_cols + h * d + c] = a / l;
     }

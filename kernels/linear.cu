@@ -85,7 +85,8 @@ LINEAR(linear_fp8_block_wo, 3, 3)
 LINEAR(linear_fp8_block, 3, 4)
 
 // The same arithmetic with 16-byte loads: each lane reads 16 bytes of the weight row (4 F32, 8 BF16/F16 or
-// 16 E4M3 values) and the matching activations, two chunks in flight, so a decode GEMV streams the
+// 16 E4M3 values) and the matching f32 activations (`x`: for the W8A8 schemes their E4M3 codes already
+// decoded by quant.cu), two chunks in flight, so a decode GEMV streams the
 // weights instead of waiting on one 2-byte load at a time. Needs k * sizeof(weight) a multiple of 16 (and
 // for schemes 3 and 4 a block width that is a multiple of the chunk). Scheme 4 applies its group scales
 // per 16-value chunk (the same sum, rounded in another order than the reference's per-group dot).
@@ -103,8 +104,20 @@ __device__ __forceinline__ void decode_chunk(uint4 raw, float* w) {
             w[2 * i] = f16_bits_to_f32((u16)(words[i] & 0xffffu));
             w[2 * i + 1] = f16_bits_to_f32((u16)(words[i] >> 16));
         } else {
+#if __CUDA_ARCH__ >= 890
+            // Two E4M3 codes to two F16 (exact: F16 holds every E4M3 value, NaN stays NaN), then to F32.
+#pragma unroll
+            for (int b = 0; b < 2; b++) {
+                u32 h2;
+                u16 pair = (u16)((words[i] >> (16 * b)) & 0xffffu);
+                asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(pair));
+                w[4 * i + 2 * b] = f16_bits_to_f32((u16)(h2 & 0xffffu));
+                w[4 * i + 2 * b + 1] = f16_bits_to_f32((u16)(h2 >> 16));
+            }
+#else
 #pragma unroll
             for (int b = 0; b < 4; b++) w[4 * i + b] = fp8_decode((words[i] >> (8 * b)) & 0xffu);
+#endif
         }
     }
 }
@@ -139,22 +152,21 @@ __device__ void linear_vec_impl(const u8* __restrict__ w, const float* __restric
             if (r < nt) {
                 u64 xi = (u64)(t0 + r) * k + (u64)ch * V;
                 float a = acc[r];
-                if (SCH == 1 || SCH == 2) {
-                    float xv[16];
-                    decode_chunk<3>(*(const uint4*)(xq + xi), xv);
-#pragma unroll
-                    for (int e = 0; e < V; e++) a += wv[e] * xv[e];
-                } else if (SCH == 4) {
+                const float4* xr = (const float4*)(x + xi);
+                if (SCH == 4) {
                     // The chunk lies in one activation group g: its dot times that group's two scales.
-                    float xv[16];
-                    decode_chunk<3>(*(const uint4*)(xq + xi), xv);
                     float d = 0.0f;
 #pragma unroll
-                    for (int e = 0; e < V; e++) d += wv[e] * xv[e];
+                    for (int i = 0; i < V / 4; i++) {
+                        float4 xv = xr[i];
+                        d += wv[4 * i] * xv.x;
+                        d += wv[4 * i + 1] * xv.y;
+                        d += wv[4 * i + 2] * xv.z;
+                        d += wv[4 * i + 3] * xv.w;
+                    }
                     u32 g = (ch * V) / bi;
                     a += d * (xs[(u64)(t0 + r) * ib + g] * ws[(u64)(col / bo) * ib + g]);
                 } else {
-                    const float4* xr = (const float4*)(x + xi);
 #pragma unroll
                     for (int i = 0; i < V / 4; i++) {
                         float4 xv = xr[i];

@@ -99,6 +99,8 @@ pub struct CudaRunner {
     max_k: usize,
     max_groups: usize,
     xq: Option<Mem>,
+    /// The activation codes of `xq` decoded to f32.
+    xf: Option<Mem>,
     xs: Option<Mem>,
     /// Top-k outputs (values, ids, capacity) and the per-chunk candidates of the first stage.
     topk: Option<(Mem, Mem, usize, Mem, Mem)>,
@@ -206,7 +208,7 @@ unsafe impl Send for SendGraph {}
 /// Steps of at most this many rows split each row's keys over blocks (kernels/attention.cu
 /// attention_split_*), `SPLIT_KEYS` keys a block.
 const SPLIT_MAX_ROWS: usize = 8;
-const SPLIT_KEYS: usize = 128;
+const SPLIT_KEYS: usize = 32;
 
 /// Logits per block in the first top-k stage (kernels/topk.cu).
 const TOPK_CHUNK: usize = 8192;
@@ -377,6 +379,7 @@ impl CudaRunner {
             max_k,
             max_groups,
             xq: None,
+            xf: None,
             xs: None,
             topk: None,
             classes,
@@ -415,6 +418,7 @@ impl CudaRunner {
             t.2 = Some(self.dev.alloc(cap * t.1 * 4)?);
         }
         self.xq = Some(self.dev.alloc(cap * self.max_k)?);
+        self.xf = Some(self.dev.alloc(cap * self.max_k * 4)?);
         self.xs = Some(self.dev.alloc(cap * self.max_groups * 4)?);
         self.cap_rows = cap;
         Ok(())
@@ -584,6 +588,7 @@ impl CudaRunner {
     ) -> Result<BTreeMap<String, Mat>> {
         let dev = self.dev.clone();
         let ptr = |m: &Option<Mem>| m.as_ref().map_or(0, |m| m.ptr);
+        let xf_p = ptr(&self.xf);
         let (ids_p, info_p, sel_p, xq_p, xs_p) = (
             ptr(&self.ids),
             ptr(&self.info),
@@ -649,7 +654,7 @@ impl CudaRunner {
                         dev.launch(
                             "rms_norm",
                             (ng as u32, 1, 1),
-                            256,
+                            if *group > 2048 { 1024 } else { 256 },
                             &[
                                 A::P(inp(0)),
                                 A::P(ptr(w)),
@@ -666,7 +671,7 @@ impl CudaRunner {
                         )?;
                     }
                     (Op::Linear { .. }, Plan::Linear(lp)) => {
-                        let failed = Self::linear(&dev, lp, inp(0), out, r, xq_p, xs_p)?;
+                        let failed = Self::linear(&dev, lp, inp(0), out, r, (xq_p, xs_p, xf_p))?;
                         if let Some(note) = failed {
                             if let Plan::Linear(lp) = &mut self.plans[i] {
                                 lp.lt = false;
@@ -682,8 +687,7 @@ impl CudaRunner {
                                     self.act(self.graph.nodes[i].inputs[0].0),
                                     out,
                                     r,
-                                    xq_p,
-                                    xs_p,
+                                    (xq_p, xs_p, xf_p),
                                 )?;
                             }
                         }
@@ -782,6 +786,8 @@ impl CudaRunner {
                                     A::U(*head_dim as u32),
                                     A::U(node.cols as u32),
                                     A::U(splits as u32),
+                                    A::P(info_p),
+                                    A::U(window.unwrap_or(0) as u32),
                                 ],
                             )?;
                         } else {
@@ -886,8 +892,7 @@ impl CudaRunner {
         x: u64,
         out: u64,
         r: usize,
-        xq: u64,
-        xs: u64,
+        (xq, xs, xf): (u64, u64, u64),
     ) -> Result<Option<String>> {
         let (k, n) = (lp.k, lp.n);
         let ib = k.div_ceil(lp.block[1]);
@@ -896,7 +901,7 @@ impl CudaRunner {
                 "quant_static",
                 grid1(r * k, 256),
                 256,
-                &[A::P(x), A::P(xq), A::L((r * k) as u64), A::F(1.0 / lp.sx)],
+                &[A::P(x), A::P(xq), A::L((r * k) as u64), A::F(1.0 / lp.sx), A::P(xf)],
             )?,
             2 | 4 => {
                 let (group, ng, mode) = if lp.scheme == 2 {
@@ -907,7 +912,7 @@ impl CudaRunner {
                 dev.launch(
                     "quant_group",
                     ((r * ng) as u32, 1, 1),
-                    256,
+                    if group > 2048 { 1024 } else { 256 },
                     &[
                         A::P(x),
                         A::P(xq),
@@ -917,6 +922,7 @@ impl CudaRunner {
                         A::U(group as u32),
                         A::U(ng as u32),
                         A::U(mode),
+                        A::P(xf),
                     ],
                 )?
             }
@@ -975,7 +981,8 @@ impl CudaRunner {
             (32 * LINEAR_WARPS) as u32,
             &[
                 A::P(lp.w.ptr),
-                A::P(x),
+                // The 16-byte kernels read W8A8 activations decoded (xf), the scalar ones their codes (xq).
+                A::P(if vec && matches!(lp.scheme, 1 | 2 | 4) { xf } else { x }),
                 A::P(xq),
                 A::P(xs),
                 A::P(lp.ws.as_ref().map_or(0, |m| m.ptr)),
