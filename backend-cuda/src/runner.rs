@@ -147,7 +147,11 @@ enum Fused {
 }
 
 /// Which RMSNorm nodes can be fused with their consumer (kernels/norm.cu).
-fn find_fusions(graph: &Graph, slot_of: &[usize], rope: &[(Vec<f32>, usize, Option<Mem>)]) -> Vec<Option<Fused>> {
+fn find_fusions(
+    graph: &Graph,
+    slot_of: &[usize],
+    rope: &[(Vec<f32>, usize, Option<Mem>)],
+) -> Vec<Option<Fused>> {
     let n = graph.nodes.len();
     let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (j, node) in graph.nodes.iter().enumerate() {
@@ -159,14 +163,20 @@ fn find_fusions(graph: &Graph, slot_of: &[usize], rope: &[(Vec<f32>, usize, Opti
     }
     let mut out = vec![None; n];
     for (i, node) in graph.nodes.iter().enumerate() {
-        let Op::RmsNorm { group, .. } = node.op else { continue };
+        let Op::RmsNorm { group, .. } = node.op else {
+            continue;
+        };
         if graph.output.0 == i || consumers[i].len() != 1 {
             continue;
         }
         let j = consumers[i][0];
         // The consumer's buffer is written early (at i): nothing between may read or write it.
         let clash = (i + 1..j).any(|m| {
-            slot_of[m] == slot_of[j] || graph.nodes[m].inputs.iter().any(|v| slot_of[v.0] == slot_of[j])
+            slot_of[m] == slot_of[j]
+                || graph.nodes[m]
+                    .inputs
+                    .iter()
+                    .any(|v| slot_of[v.0] == slot_of[j])
         });
         if j <= i || clash {
             continue;
@@ -174,7 +184,11 @@ fn find_fusions(graph: &Graph, slot_of: &[usize], rope: &[(Vec<f32>, usize, Opti
         let c = &graph.nodes[j];
         out[i] = match &c.op {
             Op::Add if c.inputs.len() == 2 => {
-                let other = if c.inputs[0].0 == i { c.inputs[1].0 } else { c.inputs[0].0 };
+                let other = if c.inputs[0].0 == i {
+                    c.inputs[1].0
+                } else {
+                    c.inputs[0].0
+                };
                 (other < i && other != i).then_some(Fused::Add { add: j, other })
             }
             Op::Rope { head_dim, inv_freq } if *head_dim == group && group <= 512 => rope
@@ -901,7 +915,13 @@ impl CudaRunner {
                 "quant_static",
                 grid1(r * k, 256),
                 256,
-                &[A::P(x), A::P(xq), A::L((r * k) as u64), A::F(1.0 / lp.sx), A::P(xf)],
+                &[
+                    A::P(x),
+                    A::P(xq),
+                    A::L((r * k) as u64),
+                    A::F(1.0 / lp.sx),
+                    A::P(xf),
+                ],
             )?,
             2 | 4 => {
                 let (group, ng, mode) = if lp.scheme == 2 {
@@ -982,7 +1002,11 @@ impl CudaRunner {
             &[
                 A::P(lp.w.ptr),
                 // The 16-byte kernels read W8A8 activations decoded (xf), the scalar ones their codes (xq).
-                A::P(if vec && matches!(lp.scheme, 1 | 2 | 4) { xf } else { x }),
+                A::P(if vec && matches!(lp.scheme, 1 | 2 | 4) {
+                    xf
+                } else {
+                    x
+                }),
                 A::P(xq),
                 A::P(xs),
                 A::P(lp.ws.as_ref().map_or(0, |m| m.ptr)),

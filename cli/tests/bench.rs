@@ -1,24 +1,11 @@
 //! `e4m3 bench` on the CPU backend: synthetic models in every scheme, the real 270M checkpoint, the JSON
 //! report's fields and values, and the errors for bad model sources and sizes.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::{e4m3, fails_with, root};
 
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn e4m3(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_e4m3"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
 
 fn bench_json(args: &[&str]) -> Value {
     let mut all = vec!["bench", "--backend", "cpu", "--json"];
@@ -28,20 +15,6 @@ fn bench_json(args: &[&str]) -> Value {
     assert!(out.status.success(), "{all:?} failed: {err}");
     let stdout = String::from_utf8(out.stdout).unwrap();
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
-}
-
-fn fails_with(args: &[&str], want: &[&str]) {
-    let out = e4m3(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{args:?} should fail; stderr: {err}"
-    );
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for w in want {
-        assert!(err.contains(w), "{args:?}: expected `{w}` in: {err}");
-    }
 }
 
 fn positive(v: &Value, what: &str) -> f64 {

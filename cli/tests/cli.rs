@@ -1,17 +1,12 @@
 //! The `e4m3` binary as a user runs it: real outputs on the real Gemma 3 270M, and clear errors
 //! (exit status 1, message naming the file or parameter) for bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::{e4m3, fails_with, root};
+use std::path::PathBuf;
 
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn real_model() -> PathBuf {
     let dir = root().join("models/gemma-3-270m");
@@ -21,27 +16,6 @@ fn real_model() -> PathBuf {
         dir.display()
     );
     dir
-}
-
-fn e4m3(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_e4m3"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn fails_with(args: &[&str], want: &[&str]) {
-    let out = e4m3(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{args:?} should fail; stderr: {err}"
-    );
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for w in want {
-        assert!(err.contains(w), "{args:?}: expected `{w}` in: {err}");
-    }
 }
 
 fn golden_case(name: &str) -> Value {

@@ -1,16 +1,10 @@
 //! `e4m3 eval` as a user runs it, on the real Gemma 3 270M against itself (small configs, CPU).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::{e4m3, root};
 
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn real_model() -> String {
     let dir = root().join("models/gemma-3-270m");
@@ -20,13 +14,6 @@ fn real_model() -> String {
         dir.display()
     );
     dir.display().to_string()
-}
-
-fn e4m3(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_e4m3"))
-        .args(args)
-        .output()
-        .expect("binary runs")
 }
 
 const TEXT: &str = "It was a bright cold day in April, and the clocks were striking thirteen. The old \

@@ -351,7 +351,12 @@ fn norm_cases(out: &mut Vec<Case>) {
 
 /// An RMSNorm followed by its only consumer, a residual add or a RoPE: the shapes GPU backends fuse.
 fn fused_norm_cases(out: &mut Vec<Case>) {
-    for &(cols, group, then_rope) in &[(640usize, 640usize, false), (1000, 1000, false), (128, 64, true), (512, 256, true)] {
+    for &(cols, group, then_rope) in &[
+        (640usize, 640usize, false),
+        (1000, 1000, false),
+        (128, 64, true),
+        (512, 256, true),
+    ] {
         let mut b = Builder::new(VOCAB, (cols + group) as u64);
         let res = b.input("res", cols, 2.0);
         let x = b.input("x", cols, 3.0);
