@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod conformance;
 pub mod cpu;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fp8;

@@ -1,0 +1,696 @@
+//! The serving engine: continuous batching over one [`Runner`], usable from Rust without HTTP.
+//!
+//! Requests are submitted as token ids and come back as a stream of [`Event`]s. A loop thread runs one step
+//! at a time: waiting requests join as slots free up, every running sequence contributes either its next
+//! prompt chunk (chunked prefill, at most `prefill_chunk` prompt tokens a step in total) or its last token,
+//! and finished or cancelled sequences leave at once. KV memory is accounted in blocks of [`KV_BLOCK`]
+//! positions ([`BlockAllocator`]); when a step needs more blocks than are free, the newest running sequence
+//! is preempted (its slot released) and later recomputed from its prompt plus what it already generated.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::backend::{Batch, LogitsFor, Runner, SeqStep};
+use crate::error::{Error, Result};
+use crate::generate::top_k;
+use crate::sampling::{Sampler, SamplingParams};
+
+/// Positions per KV block.
+pub const KV_BLOCK: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences running at once (the runner must have this many KV-cache slots).
+    pub max_num_seqs: usize,
+    /// Longest prompt + completion (the runner's maximum sequence length).
+    pub max_model_len: usize,
+    /// Prompt tokens processed per step, over all sequences (chunked prefill).
+    pub prefill_chunk: usize,
+    /// KV blocks available; `None`: enough for every slot at full length.
+    pub kv_blocks: Option<usize>,
+    /// Token ids must be below this.
+    pub vocab_size: usize,
+}
+
+impl EngineConfig {
+    pub fn new(max_num_seqs: usize, max_model_len: usize, vocab_size: usize) -> EngineConfig {
+        EngineConfig {
+            max_num_seqs,
+            max_model_len,
+            prefill_chunk: 512,
+            kv_blocks: None,
+            vocab_size,
+        }
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.kv_blocks
+            .unwrap_or(self.max_num_seqs * self.max_model_len.div_ceil(KV_BLOCK))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineRequest {
+    pub prompt_ids: Vec<u32>,
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops after any of these tokens (it is included in the output).
+    pub stop_ids: Vec<u32>,
+    /// Log-probabilities: `Some(n)` returns the chosen token's and the `n` most likely ones'.
+    pub logprobs: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The handle was cancelled or dropped.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token {
+        id: u32,
+        /// log-softmax of the chosen token (when logprobs were asked for).
+        logprob: Option<f32>,
+        /// The most likely tokens with their log-probabilities.
+        top_logprobs: Vec<(u32, f32)>,
+    },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The request failed; no more events follow.
+    Error(String),
+}
+
+/// A submitted request: its events, and a way to cancel it. Dropping the handle cancels the request.
+pub struct RequestHandle {
+    pub id: u64,
+    pub events: Receiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl RequestHandle {
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Wait for every event; the generated ids and how it finished.
+    pub fn collect(self) -> Result<(Vec<u32>, FinishReason)> {
+        let mut ids = Vec::new();
+        for ev in self.events.iter() {
+            match ev {
+                Event::Token { id, .. } => ids.push(id),
+                Event::Finished { reason, .. } => return Ok((ids, reason)),
+                Event::Error(e) => return Err(Error::invalid(e)),
+            }
+        }
+        Err(Error::invalid(
+            "the engine stopped before the request finished",
+        ))
+    }
+}
+
+impl Drop for RequestHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// Counts and latency histograms, as `GET /metrics` reports them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricsSnapshot {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_free: usize,
+    pub finished_stop: u64,
+    pub finished_length: u64,
+    pub finished_cancelled: u64,
+    pub failed: u64,
+    pub preemptions: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    /// Cumulative counts per upper bound in seconds ([`LATENCY_BUCKETS`]), then the count and sum.
+    pub ttft: Histogram,
+    pub itl: Histogram,
+}
+
+/// Upper bounds (seconds) of the latency histograms.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    pub buckets: [u64; 12],
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        for (b, &le) in self.buckets.iter_mut().zip(LATENCY_BUCKETS.iter()) {
+            if secs <= le {
+                *b += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+}
+
+/// KV blocks handed to sequences as they grow and returned when they leave.
+#[derive(Debug, Clone)]
+pub struct BlockAllocator {
+    total: usize,
+    used: usize,
+}
+
+impl BlockAllocator {
+    pub fn new(total: usize) -> BlockAllocator {
+        BlockAllocator { total, used: 0 }
+    }
+    pub fn free(&self) -> usize {
+        self.total - self.used
+    }
+    pub fn used(&self) -> usize {
+        self.used
+    }
+    /// Blocks a sequence of `len` positions holds.
+    pub fn blocks_for(len: usize) -> usize {
+        len.div_ceil(KV_BLOCK)
+    }
+    fn take(&mut self, n: usize) -> bool {
+        if n <= self.free() {
+            self.used += n;
+            true
+        } else {
+            false
+        }
+    }
+    fn give_back(&mut self, n: usize) {
+        self.used -= n.min(self.used);
+    }
+}
+
+struct Pending {
+    req: EngineRequest,
+    /// The prompt, plus what was generated before a preemption.
+    tokens: Vec<u32>,
+    sampler: Sampler,
+    tx: Sender<Event>,
+    cancel: Arc<AtomicBool>,
+    submitted: Instant,
+}
+
+/// A request with a KV-cache slot.
+struct Seq {
+    p: Pending,
+    slot: usize,
+    /// Prompt and generated tokens: what the cache must hold.
+    tokens: Vec<u32>,
+    /// Tokens already in the cache.
+    computed: usize,
+    blocks: usize,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+impl Seq {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.p.req.prompt_ids.len()
+    }
+}
+
+enum Command {
+    Submit(Box<Pending>),
+    Shutdown,
+}
+
+/// The engine: a loop thread that owns the runner.
+pub struct Engine {
+    tx: Sender<Command>,
+    metrics: Arc<Mutex<MetricsSnapshot>>,
+    next_id: AtomicU64,
+    config: EngineConfig,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Start the loop thread. `runner` must have `max_num_seqs` slots of `max_model_len` positions.
+    pub fn start(runner: Box<dyn Runner>, config: EngineConfig) -> Result<Engine> {
+        if config.max_num_seqs == 0 || config.max_model_len == 0 || config.prefill_chunk == 0 {
+            return Err(Error::invalid(
+                "max_num_seqs, max_model_len and prefill_chunk must be at least 1",
+            ));
+        }
+        let (tx, rx) = mpsc::channel();
+        let metrics = Arc::new(Mutex::new(MetricsSnapshot {
+            kv_blocks_free: config.total_blocks(),
+            ..Default::default()
+        }));
+        let mut core = Core {
+            runner,
+            config: config.clone(),
+            rx,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            free_slots: (0..config.max_num_seqs).rev().collect(),
+            blocks: BlockAllocator::new(config.total_blocks()),
+            metrics: metrics.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("e4m3-engine".into())
+            .spawn(move || core.run())
+            .map_err(|e| Error::invalid(format!("could not start the engine thread: {e}")))?;
+        Ok(Engine {
+            tx,
+            metrics,
+            next_id: AtomicU64::new(1),
+            config,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Check and queue a request. Errors name the offending numbers; nothing is queued then.
+    pub fn submit(&self, req: EngineRequest) -> Result<RequestHandle> {
+        let c = &self.config;
+        if req.prompt_ids.is_empty() {
+            return Err(Error::invalid("the prompt is empty"));
+        }
+        if req.max_tokens == 0 {
+            return Err(Error::invalid("max_tokens must be at least 1"));
+        }
+        if req.prompt_ids.len() + req.max_tokens > c.max_model_len {
+            return Err(Error::invalid(format!(
+                "the prompt has {} tokens and {} more were asked for ({} in all), over the maximum model length of {}",
+                req.prompt_ids.len(),
+                req.max_tokens,
+                req.prompt_ids.len() + req.max_tokens,
+                c.max_model_len
+            )));
+        }
+        if let Some(&bad) = req.prompt_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        let need = BlockAllocator::blocks_for(req.prompt_ids.len() + req.max_tokens);
+        if need > c.total_blocks() {
+            return Err(Error::invalid(format!(
+                "the request needs {need} KV blocks of {KV_BLOCK} positions; the cache has {}",
+                c.total_blocks()
+            )));
+        }
+        let sampler = Sampler::new(req.sampling.clone())?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, events) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let pending = Pending {
+            tokens: req.prompt_ids.clone(),
+            req,
+            sampler,
+            tx,
+            cancel: cancel.clone(),
+            submitted: Instant::now(),
+        };
+        self.tx
+            .send(Command::Submit(Box::new(pending)))
+            .map_err(|_| Error::invalid("the engine has stopped"))?;
+        Ok(RequestHandle { id, events, cancel })
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Core {
+    runner: Box<dyn Runner>,
+    config: EngineConfig,
+    rx: Receiver<Command>,
+    waiting: VecDeque<Pending>,
+    running: Vec<Seq>,
+    free_slots: Vec<usize>,
+    blocks: BlockAllocator,
+    metrics: Arc<Mutex<MetricsSnapshot>>,
+}
+
+/// log-softmax of one logit of a row.
+fn log_softmax_at(row: &[f32], max: f32, log_sum: f32, id: u32) -> f32 {
+    row.get(id as usize)
+        .map_or(f32::NEG_INFINITY, |&x| x - max - log_sum)
+}
+
+impl Core {
+    fn run(&mut self) {
+        loop {
+            // Take new requests; block only when there is nothing to do.
+            let idle = self.running.is_empty() && self.waiting.is_empty();
+            let first = if idle {
+                match self.rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            } else {
+                None
+            };
+            for cmd in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| self.rx.try_recv().ok()))
+            {
+                match cmd {
+                    Command::Submit(p) => self.waiting.push_back(*p),
+                    Command::Shutdown => {
+                        self.fail_all("the engine is shutting down");
+                        return;
+                    }
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+            self.publish();
+        }
+    }
+
+    fn fail_all(&mut self, why: &str) {
+        for p in self.waiting.drain(..) {
+            let _ = p.tx.send(Event::Error(why.to_string()));
+        }
+        for s in std::mem::take(&mut self.running) {
+            let _ = s.p.tx.send(Event::Error(why.to_string()));
+        }
+    }
+
+    fn finish(&mut self, idx: usize, reason: FinishReason) {
+        let s = self.running.remove(idx);
+        let _ = self.runner.release(s.slot);
+        self.free_slots.push(s.slot);
+        self.blocks.give_back(s.blocks);
+        let _ = s.p.tx.send(Event::Finished {
+            reason,
+            prompt_tokens: s.p.req.prompt_ids.len(),
+            completion_tokens: s.generated(),
+        });
+        if let Ok(mut m) = self.metrics.lock() {
+            match reason {
+                FinishReason::Stop => m.finished_stop += 1,
+                FinishReason::Length => m.finished_length += 1,
+                FinishReason::Cancelled => m.finished_cancelled += 1,
+            }
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].cancel.load(Ordering::Relaxed) {
+                let p = self.waiting.remove(i).expect("index checked");
+                let _ = p.tx.send(Event::Finished {
+                    reason: FinishReason::Cancelled,
+                    prompt_tokens: p.req.prompt_ids.len(),
+                    completion_tokens: 0,
+                });
+                if let Ok(mut m) = self.metrics.lock() {
+                    m.finished_cancelled += 1;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].p.cancel.load(Ordering::Relaxed) {
+                self.finish(i, FinishReason::Cancelled);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Waiting requests take free slots, oldest first.
+    fn admit(&mut self) {
+        while !self.waiting.is_empty() {
+            let Some(slot) = self.free_slots.pop() else {
+                break;
+            };
+            let mut p = self.waiting.pop_front().expect("not empty");
+            let tokens = std::mem::take(&mut p.tokens);
+            self.running.push(Seq {
+                p,
+                slot,
+                tokens,
+                computed: 0,
+                blocks: 0,
+                first_token: None,
+                last_token: None,
+            });
+        }
+    }
+
+    /// Release the newest running sequence's slot and blocks; it waits (first in line) to be recomputed.
+    fn preempt_newest(&mut self) -> bool {
+        let Some(mut s) = self.running.pop() else {
+            return false;
+        };
+        let _ = self.runner.release(s.slot);
+        self.free_slots.push(s.slot);
+        self.blocks.give_back(s.blocks);
+        s.p.tokens = s.tokens;
+        self.waiting.push_front(s.p);
+        if let Ok(mut m) = self.metrics.lock() {
+            m.preemptions += 1;
+        }
+        true
+    }
+
+    fn step(&mut self) {
+        // Plan: each sequence's next tokens, within the prefill budget and the KV blocks.
+        let mut budget = self.config.prefill_chunk;
+        let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens this step)
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            let left = s.tokens.len() - s.computed;
+            let n = if left <= 1 { left } else { left.min(budget) };
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            let need = BlockAllocator::blocks_for(s.computed + n).saturating_sub(s.blocks);
+            if !self.blocks.take(need) {
+                // Out of blocks: preempt the newest sequence (maybe this one) and plan again.
+                // Blocks taken so far stay with their sequences; planning starts over.
+                plan.clear();
+                if !self.preempt_newest() {
+                    return;
+                }
+                budget = self.config.prefill_chunk;
+                i = 0;
+                continue;
+            }
+            self.running[i].blocks += need;
+            if left > 1 {
+                budget -= n;
+            }
+            plan.push((i, n));
+            i += 1;
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let batch = Batch {
+            seqs: plan
+                .iter()
+                .map(|&(i, n)| {
+                    let s = &self.running[i];
+                    SeqStep {
+                        slot: s.slot,
+                        start_pos: s.computed,
+                        tokens: s.tokens[s.computed..s.computed + n].to_vec(),
+                        logits: if s.computed + n == s.tokens.len() {
+                            LogitsFor::Last
+                        } else {
+                            LogitsFor::None
+                        },
+                    }
+                })
+                .collect(),
+        };
+        let prompt_tokens: usize = plan
+            .iter()
+            .map(|&(i, n)| {
+                let s = &self.running[i];
+                n.min(s.p.req.prompt_ids.len().saturating_sub(s.computed))
+            })
+            .sum();
+        // Greedy sequences without log-probabilities need only the best id: the backend selects it.
+        let top_only = plan.iter().all(|&(i, _)| {
+            let p = &self.running[i].p;
+            p.req.sampling.is_greedy() && p.req.logprobs.is_none()
+        });
+        let rows: Result<Vec<Vec<f32>>> = if top_only {
+            self.runner.step_top_k(&batch, 1).map(|tops| {
+                tops.into_iter()
+                    .map(|t| vec![t.first().map_or(0.0, |c| c.0 as f32)])
+                    .collect()
+            })
+        } else {
+            self.runner.step(&batch, &[]).map(|o| {
+                (0..o.logits.rows)
+                    .map(|r| o.logits.row(r).to_vec())
+                    .collect()
+            })
+        };
+        let rows = match rows {
+            Ok(r) => r,
+            Err(e) => {
+                // The step failed: its sequences fail, the engine goes on.
+                let msg = format!("the backend failed: {e}");
+                let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let s = self.running.remove(i);
+                    let _ = self.runner.release(s.slot);
+                    self.free_slots.push(s.slot);
+                    self.blocks.give_back(s.blocks);
+                    let _ = s.p.tx.send(Event::Error(msg.clone()));
+                    if let Ok(mut m) = self.metrics.lock() {
+                        m.failed += 1;
+                    }
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut next_row = 0;
+        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        let mut generated = 0u64;
+        for &(i, n) in &plan {
+            let s = &mut self.running[i];
+            s.computed += n;
+            if s.computed < s.tokens.len() {
+                continue;
+            }
+            let row = &rows[next_row];
+            next_row += 1;
+            let (id, logprob, tops) = if top_only {
+                (row[0] as u32, None, Vec::new())
+            } else {
+                let id = s.p.sampler.sample(row);
+                match s.p.req.logprobs {
+                    Some(nlp) => {
+                        let max = row
+                            .iter()
+                            .cloned()
+                            .filter(|x| !x.is_nan())
+                            .fold(f32::NEG_INFINITY, f32::max);
+                        let log_sum = row
+                            .iter()
+                            .filter(|x| !x.is_nan())
+                            .map(|&x| ((x - max) as f64).exp())
+                            .sum::<f64>()
+                            .ln() as f32;
+                        let tops = top_k(row, nlp)
+                            .into_iter()
+                            .map(|(t, x)| (t, x - max - log_sum))
+                            .collect();
+                        (id, Some(log_softmax_at(row, max, log_sum, id)), tops)
+                    }
+                    None => (id, None, Vec::new()),
+                }
+            };
+            s.tokens.push(id);
+            generated += 1;
+            match s.last_token {
+                None => {
+                    if s.first_token.is_none() {
+                        s.first_token = Some(now);
+                        if let Ok(mut m) = self.metrics.lock() {
+                            m.ttft
+                                .observe(now.duration_since(s.p.submitted).as_secs_f64());
+                        }
+                    }
+                }
+                Some(t) => {
+                    if let Ok(mut m) = self.metrics.lock() {
+                        m.itl.observe(now.duration_since(t).as_secs_f64());
+                    }
+                }
+            }
+            s.last_token = Some(now);
+            let sent =
+                s.p.tx
+                    .send(Event::Token {
+                        id,
+                        logprob,
+                        top_logprobs: tops,
+                    })
+                    .is_ok();
+            if !sent {
+                finished.push((i, FinishReason::Cancelled));
+            } else if s.p.req.stop_ids.contains(&id) {
+                finished.push((i, FinishReason::Stop));
+            } else if s.generated() >= s.p.req.max_tokens
+                || s.tokens.len() >= self.config.max_model_len
+            {
+                finished.push((i, FinishReason::Length));
+            }
+        }
+        if let Ok(mut m) = self.metrics.lock() {
+            m.prompt_tokens += prompt_tokens as u64;
+            m.generated_tokens += generated;
+        }
+        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, reason) in finished {
+            self.finish(i, reason);
+        }
+    }
+
+    fn publish(&self) {
+        if let Ok(mut m) = self.metrics.lock() {
+            m.running = self.running.len();
+            m.waiting = self.waiting.len();
+            m.kv_blocks_used = self.blocks.used();
+            m.kv_blocks_free = self.blocks.free();
+        }
+    }
+}
