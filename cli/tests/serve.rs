@@ -129,6 +129,29 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Ctrl-C: the server stops by itself with status 0.
+    fn interrupt(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let t = std::time::Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the server did not stop on SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -547,6 +570,8 @@ fn serve_api_key() {
     assert_eq!(s, 200, "{text}");
     let (s, _) = srv.request("POST", "/v1/completions", &[], body.as_bytes());
     assert_eq!(s, 401);
+    let mut srv = srv;
+    assert!(srv.interrupt().success());
 }
 
 /// The official `openai` Python client against the real 270M. Fails when the client cannot be installed,
@@ -569,4 +594,50 @@ fn serve_openai_client() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("checks passed"));
+}
+
+/// A client that goes away mid-stream cancels its engine request (real 270M on the CPU, slow enough that
+/// the request is still running when the client leaves).
+#[test]
+fn serve_disconnect_cancels() {
+    let model = root().join("models/gemma-3-270m");
+    assert!(
+        model.join("model.safetensors").is_file(),
+        "the real model is not at {} — run `scripts/setup.sh` first",
+        model.display()
+    );
+    let srv = Server::start(&model, &["--max-model-len", "512", "--max-num-seqs", "2"]);
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true, "stop_token_ids": []})
+        .to_string();
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Read until the first text chunk has arrived, then hang up.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"text\"") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    let t = std::time::Instant::now();
+    loop {
+        let (_, m) = srv.get("/metrics");
+        if metric(&m, "e4m3_requests_total{finish_reason=\"cancelled\"}") == 1.0 {
+            assert_eq!(metric(&m, "e4m3_num_requests_running"), 0.0, "{m}");
+            assert!(metric(&m, "e4m3_generation_tokens_total") < 400.0, "{m}");
+            assert_eq!(metric(&m, "e4m3_kv_blocks_used"), 0.0, "{m}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the request was not cancelled: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
