@@ -567,10 +567,8 @@ fn parse_common(s: &AppState, obj: &Map<String, Value>, chat: bool) -> Result<Co
             break;
         }
     }
-    let seed = match opt_i64(obj, "seed")? {
-        Some(x) => Some(x as u64),
-        None => None,
-    };
+    // A negative seed (allowed by the OpenAI API) is used by its two's-complement bits.
+    let seed = opt_i64(obj, "seed")?.map(|x| x as u64);
     let mut p = s.gen.sampling_params(seed);
     if let Some(t) = opt_f32(obj, "temperature")? {
         if !(t.is_finite() && t >= 0.0) {

@@ -241,7 +241,7 @@ fn serve_tiny_model() {
     // <bos> w5 w8 w9 w10 w7 w6
     assert_eq!(u["prompt_tokens"], 7, "{r}");
     let completion = u["completion_tokens"].as_u64().unwrap();
-    assert!(completion >= 1 && completion <= 12);
+    assert!((1..=12).contains(&completion));
     assert_eq!(u["total_tokens"].as_u64().unwrap(), 7 + completion);
     let finish = r["choices"][0]["finish_reason"]
         .as_str()
