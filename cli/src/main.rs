@@ -6,6 +6,7 @@ mod crosscheck;
 mod eval;
 mod plot;
 mod quantize;
+mod serve;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -166,6 +167,8 @@ enum Cmd {
     /// The op-by-op conformance suite on one backend against the CPU reference (exit 1 when a case
     /// fails, 2 when the backend is not available).
     Conformance(conformance::ConformanceArgs),
+    /// An OpenAI-compatible HTTP server (chat completions, completions, models, health, metrics).
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -261,6 +264,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(args) => eval::cmd_eval(args),
         Cmd::Devices => crosscheck::cmd_devices(),
         Cmd::Crosscheck(args) => crosscheck::cmd_crosscheck(args),
+        Cmd::Serve(args) => serve::cmd_serve(args),
         Cmd::Conformance(args) => {
             let code = conformance::cmd_conformance(args)?;
             if code != 0 {
@@ -304,7 +308,7 @@ pub fn load_model(dir: &Path) -> Result<Model> {
     Ok(model)
 }
 
-fn spinner(msg: &str) -> ProgressBar {
+pub fn spinner(msg: &str) -> ProgressBar {
     let pb = ProgressBar::new_spinner();
     pb.set_style(
         ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"),

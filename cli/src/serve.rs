@@ -1,0 +1,1310 @@
+//! `e4m3 serve`: an OpenAI-compatible HTTP server (chat completions, completions, models, health,
+//! Prometheus metrics), a thin layer over [`e4m3_core::engine::Engine`].
+//!
+//! Each generation runs a blocking thread that owns the engine's [`RequestHandle`]: it reads the engine's
+//! events, detokenizes them incrementally, looks for stop strings and hands text deltas to the async side
+//! through a tokio channel. When the client goes away the channel closes, the thread returns and dropping
+//! the handle cancels the engine request.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use e4m3_core::backend::CacheConfig;
+use e4m3_core::chat::{render_chat, ChatMessage};
+use e4m3_core::engine::{
+    Engine, EngineConfig, EngineRequest, Event, FinishReason, Histogram, RequestHandle,
+    LATENCY_BUCKETS,
+};
+use e4m3_core::generation_config::GenerationConfig;
+use e4m3_core::sampling::SamplingParams;
+use e4m3_core::tokenizer::Tokenizer;
+use serde_json::{json, Map, Value};
+
+use crate::{load_model, open_backend, resolve_kv, spinner, BackendKind, KvDtypeArg};
+
+/// Default `--max-model-len` cap when the model allows more (KV caches of every slot are allocated up front).
+const DEFAULT_MAX_MODEL_LEN: usize = 4096;
+/// Largest request body.
+const BODY_LIMIT: usize = 4 << 20;
+/// Most `top_logprobs` a request may ask for.
+const MAX_TOP_LOGPROBS: usize = 20;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendKind,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* requests.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The model name of the API (default: the --model argument, as vLLM does).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Longest prompt + completion (default: the model's max_position_embeddings, at most 4096).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Sequences generated at once (KV-cache slots).
+    #[arg(long, default_value_t = 8)]
+    max_num_seqs: usize,
+    #[arg(long, value_enum, default_value = "auto")]
+    kv_cache_dtype: KvDtypeArg,
+    /// KV blocks of 16 positions shared by all sequences (default: every slot at full length).
+    #[arg(long)]
+    num_kv_blocks: Option<usize>,
+}
+
+struct AppState {
+    engine: Engine,
+    tok: Tokenizer,
+    gen: GenerationConfig,
+    model_name: String,
+    api_key: Option<String>,
+    /// Ids that end generation (generation_config.json, else config.json, else the tokenizer's EOS).
+    eos_ids: Vec<u32>,
+    max_model_len: usize,
+    next_id: AtomicU64,
+    created: u64,
+}
+
+pub fn cmd_serve(args: ServeArgs) -> Result<()> {
+    let dir = &args.model;
+    let tok = Tokenizer::from_dir(dir)?;
+    let gen = GenerationConfig::from_dir(dir)?;
+    let model = load_model(dir)?;
+    let limit = model.config.max_position_embeddings;
+    let max_model_len = match args.max_model_len {
+        Some(0) => bail!("--max-model-len must be at least 1"),
+        Some(n) if n > limit => bail!(
+            "--max-model-len {n} is over the model's maximum length (max_position_embeddings) of {limit}"
+        ),
+        Some(n) => n,
+        None => limit.min(DEFAULT_MAX_MODEL_LEN),
+    };
+    if args.max_num_seqs == 0 {
+        bail!("--max-num-seqs must be at least 1");
+    }
+    if args.num_kv_blocks == Some(0) {
+        bail!("--num-kv-blocks must be at least 1");
+    }
+    let mut eos_ids = gen.eos_token_ids.clone();
+    if eos_ids.is_empty() {
+        eos_ids = model.config.eos_token_ids.clone();
+    }
+    if eos_ids.is_empty() {
+        eos_ids.extend(tok.eos_id());
+    }
+    let backend = open_backend(args.backend)?;
+    let pb = spinner(&format!("preparing the {} backend", backend.name()));
+    let kv = resolve_kv(&model, args.kv_cache_dtype);
+    let cache = CacheConfig::new(args.max_num_seqs, max_model_len).with_kv_dtype(kv);
+    let runner = backend.load(&model.graph, &model.weights, cache)?;
+    pb.finish_and_clear();
+    let mut cfg = EngineConfig::new(args.max_num_seqs, max_model_len, model.config.vocab_size);
+    cfg.kv_blocks = args.num_kv_blocks;
+    let blocks = cfg.total_blocks();
+    let engine = Engine::start(runner, cfg)?;
+    drop(model);
+    let model_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| dir.display().to_string());
+    eprintln!(
+        "serving {model_name} on the {} backend: max_model_len {max_model_len}, max_num_seqs {}, {blocks} KV blocks, KV cache {}",
+        backend.name(),
+        args.max_num_seqs,
+        kv.name()
+    );
+    let state = Arc::new(AppState {
+        engine,
+        tok,
+        gen,
+        model_name,
+        api_key: args.api_key.clone(),
+        eos_ids,
+        max_model_len,
+        next_id: AtomicU64::new(1),
+        created: now_secs(),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")?;
+    rt.block_on(serve(state, &args.host, args.port))?;
+    // The engine stops (its thread joins) when the last request thread lets go of the state.
+    drop(rt);
+    drop(backend);
+    Ok(())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn serve(state: Arc<AppState>, host: &str, port: u16) -> Result<()> {
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port}"))?;
+    let addr = listener.local_addr()?;
+    println!("e4m3 serve: listening on http://{addr}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the server failed")?;
+    eprintln!("e4m3 serve: stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("e4m3 serve: shutting down");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Errors
+
+/// An OpenAI-style error: `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<String>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn param(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            param: Some(field.to_string()),
+            ..ApiError::bad(message)
+        }
+    }
+    fn kind(&self) -> &'static str {
+        match self.status.as_u16() {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+    fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind(),
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_response(self.status, &self.body())
+    }
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+    .into_response()
+}
+
+async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.api_key {
+        if req.uri().path().starts_with("/v1") {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            if given != Some(key.as_str()) {
+                let mut e = ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    if given.is_none() {
+                        "missing API key: send `Authorization: Bearer KEY`"
+                    } else {
+                        "invalid API key"
+                    },
+                );
+                e.code = Some("invalid_api_key");
+                return e.into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Simple endpoints
+
+async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": [{
+            "id": s.model_name,
+            "object": "model",
+            "created": s.created,
+            "owned_by": "e4m3",
+            "root": s.model_name,
+            "max_model_len": s.max_model_len,
+        }]}),
+    )
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+    for (le, n) in LATENCY_BUCKETS.iter().zip(h.buckets.iter()) {
+        out.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {n}\n"));
+    }
+    out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {}\n", h.count));
+    out.push_str(&format!("{name}_sum {}\n{name}_count {}\n", h.sum, h.count));
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let m = s.engine.metrics();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, lines: &[(&str, String)]| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in lines {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    metric(
+        "e4m3_requests_total",
+        "counter",
+        "Finished requests by finish reason (as the engine saw it; a stop string ends a request as cancelled).",
+        &[
+            ("{finish_reason=\"stop\"}", m.finished_stop.to_string()),
+            ("{finish_reason=\"length\"}", m.finished_length.to_string()),
+            (
+                "{finish_reason=\"cancelled\"}",
+                m.finished_cancelled.to_string(),
+            ),
+        ],
+    );
+    metric(
+        "e4m3_requests_failed_total",
+        "counter",
+        "Requests that failed in the backend.",
+        &[("", m.failed.to_string())],
+    );
+    metric(
+        "e4m3_num_requests_running",
+        "gauge",
+        "Requests holding a KV-cache slot.",
+        &[("", m.running.to_string())],
+    );
+    metric(
+        "e4m3_num_requests_waiting",
+        "gauge",
+        "Requests waiting for a slot.",
+        &[("", m.waiting.to_string())],
+    );
+    metric(
+        "e4m3_kv_blocks_used",
+        "gauge",
+        "KV blocks in use.",
+        &[("", m.kv_blocks_used.to_string())],
+    );
+    metric(
+        "e4m3_kv_blocks_free",
+        "gauge",
+        "KV blocks free.",
+        &[("", m.kv_blocks_free.to_string())],
+    );
+    metric(
+        "e4m3_prompt_tokens_total",
+        "counter",
+        "Prompt tokens processed (recomputed ones after a preemption included).",
+        &[("", m.prompt_tokens.to_string())],
+    );
+    metric(
+        "e4m3_generation_tokens_total",
+        "counter",
+        "Tokens generated.",
+        &[("", m.generated_tokens.to_string())],
+    );
+    metric(
+        "e4m3_preemptions_total",
+        "counter",
+        "Sequences preempted for lack of KV blocks.",
+        &[("", m.preemptions.to_string())],
+    );
+    histogram(
+        &mut out,
+        "e4m3_time_to_first_token_seconds",
+        "Time from submission to the first generated token.",
+        &m.ttft,
+    );
+    histogram(
+        &mut out,
+        "e4m3_inter_token_latency_seconds",
+        "Time between consecutive tokens of a request.",
+        &m.itl,
+    );
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        out,
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Request parsing
+
+fn parse_body(
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
+    let bytes = body.map_err(|e| {
+        let status = e.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                status,
+                format!("the request body is over the limit of {BODY_LIMIT} bytes"),
+            )
+        } else {
+            ApiError::new(status, e.body_text())
+        }
+    })?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad(format!("the request body is not valid JSON: {e}")))?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::bad("the request body must be a JSON object")),
+    }
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    match obj.get(name) {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v),
+    }
+}
+
+fn opt_bool(obj: &Map<String, Value>, name: &str) -> Result<Option<bool>, ApiError> {
+    field(obj, name)
+        .map(|v| {
+            v.as_bool().ok_or_else(|| {
+                ApiError::param(name, format!("`{name}` must be a boolean, got {v}"))
+            })
+        })
+        .transpose()
+}
+
+fn opt_f32(obj: &Map<String, Value>, name: &str) -> Result<Option<f32>, ApiError> {
+    field(obj, name)
+        .map(|v| {
+            v.as_f64()
+                .map(|x| x as f32)
+                .ok_or_else(|| ApiError::param(name, format!("`{name}` must be a number, got {v}")))
+        })
+        .transpose()
+}
+
+fn opt_i64(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, ApiError> {
+    field(obj, name)
+        .map(|v| {
+            v.as_i64().ok_or_else(|| {
+                ApiError::param(name, format!("`{name}` must be an integer, got {v}"))
+            })
+        })
+        .transpose()
+}
+
+fn opt_str<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, ApiError> {
+    field(obj, name)
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| ApiError::param(name, format!("`{name}` must be a string, got {v}")))
+        })
+        .transpose()
+}
+
+fn token_ids(v: &Value, name: &str) -> Result<Vec<u32>, ApiError> {
+    let err = || {
+        ApiError::param(
+            name,
+            format!("`{name}` must be a list of token ids, got {v}"),
+        )
+    };
+    v.as_array()
+        .ok_or_else(err)?
+        .iter()
+        .map(|x| {
+            x.as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(err)
+        })
+        .collect()
+}
+
+/// What chat completions and completions share.
+struct Common {
+    max_tokens: Option<usize>,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    stop_ids: Vec<u32>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn parse_common(s: &AppState, obj: &Map<String, Value>, chat: bool) -> Result<Common, ApiError> {
+    if let Some(m) = opt_str(obj, "model")? {
+        if m != s.model_name {
+            let mut e = ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "The model `{m}` does not exist; this server serves `{}`.",
+                    s.model_name
+                ),
+            );
+            e.param = Some("model".into());
+            e.code = Some("model_not_found");
+            return Err(e);
+        }
+    }
+    if let Some(n) = opt_i64(obj, "n")? {
+        if n != 1 {
+            return Err(ApiError::param(
+                "n",
+                format!("only `n` = 1 is supported, got {n}"),
+            ));
+        }
+    }
+    let mut max_tokens = None;
+    let names: &[&str] = if chat {
+        &["max_completion_tokens", "max_tokens"]
+    } else {
+        &["max_tokens"]
+    };
+    for name in names {
+        if let Some(n) = opt_i64(obj, name)? {
+            if n < 1 {
+                return Err(ApiError::param(
+                    name,
+                    format!("`{name}` must be at least 1, got {n}"),
+                ));
+            }
+            max_tokens = Some(n as usize);
+            break;
+        }
+    }
+    // A negative seed (allowed by the OpenAI API) is used by its two's-complement bits.
+    let seed = opt_i64(obj, "seed")?.map(|x| x as u64);
+    let mut p = s.gen.sampling_params(seed);
+    if let Some(t) = opt_f32(obj, "temperature")? {
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(ApiError::param(
+                "temperature",
+                format!("`temperature` must be >= 0 (0 = greedy), got {t}"),
+            ));
+        }
+        p.temperature = t;
+    }
+    if let Some(x) = opt_f32(obj, "top_p")? {
+        if !(x > 0.0 && x <= 1.0) {
+            return Err(ApiError::param(
+                "top_p",
+                format!("`top_p` must be in (0, 1], got {x}"),
+            ));
+        }
+        p.top_p = x;
+    }
+    if let Some(k) = opt_i64(obj, "top_k")? {
+        if k < -1 {
+            return Err(ApiError::param(
+                "top_k",
+                format!("`top_k` must be -1 or 0 (off) or a positive integer, got {k}"),
+            ));
+        }
+        p.top_k = k.max(0) as usize;
+    }
+    if let Some(x) = opt_f32(obj, "min_p")? {
+        if !(0.0..=1.0).contains(&x) {
+            return Err(ApiError::param(
+                "min_p",
+                format!("`min_p` must be in [0, 1], got {x}"),
+            ));
+        }
+        p.min_p = x;
+    }
+    p.validate().map_err(|e| ApiError::bad(e.to_string()))?;
+    let stop = match field(obj, "stop") {
+        None => Vec::new(),
+        Some(Value::String(x)) => vec![x.clone()],
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|x| {
+                x.as_str().map(str::to_string).ok_or_else(|| {
+                    ApiError::param(
+                        "stop",
+                        format!("`stop` must be a string or a list of strings, got {x}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(v) => {
+            return Err(ApiError::param(
+                "stop",
+                format!("`stop` must be a string or a list of strings, got {v}"),
+            ))
+        }
+    }
+    .into_iter()
+    .filter(|x| !x.is_empty())
+    .collect();
+    let mut stop_ids = s.eos_ids.clone();
+    if let Some(v) = field(obj, "stop_token_ids") {
+        stop_ids.extend(token_ids(v, "stop_token_ids")?);
+    }
+    let stream = opt_bool(obj, "stream")?.unwrap_or(false);
+    let include_usage = match field(obj, "stream_options") {
+        None => false,
+        Some(Value::Object(o)) => opt_bool(o, "include_usage")
+            .map_err(|e| ApiError {
+                param: Some("stream_options.include_usage".into()),
+                ..e
+            })?
+            .unwrap_or(false),
+        Some(v) => {
+            return Err(ApiError::param(
+                "stream_options",
+                format!("`stream_options` must be an object, got {v}"),
+            ))
+        }
+    };
+    Ok(Common {
+        max_tokens,
+        sampling: p,
+        stop,
+        stop_ids,
+        stream,
+        include_usage,
+    })
+}
+
+/// Text of a message's `content`: a string, or a list of `{type: "text", text}` parts.
+fn message_content(v: Option<&Value>, i: usize) -> Result<String, ApiError> {
+    let name = format!("messages[{i}].content");
+    match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::new();
+            for (j, part) in parts.iter().enumerate() {
+                let ty = part.get("type").and_then(Value::as_str);
+                let text = part.get("text").and_then(Value::as_str);
+                match (ty, text) {
+                    (Some("text"), Some(t)) => texts.push(t),
+                    (Some(other), _) if other != "text" => {
+                        return Err(ApiError::param(
+                            &format!("{name}[{j}].type"),
+                            format!("content parts of type `{other}` are not supported (only `text`)"),
+                        ))
+                    }
+                    _ => {
+                        return Err(ApiError::param(
+                            &format!("{name}[{j}]"),
+                            format!("a content part must be {{\"type\": \"text\", \"text\": STRING}}, got {part}"),
+                        ))
+                    }
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        Some(v) => Err(ApiError::param(
+            &name,
+            format!("`{name}` must be a string or a list of content parts, got {v}"),
+        )),
+    }
+}
+
+fn chat_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
+    let msgs = match field(obj, "messages") {
+        Some(Value::Array(m)) if !m.is_empty() => m,
+        Some(Value::Array(_)) => return Err(ApiError::param("messages", "`messages` is empty")),
+        Some(v) => {
+            return Err(ApiError::param(
+                "messages",
+                format!("`messages` must be a list of messages, got {v}"),
+            ))
+        }
+        None => return Err(ApiError::param("messages", "`messages` is required")),
+    };
+    let mut messages = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let Some(o) = m.as_object() else {
+            return Err(ApiError::param(
+                &format!("messages[{i}]"),
+                format!("a message must be an object, got {m}"),
+            ));
+        };
+        let role = match o.get("role").and_then(Value::as_str) {
+            Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
+            Some("developer") => "system".to_string(),
+            other => {
+                return Err(ApiError::param(
+                    &format!("messages[{i}].role"),
+                    format!(
+                        "`role` must be system, user or assistant, got {}",
+                        other.map_or("nothing".to_string(), |r| format!("{r:?}"))
+                    ),
+                ))
+            }
+        };
+        messages.push(ChatMessage::new(
+            role,
+            message_content(o.get("content"), i)?,
+        ));
+    }
+    let template = s
+        .tok
+        .chat_template()
+        .ok_or_else(|| ApiError::bad("the model has no chat template (tokenizer_config.json chat_template); use /v1/completions"))?;
+    let text = render_chat(
+        template,
+        &messages,
+        s.tok.bos_token().unwrap_or(""),
+        s.tok.eos_token().unwrap_or(""),
+        true,
+    )
+    .map_err(|e| ApiError::param("messages", e.to_string()))?;
+    s.tok
+        .encode(&text, false)
+        .map_err(|e| ApiError::bad(e.to_string()))
+}
+
+fn completion_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
+    let bad = |v: &Value| {
+        ApiError::param(
+            "prompt",
+            format!("`prompt` must be a string, a list with one string, or a list of token ids, got {v}"),
+        )
+    };
+    let encode = |t: &str| {
+        s.tok
+            .encode_prompt(t)
+            .map_err(|e| ApiError::bad(e.to_string()))
+    };
+    match field(obj, "prompt") {
+        None => Err(ApiError::param("prompt", "`prompt` is required")),
+        Some(Value::String(t)) => encode(t),
+        Some(v @ Value::Array(list)) => match list.as_slice() {
+            [Value::String(t)] => encode(t),
+            [Value::Array(_)] => token_ids(&list[0], "prompt"),
+            [] => Err(ApiError::param("prompt", "`prompt` is empty")),
+            l if l.iter().all(Value::is_number) => token_ids(v, "prompt"),
+            l if l.len() > 1 && l.iter().all(|x| x.is_string() || x.is_array()) => Err(
+                ApiError::param("prompt", "only one prompt per request is supported"),
+            ),
+            _ => Err(bad(v)),
+        },
+        Some(v) => Err(bad(v)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Generation
+
+struct TokLp {
+    token: String,
+    logprob: f32,
+    top: Vec<(String, f32)>,
+}
+
+enum Out {
+    Delta {
+        text: String,
+        logprobs: Vec<TokLp>,
+    },
+    Done {
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+/// Where the first stop string starts in `text`, if any.
+fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// End of the text that can be sent: before the longest tail of `text` that begins a stop string.
+fn safe_end(text: &str, stops: &[String]) -> usize {
+    let longest = stops.iter().map(String::len).max().unwrap_or(0);
+    let from = text.len().saturating_sub(longest);
+    text.char_indices()
+        .map(|(i, _)| i)
+        .filter(|&i| i >= from)
+        .find(|&i| stops.iter().any(|s| s.starts_with(&text[i..])))
+        .unwrap_or(text.len())
+}
+
+struct Job {
+    handle: RequestHandle,
+    prompt_tokens: usize,
+    stop: Vec<String>,
+    stop_ids: Vec<u32>,
+    logprobs: bool,
+}
+
+fn token_text(tok: &Tokenizer, id: u32) -> String {
+    tok.decode(&[id], false).unwrap_or_default()
+}
+
+/// Read the engine's events and hand out text deltas until the request ends, `emit` returns false or
+/// `closed()` says the client is gone. Returning drops the handle, which cancels the engine request.
+fn drive(s: &AppState, job: Job, emit: &mut dyn FnMut(Out) -> bool, closed: &dyn Fn() -> bool) {
+    let Job {
+        handle,
+        prompt_tokens,
+        stop,
+        stop_ids,
+        logprobs,
+    } = job;
+    let mut dec = s.tok.stream();
+    let mut text = String::new();
+    let mut sent = 0usize;
+    let mut generated = 0usize;
+    let mut lps: Vec<TokLp> = Vec::new();
+    loop {
+        let ev = match handle.events.recv_timeout(Duration::from_millis(50)) {
+            Ok(ev) => ev,
+            Err(RecvTimeoutError::Timeout) => {
+                if closed() {
+                    return;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                emit(Out::Error(
+                    "the engine stopped before the request finished".into(),
+                ));
+                return;
+            }
+        };
+        match ev {
+            Event::Token {
+                id,
+                logprob,
+                top_logprobs,
+            } => {
+                generated += 1;
+                if logprobs {
+                    lps.push(TokLp {
+                        token: token_text(&s.tok, id),
+                        logprob: logprob.unwrap_or(f32::NAN),
+                        top: top_logprobs
+                            .iter()
+                            .map(|&(t, lp)| (token_text(&s.tok, t), lp))
+                            .collect(),
+                    });
+                }
+                if !stop_ids.contains(&id) {
+                    match dec.push(id) {
+                        Ok(piece) => text.push_str(&piece),
+                        Err(e) => {
+                            emit(Out::Error(e.to_string()));
+                            return;
+                        }
+                    }
+                }
+                if let Some(pos) = find_stop(&text, &stop) {
+                    text.truncate(pos);
+                    let delta = text.get(sent..).unwrap_or("").to_string();
+                    if emit(Out::Delta {
+                        text: delta,
+                        logprobs: std::mem::take(&mut lps),
+                    }) {
+                        emit(Out::Done {
+                            finish_reason: "stop",
+                            prompt_tokens,
+                            completion_tokens: generated,
+                        });
+                    }
+                    return;
+                }
+                let end = safe_end(&text, &stop);
+                if end > sent || !lps.is_empty() {
+                    let delta = text[sent..end.max(sent)].to_string();
+                    sent = end.max(sent);
+                    if !emit(Out::Delta {
+                        text: delta,
+                        logprobs: std::mem::take(&mut lps),
+                    }) {
+                        return;
+                    }
+                }
+            }
+            Event::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                match dec.finish() {
+                    Ok(piece) => text.push_str(&piece),
+                    Err(e) => {
+                        emit(Out::Error(e.to_string()));
+                        return;
+                    }
+                }
+                let mut finish_reason = match reason {
+                    FinishReason::Stop => "stop",
+                    FinishReason::Length => "length",
+                    FinishReason::Cancelled => "abort",
+                };
+                if let Some(pos) = find_stop(&text, &stop) {
+                    text.truncate(pos);
+                    finish_reason = "stop";
+                }
+                let delta = text.get(sent..).unwrap_or("").to_string();
+                if (!delta.is_empty() || !lps.is_empty())
+                    && !emit(Out::Delta {
+                        text: delta,
+                        logprobs: std::mem::take(&mut lps),
+                    })
+                {
+                    return;
+                }
+                emit(Out::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                });
+                return;
+            }
+            Event::Error(e) => {
+                emit(Out::Error(e));
+                return;
+            }
+        }
+    }
+}
+
+/// `drive` on a new thread; a panic there becomes an error event.
+fn spawn_drive(
+    s: Arc<AppState>,
+    job: Job,
+    mut emit: impl FnMut(Out) -> bool + Send + 'static,
+    closed: impl Fn() -> bool + Send + 'static,
+) -> Result<(), ApiError> {
+    std::thread::Builder::new()
+        .name("e4m3-request".into())
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                drive(&s, job, &mut emit, &closed)
+            }));
+            if r.is_err() {
+                emit(Out::Error(
+                    "internal error: the request thread panicked".into(),
+                ));
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot start a request thread: {e}"),
+            )
+        })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Chat,
+    Completion,
+}
+
+/// The OpenAI-shaped logprobs of some tokens: chat `{content: [...]}`, completions `{tokens, ...}`.
+fn logprobs_json(api: Api, lps: &[TokLp], offset0: usize) -> Value {
+    let num = |x: f32| {
+        if x.is_finite() {
+            json!(x)
+        } else {
+            json!(-9999.0)
+        }
+    };
+    match api {
+        Api::Chat => json!({"content": lps.iter().map(|t| json!({
+            "token": t.token,
+            "logprob": num(t.logprob),
+            "bytes": t.token.as_bytes(),
+            "top_logprobs": t.top.iter().map(|(tok, lp)| json!({
+                "token": tok, "logprob": num(*lp), "bytes": tok.as_bytes(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>()}),
+        Api::Completion => {
+            let mut off = offset0;
+            let mut offsets = Vec::new();
+            for t in lps {
+                offsets.push(off);
+                off += t.token.len();
+            }
+            json!({
+                "tokens": lps.iter().map(|t| &t.token).collect::<Vec<_>>(),
+                "token_logprobs": lps.iter().map(|t| num(t.logprob)).collect::<Vec<_>>(),
+                "top_logprobs": lps.iter().map(|t| {
+                    let mut m = Map::new();
+                    for (tok, lp) in &t.top {
+                        m.entry(tok.clone()).or_insert(num(*lp));
+                    }
+                    Value::Object(m)
+                }).collect::<Vec<_>>(),
+                "text_offset": offsets,
+            })
+        }
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+async fn chat_completions(
+    State(s): State<Arc<AppState>>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    generate(s, body, Api::Chat)
+        .await
+        .unwrap_or_else(|e| e.into_response())
+}
+
+async fn completions(
+    State(s): State<Arc<AppState>>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    generate(s, body, Api::Completion)
+        .await
+        .unwrap_or_else(|e| e.into_response())
+}
+
+async fn generate(
+    s: Arc<AppState>,
+    body: std::result::Result<Bytes, BytesRejection>,
+    api: Api,
+) -> Result<Response, ApiError> {
+    let obj = parse_body(body)?;
+    let c = parse_common(&s, &obj, api == Api::Chat)?;
+    let top_logprobs: Option<usize> = match api {
+        Api::Chat => {
+            let on = opt_bool(&obj, "logprobs")?.unwrap_or(false);
+            let k = opt_i64(&obj, "top_logprobs")?;
+            match k {
+                Some(k) if !(0..=MAX_TOP_LOGPROBS as i64).contains(&k) => {
+                    return Err(ApiError::param(
+                        "top_logprobs",
+                        format!("`top_logprobs` must be in 0..={MAX_TOP_LOGPROBS}, got {k}"),
+                    ))
+                }
+                Some(_) if !on => {
+                    return Err(ApiError::param(
+                        "top_logprobs",
+                        "`top_logprobs` needs `logprobs: true`",
+                    ))
+                }
+                _ => {}
+            }
+            on.then_some(k.unwrap_or(0) as usize)
+        }
+        Api::Completion => match opt_i64(&obj, "logprobs")? {
+            Some(k) if !(0..=MAX_TOP_LOGPROBS as i64).contains(&k) => {
+                return Err(ApiError::param(
+                    "logprobs",
+                    format!("`logprobs` must be in 0..={MAX_TOP_LOGPROBS}, got {k}"),
+                ))
+            }
+            k => k.map(|k| k as usize),
+        },
+    };
+    let prompt_ids = match api {
+        Api::Chat => chat_prompt(&s, &obj)?,
+        Api::Completion => completion_prompt(&s, &obj)?,
+    };
+    let max_tokens = match (c.max_tokens, api) {
+        (Some(n), _) => n,
+        // vLLM's defaults: completions 16, chat the rest of the model length.
+        (None, Api::Completion) => 16,
+        (None, Api::Chat) => s.max_model_len.saturating_sub(prompt_ids.len()).max(1),
+    };
+    let prompt_tokens = prompt_ids.len();
+    let handle = s
+        .engine
+        .submit(EngineRequest {
+            prompt_ids,
+            max_tokens,
+            sampling: c.sampling,
+            stop_ids: c.stop_ids.clone(),
+            logprobs: top_logprobs,
+        })
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    let job = Job {
+        handle,
+        prompt_tokens,
+        stop: c.stop,
+        stop_ids: c.stop_ids,
+        logprobs: top_logprobs.is_some(),
+    };
+    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let (id, object, chunk_object) = match api {
+        Api::Chat => (
+            format!("chatcmpl-{n}"),
+            "chat.completion",
+            "chat.completion.chunk",
+        ),
+        Api::Completion => (format!("cmpl-{n}"), "text_completion", "text_completion"),
+    };
+    let created = now_secs();
+    let model = s.model_name.clone();
+    if c.stream {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let include_usage = c.include_usage;
+        let base = json!({"id": id, "object": chunk_object, "created": created, "model": model});
+        let chunk = move |choices: Value, usage: Option<Value>| -> Bytes {
+            let mut v = base.clone();
+            v["choices"] = choices;
+            if let Some(u) = usage {
+                v["usage"] = u;
+            }
+            Bytes::from(format!("data: {v}\n\n"))
+        };
+        if api == Api::Chat {
+            let _ = tx.send(chunk(
+                json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                None,
+            ));
+        }
+        let tx2 = tx.clone();
+        let mut offset = 0usize;
+        let emit = move |o: Out| -> bool {
+            let bytes = match o {
+                Out::Delta { text, logprobs } => {
+                    let lp = if top_logprobs.is_some() {
+                        logprobs_json(api, &logprobs, offset)
+                    } else {
+                        Value::Null
+                    };
+                    offset += text.len();
+                    let choice = match api {
+                        Api::Chat => {
+                            json!({"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
+                        }
+                        Api::Completion => {
+                            json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": null})
+                        }
+                    };
+                    vec![chunk(json!([choice]), None)]
+                }
+                Out::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let choice = match api {
+                        Api::Chat => {
+                            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
+                        }
+                        Api::Completion => {
+                            json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason})
+                        }
+                    };
+                    let mut v = vec![chunk(json!([choice]), None)];
+                    if include_usage {
+                        v.push(chunk(
+                            json!([]),
+                            Some(usage(prompt_tokens, completion_tokens)),
+                        ));
+                    }
+                    v.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                    v
+                }
+                Out::Error(e) => {
+                    let err = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e).body();
+                    vec![
+                        Bytes::from(format!("data: {err}\n\n")),
+                        Bytes::from_static(b"data: [DONE]\n\n"),
+                    ]
+                }
+            };
+            bytes.into_iter().all(|b| tx.send(b).is_ok())
+        };
+        spawn_drive(s.clone(), job, emit, move || tx2.is_closed())?;
+        let resp = Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(Body::from_stream(RxStream(rx)))
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        return Ok(resp);
+    }
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Out>();
+    let tx2 = tx.clone();
+    spawn_drive(
+        s.clone(),
+        job,
+        move |o| tx.send(o).is_ok(),
+        move || tx2.is_closed(),
+    )?;
+    let mut text = String::new();
+    let mut lps = Vec::new();
+    let mut done = None;
+    while let Some(o) = rx.recv().await {
+        match o {
+            Out::Delta { text: t, logprobs } => {
+                text.push_str(&t);
+                lps.extend(logprobs);
+            }
+            Out::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                done = Some((finish_reason, prompt_tokens, completion_tokens));
+                break;
+            }
+            Out::Error(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        }
+    }
+    let Some((finish_reason, p, c)) = done else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the request ended without a result",
+        ));
+    };
+    let lp = if top_logprobs.is_some() {
+        logprobs_json(api, &lps, 0)
+    } else {
+        Value::Null
+    };
+    let choice = match api {
+        Api::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": lp,
+            "finish_reason": finish_reason,
+        }),
+        Api::Completion => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": lp,
+            "finish_reason": finish_reason,
+        }),
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "id": id,
+            "object": object,
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage(p, c),
+        }),
+    ))
+}
+
+/// A tokio receiver as the body stream of a response.
+struct RxStream(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+impl futures_core::Stream for RxStream {
+    type Item = std::result::Result<Bytes, Infallible>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|o| o.map(Ok))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_string_holdback() {
+        let stops = vec!["END".to_string(), "xy".to_string()];
+        assert_eq!(safe_end("hello E", &stops), 6);
+        assert_eq!(safe_end("hello EN", &stops), 6);
+        assert_eq!(safe_end("hello x", &stops), 6);
+        assert_eq!(safe_end("hello", &stops), 5);
+        assert_eq!(safe_end("héllo", &[]), "héllo".len());
+        assert_eq!(find_stop("a xy b END", &stops), Some(2));
+        assert_eq!(find_stop("abc", &stops), None);
+    }
+}

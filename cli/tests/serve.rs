@@ -1,0 +1,643 @@
+//! `e4m3 serve` over raw HTTP on a tiny checkpoint (CPU backend): endpoints, streaming, stop strings,
+//! error statuses, metrics, concurrency; and the official `openai` client on the real 270M
+//! (`scripts/test-openai-client.sh`).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::root;
+use e4m3_tests::{write_tiny, write_word_tokenizer, Tiny};
+use serde_json::{json, Value};
+
+const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}w4 {% elif m.role == 'user' %}w5 {% else %}w6 {% endif %}{{ m.content }} w7 {% endfor %}{% if add_generation_prompt %}w6{% endif %}";
+
+/// A tiny Gemma 3 with a word tokenizer, a chat template and `<pad>` (0) as its only EOS id.
+fn tiny_model(dir: &Path) {
+    let t = Tiny::default();
+    write_tiny(dir, &t, 7);
+    write_word_tokenizer(dir, t.vocab);
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        json!({"add_bos_token": true, "bos_token": "<bos>", "eos_token": "<eos>", "chat_template": TEMPLATE})
+            .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": [0], "do_sample": false}"#,
+    )
+    .unwrap();
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_e4m3"))
+            .args([
+                "serve",
+                "--model",
+                model.to_str().unwrap(),
+                "--backend",
+                "cpu",
+            ])
+            .args(["--port", "0", "--served-model-name", "tiny"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("e4m3 serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .trim()
+            .to_string();
+        Server { child, addr }
+    }
+
+    fn request(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> (u16, String) {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        // A server may answer (413) before reading the whole body and close; ignore write errors then.
+        let _ = s.write_all(body);
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let (head, rest) = text.split_once("\r\n\r\n").expect("a complete response");
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        (
+            status,
+            if chunked {
+                dechunk(rest)
+            } else {
+                rest.to_string()
+            },
+        )
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.request("POST", path, &[], body.to_string().as_bytes());
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
+        )
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        self.request("GET", path, &[], b"")
+    }
+
+    /// The SSE `data:` payloads of a streamed request.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let (status, text) = self.request("POST", path, &[], body.to_string().as_bytes());
+        assert_eq!(status, 200, "{text}");
+        text.split("\n\n")
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| {
+                e.strip_prefix("data: ")
+                    .unwrap_or_else(|| panic!("not an SSE data line: {e:?}"))
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+impl Server {
+    /// Ctrl-C: the server stops by itself with status 0.
+    fn interrupt(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let t = std::time::Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the server did not stop on SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").expect("chunk size line");
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+}
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut v = json!({"model": "tiny", "messages": [{"role": "user", "content": content}], "temperature": 0});
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    v
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn assert_error(status: u16, body: &Value, want_status: u16, want: &[&str]) {
+    assert_eq!(status, want_status, "{body}");
+    let e = &body["error"];
+    let msg = e["message"].as_str().unwrap_or_else(|| panic!("{body}"));
+    assert!(
+        e["type"].is_string() && e.get("param").is_some() && e.get("code").is_some(),
+        "{body}"
+    );
+    for w in want {
+        assert!(msg.contains(w), "expected `{w}` in {msg}");
+    }
+}
+
+#[test]
+fn serve_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path());
+    let srv = Server::start(
+        dir.path(),
+        &["--max-model-len", "128", "--max-num-seqs", "4"],
+    );
+
+    // health, models, unknown route
+    assert_eq!(srv.get("/health"), (200, String::new()));
+    let (status, text) = srv.get("/v1/models");
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "tiny");
+    assert_eq!(models["data"][0]["owned_by"], "e4m3");
+    assert_eq!(srv.get("/v1/nothing").0, 404);
+
+    // chat, non-streaming
+    let (status, r) = srv.post(
+        "/v1/chat/completions",
+        &chat("w8 w9 w10", json!({"max_tokens": 12})),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert!(r["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["model"], "tiny");
+    assert!(r["created"].as_u64().unwrap() > 0);
+    let msg = &r["choices"][0]["message"];
+    assert_eq!(msg["role"], "assistant");
+    let text = msg["content"].as_str().unwrap().to_string();
+    assert!(!text.is_empty(), "{r}");
+    let u = &r["usage"];
+    // <bos> w5 w8 w9 w10 w7 w6
+    assert_eq!(u["prompt_tokens"], 7, "{r}");
+    let completion = u["completion_tokens"].as_u64().unwrap();
+    assert!((1..=12).contains(&completion));
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), 7 + completion);
+    let finish = r["choices"][0]["finish_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    if finish == "length" {
+        assert_eq!(completion, 12);
+        assert_eq!(text.split_whitespace().count(), 12, "{text}");
+    } else {
+        assert_eq!(finish, "stop");
+    }
+    // Content as a list of text parts renders the same prompt.
+    let parts = json!({"model": "tiny", "temperature": 0, "max_tokens": 12,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "w8 w9 w10"}]}]});
+    let (status, r2) = srv.post("/v1/chat/completions", &parts);
+    assert_eq!(status, 200, "{r2}");
+    assert_eq!(r2["choices"][0]["message"]["content"], text.as_str());
+
+    // chat, streaming: role chunk, deltas, finish chunk, usage chunk, [DONE]
+    let events = srv.stream(
+        "/v1/chat/completions",
+        &chat(
+            "w8 w9 w10",
+            json!({"max_tokens": 12, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+    );
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    let n = chunks.len();
+    assert_eq!(
+        chunks[n - 2]["choices"][0]["finish_reason"],
+        finish.as_str()
+    );
+    assert_eq!(chunks[n - 1]["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(chunks[n - 1]["usage"], *u);
+    // Without include_usage there is no usage chunk.
+    let events = srv.stream(
+        "/v1/chat/completions",
+        &chat("w8 w9 w10", json!({"max_tokens": 12, "stream": true})),
+    );
+    assert!(events.iter().all(|e| !e.contains("\"usage\"")));
+
+    // logprobs
+    let (status, r) = srv.post(
+        "/v1/chat/completions",
+        &chat(
+            "w8 w9 w10",
+            json!({"max_tokens": 4, "logprobs": true, "top_logprobs": 3}),
+        ),
+    );
+    assert_eq!(status, 200, "{r}");
+    let lp = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        lp.len() as u64,
+        r["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    for t in lp {
+        let tops = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(tops.len(), 3);
+        // greedy: the chosen token is the most likely one
+        assert_eq!(t["token"], tops[0]["token"]);
+        assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+        assert_eq!(
+            t["bytes"].as_array().unwrap().len(),
+            t["token"].as_str().unwrap().len()
+        );
+    }
+    assert_eq!(
+        r["choices"][0]["message"]["content"].as_str().unwrap(),
+        text.split_whitespace()
+            .take(4)
+            .collect::<Vec<_>>()
+            .join(" ")
+            .as_str()
+    );
+
+    // completions: string prompt, token ids, streaming
+    let (status, c) = srv.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "w11 w12 w13", "max_tokens": 10, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{c}");
+    assert!(c["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(c["object"], "text_completion");
+    let ctext = c["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(!ctext.is_empty());
+    assert_eq!(c["usage"]["prompt_tokens"], 4); // <bos> w11 w12 w13
+    let (_, c_ids) = srv.post(
+        "/v1/completions",
+        &json!({"prompt": [2, 11, 12, 13], "max_tokens": 10, "temperature": 0}),
+    );
+    assert_eq!(c_ids["choices"][0]["text"], ctext.as_str());
+    let (_, c_list) = srv.post(
+        "/v1/completions",
+        &json!({"prompt": ["w11 w12 w13"], "max_tokens": 10, "temperature": 0}),
+    );
+    assert_eq!(c_list["choices"][0]["text"], ctext.as_str());
+    let events = srv.stream(
+        "/v1/completions",
+        &json!({"prompt": "w11 w12 w13", "max_tokens": 10, "temperature": 0, "stream": true}),
+    );
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(streamed, ctext);
+    let (_, c_lp) = srv.post(
+        "/v1/completions",
+        &json!({"prompt": "w11 w12 w13", "max_tokens": 3, "temperature": 0, "logprobs": 2}),
+    );
+    let l = &c_lp["choices"][0]["logprobs"];
+    assert_eq!(l["tokens"].as_array().unwrap().len(), 3, "{c_lp}");
+    assert_eq!(l["token_logprobs"].as_array().unwrap().len(), 3);
+    assert_eq!(l["top_logprobs"][0].as_object().unwrap().len(), 2);
+
+    // stop strings: the output ends before the first stop string, finish_reason "stop"; streamed the same
+    let words: Vec<&str> = ctext.split_whitespace().collect();
+    if words.len() >= 3 {
+        let stop = words[2];
+        let want = &ctext[..ctext.find(stop).unwrap()];
+        let body = json!({"prompt": "w11 w12 w13", "max_tokens": 10, "temperature": 0, "stop": [stop, "zzz"]});
+        let (status, s) = srv.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{s}");
+        assert_eq!(s["choices"][0]["text"], want, "{s}");
+        assert_eq!(s["choices"][0]["finish_reason"], "stop");
+        let mut sb = body.clone();
+        sb["stream"] = json!(true);
+        let events = srv.stream("/v1/completions", &sb);
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let streamed: String = chunks
+            .iter()
+            .map(|c| c["choices"][0]["text"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(streamed, want);
+        assert_eq!(
+            chunks.last().unwrap()["choices"][0]["finish_reason"],
+            "stop"
+        );
+        // a single string works too
+        let (_, s1) = srv.post(
+            "/v1/completions",
+            &json!({"prompt": "w11 w12 w13", "max_tokens": 10, "temperature": 0, "stop": stop}),
+        );
+        assert_eq!(s1["choices"][0]["text"], want);
+    } else {
+        panic!("the tiny model should generate at least 3 words: {ctext:?}");
+    }
+    // stop_token_ids: the first generated id stops generation at once
+    let first_id: u32 = words[0].trim_start_matches('w').parse().unwrap();
+    let (_, st) = srv.post("/v1/completions", &json!({"prompt": "w11 w12 w13", "max_tokens": 10, "temperature": 0, "stop_token_ids": [first_id]}));
+    assert_eq!(st["choices"][0]["finish_reason"], "stop", "{st}");
+    assert_eq!(st["usage"]["completion_tokens"], 1);
+    assert_eq!(st["choices"][0]["text"], "");
+
+    // errors
+    let (status, text) = srv.request("POST", "/v1/chat/completions", &[], b"{not json");
+    assert_error(
+        status,
+        &serde_json::from_str(&text).unwrap(),
+        400,
+        &["JSON"],
+    );
+    let (s, e) = srv.post(
+        "/v1/chat/completions",
+        &chat("w8", json!({"temperature": "hot"})),
+    );
+    assert_error(s, &e, 400, &["temperature"]);
+    assert_eq!(e["error"]["param"], "temperature");
+    let (s, e) = srv.post("/v1/chat/completions", &json!({"messages": "hi"}));
+    assert_error(s, &e, 400, &["messages"]);
+    let (s, e) = srv.post(
+        "/v1/chat/completions",
+        &chat("w8", json!({"max_tokens": 500})),
+    );
+    assert_error(s, &e, 400, &["500", "128"]);
+    let (s, e) = srv.post(
+        "/v1/completions",
+        &json!({"prompt": "w8", "max_tokens": 127}),
+    );
+    assert_error(s, &e, 400, &["127", "128"]);
+    let (s, e) = srv.post(
+        "/v1/chat/completions",
+        &chat("w8", json!({"model": "gpt-4"})),
+    );
+    assert_error(s, &e, 404, &["gpt-4"]);
+    for (extra, field) in [
+        (json!({"n": 2}), "n"),
+        (json!({"max_tokens": -1}), "max_tokens"),
+        (json!({"max_tokens": 0}), "max_tokens"),
+        (json!({"temperature": -0.5}), "temperature"),
+        (json!({"top_p": 1.5}), "top_p"),
+        (json!({"top_p": 0}), "top_p"),
+        (json!({"min_p": 2}), "min_p"),
+        (json!({"stop": 5}), "stop"),
+        (
+            json!({"logprobs": true, "top_logprobs": 50}),
+            "top_logprobs",
+        ),
+    ] {
+        let (s, e) = srv.post("/v1/chat/completions", &chat("w8", extra.clone()));
+        assert_error(s, &e, 400, &[field]);
+        assert_eq!(e["error"]["param"], field, "{extra}");
+    }
+    let (s, e) = srv.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "robot", "content": "w8"}]}),
+    );
+    assert_error(s, &e, 400, &["role"]);
+    let (s, e) = srv.post("/v1/completions", &json!({"prompt": [999999]}));
+    assert_error(s, &e, 400, &["999999"]);
+    let big = format!("{{\"prompt\": \"{}\"}}", "w8 ".repeat(2 << 20));
+    let (status, text) = srv.request("POST", "/v1/completions", &[], big.as_bytes());
+    assert_eq!(status, 413, "{text}");
+    assert_error(
+        status,
+        &serde_json::from_str(&text).unwrap(),
+        413,
+        &["limit"],
+    );
+
+    // 8 concurrent greedy requests (more than the 4 slots) each equal the request run alone
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("w{} w{} w{}", 20 + i, 30 + i, 40 + i))
+        .collect();
+    let body = |p: &str, i: usize| json!({"prompt": p, "max_tokens": 8 + i, "temperature": 0});
+    let alone: Vec<Value> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| srv.post("/v1/completions", &body(p, i)).1)
+        .collect();
+    let together: Vec<Value> = std::thread::scope(|sc| {
+        let hs: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let srv = &srv;
+                let b = body(p, i);
+                sc.spawn(move || srv.post("/v1/completions", &b).1)
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (a, t) in alone.iter().zip(&together) {
+        assert_eq!(
+            a["choices"][0]["text"], t["choices"][0]["text"],
+            "{a} vs {t}"
+        );
+        assert_eq!(a["usage"], t["usage"]);
+    }
+
+    // metrics: nothing running, counters and histograms filled
+    let (status, m) = srv.get("/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(metric(&m, "e4m3_num_requests_running"), 0.0, "{m}");
+    assert_eq!(metric(&m, "e4m3_num_requests_waiting"), 0.0);
+    let finished = metric(&m, "e4m3_requests_total{finish_reason=\"stop\"}")
+        + metric(&m, "e4m3_requests_total{finish_reason=\"length\"}")
+        + metric(&m, "e4m3_requests_total{finish_reason=\"cancelled\"}");
+    assert!(finished >= 30.0, "{m}");
+    assert_eq!(metric(&m, "e4m3_requests_failed_total"), 0.0);
+    assert!(metric(&m, "e4m3_generation_tokens_total") >= 100.0);
+    assert!(metric(&m, "e4m3_prompt_tokens_total") >= 100.0);
+    assert_eq!(metric(&m, "e4m3_kv_blocks_used"), 0.0);
+    assert_eq!(metric(&m, "e4m3_kv_blocks_free"), 4.0 * 8.0);
+    assert!(metric(&m, "e4m3_preemptions_total") >= 0.0);
+    assert_eq!(
+        metric(&m, "e4m3_time_to_first_token_seconds_count"),
+        metric(&m, "e4m3_time_to_first_token_seconds_bucket{le=\"+Inf\"}")
+    );
+    assert!(metric(&m, "e4m3_time_to_first_token_seconds_count") >= 30.0);
+    assert!(metric(&m, "e4m3_inter_token_latency_seconds_count") >= 30.0);
+    assert!(m.contains("e4m3_inter_token_latency_seconds_bucket{le=\"0.001\"}"));
+    assert!(m.contains("# TYPE e4m3_time_to_first_token_seconds histogram"));
+}
+
+#[test]
+fn serve_api_key() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path());
+    let srv = Server::start(
+        dir.path(),
+        &[
+            "--max-model-len",
+            "64",
+            "--max-num-seqs",
+            "1",
+            "--api-key",
+            "sekrit",
+        ],
+    );
+    assert_eq!(srv.get("/health").0, 200);
+    let (s, text) = srv.get("/v1/models");
+    assert_error(s, &serde_json::from_str(&text).unwrap(), 401, &["API key"]);
+    let (s, text) = srv.request("GET", "/v1/models", &["Authorization: Bearer wrong"], b"");
+    assert_error(s, &serde_json::from_str(&text).unwrap(), 401, &["API key"]);
+    let (s, _) = srv.request("GET", "/v1/models", &["Authorization: Bearer sekrit"], b"");
+    assert_eq!(s, 200);
+    let body = json!({"prompt": "w8", "max_tokens": 2}).to_string();
+    let (s, text) = srv.request(
+        "POST",
+        "/v1/completions",
+        &["Authorization: Bearer sekrit"],
+        body.as_bytes(),
+    );
+    assert_eq!(s, 200, "{text}");
+    let (s, _) = srv.request("POST", "/v1/completions", &[], body.as_bytes());
+    assert_eq!(s, 401);
+    let mut srv = srv;
+    assert!(srv.interrupt().success());
+}
+
+/// The official `openai` Python client against the real 270M. Fails when the client cannot be installed,
+/// unless E4M3_ALLOW_NO_OPENAI=1.
+#[test]
+fn serve_openai_client() {
+    let out = Command::new(root().join("scripts/test-openai-client.sh"))
+        .env("E4M3_BIN", env!("CARGO_BIN_EXE_e4m3"))
+        .output()
+        .expect("the script runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(3) && std::env::var("E4M3_ALLOW_NO_OPENAI").as_deref() == Ok("1") {
+        eprintln!("skipped: the openai client cannot be installed: {err}");
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "scripts/test-openai-client.sh failed ({:?}); set E4M3_ALLOW_NO_OPENAI=1 to skip when pip/network is unavailable\nstdout: {}\nstderr: {err}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("checks passed"));
+}
+
+/// A client that goes away mid-stream cancels its engine request (real 270M on the CPU, slow enough that
+/// the request is still running when the client leaves).
+#[test]
+fn serve_disconnect_cancels() {
+    let model = root().join("models/gemma-3-270m");
+    assert!(
+        model.join("model.safetensors").is_file(),
+        "the real model is not at {} — run `scripts/setup.sh` first",
+        model.display()
+    );
+    let srv = Server::start(&model, &["--max-model-len", "512", "--max-num-seqs", "2"]);
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true, "stop_token_ids": []})
+        .to_string();
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Read until the first text chunk has arrived, then hang up.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"text\"") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    let t = std::time::Instant::now();
+    loop {
+        let (_, m) = srv.get("/metrics");
+        if metric(&m, "e4m3_requests_total{finish_reason=\"cancelled\"}") == 1.0 {
+            assert_eq!(metric(&m, "e4m3_num_requests_running"), 0.0, "{m}");
+            assert!(metric(&m, "e4m3_generation_tokens_total") < 400.0, "{m}");
+            assert_eq!(metric(&m, "e4m3_kv_blocks_used"), 0.0, "{m}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the request was not cancelled: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
