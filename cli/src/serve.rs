@@ -889,6 +889,8 @@ fn drive(s: &AppState, job: Job, emit: &mut dyn FnMut(Out) -> bool, closed: &dyn
                     }
                 }
                 if let Some(pos) = find_stop(&text, &stop) {
+                    // The engine finishes it as stopped (not cancelled) and frees its slot now.
+                    handle.stop();
                     text.truncate(pos);
                     let delta = text.get(sent..).unwrap_or("").to_string();
                     if emit(Out::Delta {
@@ -933,6 +935,8 @@ fn drive(s: &AppState, job: Job, emit: &mut dyn FnMut(Out) -> bool, closed: &dyn
                     FinishReason::Cancelled => "abort",
                 };
                 if let Some(pos) = find_stop(&text, &stop) {
+                    // The engine finishes it as stopped (not cancelled) and frees its slot now.
+                    handle.stop();
                     text.truncate(pos);
                     finish_reason = "stop";
                 }

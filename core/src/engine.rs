@@ -8,7 +8,7 @@
 //! is preempted (its slot released) and later recomputed from its prompt plus what it already generated.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -67,7 +67,7 @@ pub struct EngineRequest {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// A stop token.
+    /// A stop token, or [`RequestHandle::stop`].
     Stop,
     /// `max_tokens` reached.
     Length,
@@ -103,16 +103,32 @@ pub enum Event {
     Error(String),
 }
 
-/// A submitted request: its events, and a way to cancel it. Dropping the handle cancels the request.
+/// A submitted request: its events, and a way to end it early. Dropping the handle cancels the request.
 pub struct RequestHandle {
     pub id: u64,
     pub events: Receiver<Event>,
-    cancel: Arc<AtomicBool>,
+    end: Arc<AtomicU8>,
 }
 
+/// `RequestHandle::end` states: still wanted, cancelled, stopped by the caller (e.g. a stop string).
+const RUNNING: u8 = 0;
+const CANCELLED: u8 = 1;
+const STOPPED: u8 = 2;
+
 impl RequestHandle {
+    /// Abandon the request: it finishes as [`FinishReason::Cancelled`].
     pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
+        let _ = self
+            .end
+            .compare_exchange(RUNNING, CANCELLED, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// End the request because the caller found what stops it (a stop string in the decoded text): it
+    /// finishes as [`FinishReason::Stop`] and frees its slot at once.
+    pub fn stop(&self) {
+        let _ = self
+            .end
+            .compare_exchange(RUNNING, STOPPED, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// Wait for every event; the generated ids and how it finished.
@@ -220,7 +236,7 @@ struct Pending {
     tokens: Vec<u32>,
     sampler: Sampler,
     tx: Sender<Event>,
-    cancel: Arc<AtomicBool>,
+    end: Arc<AtomicU8>,
     submitted: Instant,
 }
 
@@ -331,19 +347,19 @@ impl Engine {
         let sampler = Sampler::new(req.sampling.clone())?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, events) = mpsc::channel();
-        let cancel = Arc::new(AtomicBool::new(false));
+        let end = Arc::new(AtomicU8::new(RUNNING));
         let pending = Pending {
             tokens: req.prompt_ids.clone(),
             req,
             sampler,
             tx,
-            cancel: cancel.clone(),
+            end: end.clone(),
             submitted: Instant::now(),
         };
         self.tx
             .send(Command::Submit(Box::new(pending)))
             .map_err(|_| Error::invalid("the engine has stopped"))?;
-        Ok(RequestHandle { id, events, cancel })
+        Ok(RequestHandle { id, events, end })
     }
 
     pub fn metrics(&self) -> MetricsSnapshot {
@@ -442,15 +458,24 @@ impl Core {
     fn drop_cancelled(&mut self) {
         let mut i = 0;
         while i < self.waiting.len() {
-            if self.waiting[i].cancel.load(Ordering::Relaxed) {
+            let end = self.waiting[i].end.load(Ordering::Relaxed);
+            if end != RUNNING {
                 let p = self.waiting.remove(i).expect("index checked");
+                let reason = if end == STOPPED {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Cancelled
+                };
                 let _ = p.tx.send(Event::Finished {
-                    reason: FinishReason::Cancelled,
+                    reason,
                     prompt_tokens: p.req.prompt_ids.len(),
-                    completion_tokens: 0,
+                    completion_tokens: p.tokens.len() - p.req.prompt_ids.len(),
                 });
                 if let Ok(mut m) = self.metrics.lock() {
-                    m.finished_cancelled += 1;
+                    match reason {
+                        FinishReason::Stop => m.finished_stop += 1,
+                        _ => m.finished_cancelled += 1,
+                    }
                 }
             } else {
                 i += 1;
@@ -458,8 +483,14 @@ impl Core {
         }
         let mut i = 0;
         while i < self.running.len() {
-            if self.running[i].p.cancel.load(Ordering::Relaxed) {
-                self.finish(i, FinishReason::Cancelled);
+            let end = self.running[i].p.end.load(Ordering::Relaxed);
+            if end != RUNNING {
+                let reason = if end == STOPPED {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Cancelled
+                };
+                self.finish(i, reason);
             } else {
                 i += 1;
             }

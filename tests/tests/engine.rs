@@ -229,3 +229,31 @@ fn bad_requests_are_refused_with_their_numbers() {
         .unwrap();
     assert_eq!(ids, alone(&m, &prompt(3, 0, t.vocab), 3));
 }
+
+#[test]
+fn a_caller_stop_finishes_the_request_as_stopped() {
+    let (_d, m, t) = model();
+    let e = engine(&m, &t, 2, 512, None);
+    let h = e.submit(request(prompt(5, 7, t.vocab), 30)).unwrap();
+    assert!(matches!(h.events.recv().unwrap(), Event::Token { .. }));
+    h.stop();
+    let finished = h
+        .events
+        .iter()
+        .find_map(|ev| match ev {
+            Event::Finished {
+                reason,
+                completion_tokens,
+                ..
+            } => Some((reason, completion_tokens)),
+            _ => None,
+        })
+        .expect("a Finished event");
+    assert_eq!(finished.0, FinishReason::Stop);
+    assert!(finished.1 >= 1 && finished.1 < 30, "{finished:?}");
+    let mt = wait_idle(&e);
+    assert_eq!(
+        (mt.finished_stop, mt.finished_cancelled, mt.kv_blocks_used),
+        (1, 0, 0)
+    );
+}
