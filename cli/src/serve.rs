@@ -349,7 +349,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     metric(
         "e4m3_requests_total",
         "counter",
-        "Finished requests by finish reason (as the engine saw it; a stop string ends a request as cancelled).",
+        "Finished requests by finish reason.",
         &[
             ("{finish_reason=\"stop\"}", m.finished_stop.to_string()),
             ("{finish_reason=\"length\"}", m.finished_length.to_string()),
