@@ -642,3 +642,115 @@ fn serve_disconnect_cancels() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Load on loopback: 64 concurrent streaming requests with prompts of 1 to 20 words, and 16 more whose
+/// clients hang up after their first chunk, on 8 slots and a cache too small for all of them (24 blocks:
+/// preemption). Every completed stream's text equals the same request run alone afterwards (greedy:
+/// batching must not change results), and at the end nothing runs or waits and no KV block is held.
+#[test]
+fn serve_load_64_streams_and_16_hangups() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path());
+    let srv = Server::start(
+        dir.path(),
+        &[
+            "--max-model-len",
+            "64",
+            "--max-num-seqs",
+            "8",
+            "--num-kv-blocks",
+            "24",
+        ],
+    );
+    let words = |n: usize, salt: usize| -> String {
+        (0..n)
+            .map(|i| format!("w{}", 8 + (i * 7 + salt * 5) % 56))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let body = |i: usize| {
+        json!({"model": "tiny", "prompt": words(1 + (i * 7) % 20, i), "max_tokens": 4 + i % 12,
+               "temperature": 0, "stream": true})
+    };
+    let streamed: Vec<String> = std::thread::scope(|sc| {
+        let streams: Vec<_> = (0..64)
+            .map(|i| {
+                let srv = &srv;
+                sc.spawn(move || {
+                    let mut text = String::new();
+                    for e in srv.stream("/v1/completions", &body(i)) {
+                        if e == "[DONE]" {
+                            break;
+                        }
+                        let v: Value = serde_json::from_str(&e).unwrap();
+                        text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+                    }
+                    text
+                })
+            })
+            .collect();
+        for i in 0..16 {
+            let addr = srv.addr.clone();
+            sc.spawn(move || {
+                let b = json!({"model": "tiny", "prompt": words(3, 100 + i), "max_tokens": 55,
+                               "temperature": 0, "stream": true})
+                .to_string();
+                let mut s = TcpStream::connect(&addr).unwrap();
+                write!(
+                    s,
+                    "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                    b.len()
+                )
+                .unwrap();
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !String::from_utf8_lossy(&seen).contains("\"text\"") {
+                    let n = s.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        streams.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Nothing left running, waiting or holding blocks; at least one hang-up cancelled its request.
+    let t = std::time::Instant::now();
+    let m = loop {
+        let (_, m) = srv.get("/metrics");
+        if metric(&m, "e4m3_num_requests_running") == 0.0
+            && metric(&m, "e4m3_num_requests_waiting") == 0.0
+        {
+            break m;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "requests still running: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(metric(&m, "e4m3_kv_blocks_used"), 0.0, "{m}");
+    assert_eq!(metric(&m, "e4m3_requests_failed_total"), 0.0, "{m}");
+    let cancelled = metric(&m, "e4m3_requests_total{finish_reason=\"cancelled\"}");
+    assert!((1.0..=16.0).contains(&cancelled), "{m}");
+    let finished = metric(&m, "e4m3_requests_total{finish_reason=\"stop\"}")
+        + metric(&m, "e4m3_requests_total{finish_reason=\"length\"}");
+    assert_eq!(finished + cancelled, 80.0, "{m}");
+    eprintln!(
+        "load: {finished} finished, {cancelled} cancelled, {} preemptions",
+        metric(&m, "e4m3_preemptions_total")
+    );
+    // Each stream equals the same request alone.
+    for (i, text) in streamed.iter().enumerate() {
+        let mut b = body(i);
+        b["stream"] = json!(false);
+        let (status, v) = srv.post("/v1/completions", &b);
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            v["choices"][0]["text"].as_str().unwrap(),
+            text,
+            "request {i}"
+        );
+    }
+}
