@@ -8,12 +8,11 @@ use cudarc::driver::CudaGraph;
 use std::sync::Arc;
 
 use e4m3_core::backend::{validate_batch, Batch, CacheConfig, Runner, StepOutput};
-use e4m3_core::cpu::fp8_linear::Fp8Scales;
 use e4m3_core::cpu::{kv_rounding, KvRounding};
 use e4m3_core::error::{Error, Result};
-use e4m3_core::graph::{Graph, Op, QuantScheme, WeightMap};
-use e4m3_core::prepare::{node_weights, NodeWeights};
-use e4m3_core::tensor::{DType, Mat};
+use e4m3_core::graph::{Graph, Op, WeightMap};
+use e4m3_core::prepare::{dtype_code, node_weights, scheme_code, KernelScales, NodeWeights};
+use e4m3_core::tensor::Mat;
 
 use crate::pages::{PageTable, PAGE};
 use crate::{Dev, Mem, A};
@@ -23,25 +22,6 @@ const LT_MIN_ROWS: usize = 16;
 /// Token rows per warp of the linear kernel (kernels/linear.cu `TT`).
 const LINEAR_TT: usize = 4;
 const LINEAR_WARPS: usize = 4;
-
-fn dtype_code(d: DType) -> u32 {
-    match d {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::F16 => 2,
-        DType::F8E4M3 => 3,
-    }
-}
-
-fn scheme_code(s: &QuantScheme) -> u32 {
-    match s {
-        QuantScheme::Dense => 0,
-        QuantScheme::Fp8Static { .. } => 1,
-        QuantScheme::Fp8Dynamic { .. } => 2,
-        QuantScheme::Fp8BlockWeightOnly { .. } => 3,
-        QuantScheme::Fp8Block { .. } => 4,
-    }
-}
 
 struct LinearPlan {
     w: Mem,
@@ -264,20 +244,9 @@ impl CudaRunner {
                     },
                 ) => {
                     max_k = max_k.max(kk);
-                    let (mut ws, mut sw, mut sx, mut block) = (None, 1.0, 1.0, [1, 1]);
-                    match scales {
-                        None => {}
-                        Some(Fp8Scales::Static { sw: a, sx: b }) => {
-                            sw = a;
-                            sx = b;
-                        }
-                        Some(Fp8Scales::Dynamic { sw }) => ws = Some(dev.upload(&sw)?),
-                        Some(Fp8Scales::BlockWeightOnly { s, block: b })
-                        | Some(Fp8Scales::Block { sinv: s, block: b }) => {
-                            ws = Some(dev.upload(&s)?);
-                            block = b;
-                            max_groups = max_groups.max(kk.div_ceil(b[1]));
-                        }
+                    let ks = KernelScales::new(scales);
+                    if ks.block != [1, 1] {
+                        max_groups = max_groups.max(ks.groups(kk));
                     }
                     let code = scheme_code(scheme);
                     Plan::Linear(LinearPlan {
@@ -286,10 +255,10 @@ impl CudaRunner {
                         scheme: code,
                         k: kk,
                         n: nn,
-                        ws,
-                        sw,
-                        sx,
-                        block,
+                        ws: ks.array.as_deref().map(|a| dev.upload(a)).transpose()?,
+                        sw: ks.sw,
+                        sx: ks.sx,
+                        block: ks.block,
                         lt: dev.lt.is_some()
                             && (code == 1 || code == 2)
                             && kk % 16 == 0

@@ -14,12 +14,11 @@ use e4m3_core::backend::{
     check_supported, validate_batch, Backend, Batch, CacheConfig, Runner, StepOutput,
 };
 use e4m3_core::checkpoint::Weight;
-use e4m3_core::cpu::fp8_linear::Fp8Scales;
 use e4m3_core::cpu::{kv_rounding, KvRounding};
 use e4m3_core::error::{Error, Result};
-use e4m3_core::graph::{Graph, Op, QuantScheme, WeightMap};
-use e4m3_core::prepare::{node_weights, NodeWeights};
-use e4m3_core::tensor::{DType, Mat};
+use e4m3_core::graph::{Graph, Op, WeightMap};
+use e4m3_core::prepare::{dtype_code, node_weights, scheme_code, KernelScales, NodeWeights};
+use e4m3_core::tensor::Mat;
 use wgpu::util::DeviceExt;
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
@@ -340,31 +339,12 @@ impl WgpuBackend {
     }
 }
 
-fn dtype_code(d: DType) -> u32 {
-    match d {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::F16 => 2,
-        DType::F8E4M3 => 3,
-    }
-}
-
 /// Bytes per element of a `dtype_code`.
 fn dsize(dt: u32) -> usize {
     match dt {
         0 => 4,
         3 => 1,
         _ => 2,
-    }
-}
-
-fn scheme_code(s: &QuantScheme) -> u32 {
-    match s {
-        QuantScheme::Dense => 0,
-        QuantScheme::Fp8Static { .. } => 1,
-        QuantScheme::Fp8Dynamic { .. } => 2,
-        QuantScheme::Fp8BlockWeightOnly { .. } => 3,
-        QuantScheme::Fp8Block { .. } => 4,
     }
 }
 
@@ -596,20 +576,9 @@ impl WgpuRunner {
                     },
                 ) => {
                     max_k = max_k.max(kk);
-                    let (mut ws, mut sw, mut sx, mut block) = (None, 1.0, 1.0, [1, 1]);
-                    match scales {
-                        None => {}
-                        Some(Fp8Scales::Static { sw: a, sx: b }) => {
-                            sw = a;
-                            sx = b;
-                        }
-                        Some(Fp8Scales::Dynamic { sw }) => ws = Some(upload_f32(&gpu, weight, &sw)),
-                        Some(Fp8Scales::BlockWeightOnly { s, block: b })
-                        | Some(Fp8Scales::Block { sinv: s, block: b }) => {
-                            ws = Some(upload_f32(&gpu, weight, &s));
-                            block = b;
-                            max_groups = max_groups.max(kk.div_ceil(b[1]));
-                        }
+                    let ks = KernelScales::new(scales);
+                    if ks.block != [1, 1] {
+                        max_groups = max_groups.max(ks.groups(kk));
                     }
                     Plan::Linear {
                         chunks: upload_rows_t(&gpu, w)?,
@@ -617,10 +586,10 @@ impl WgpuRunner {
                         scheme: scheme_code(scheme),
                         k: kk,
                         n: nn,
-                        ws,
-                        sw,
-                        sx,
-                        block,
+                        ws: ks.array.as_deref().map(|a| upload_f32(&gpu, weight, a)),
+                        sw: ks.sw,
+                        sx: ks.sx,
+                        block: ks.block,
                     }
                 }
                 (Op::Rope { head_dim, inv_freq }, _) => {

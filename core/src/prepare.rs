@@ -140,3 +140,108 @@ pub fn gpu_supports(op: &Op, max_head_dim: usize) -> bool {
         | Op::SelectRows => true,
     }
 }
+
+/// The weight dtype as GPU kernels number it: 0 F32, 1 BF16, 2 F16, 3 E4M3.
+pub fn dtype_code(d: DType) -> u32 {
+    match d {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        DType::F8E4M3 => 3,
+    }
+}
+
+/// The scheme as GPU kernels number it: 0 dense, 1 FP8 static, 2 dynamic, 3 block weight-only, 4 block.
+pub fn scheme_code(s: &QuantScheme) -> u32 {
+    match s {
+        QuantScheme::Dense => 0,
+        QuantScheme::Fp8Static { .. } => 1,
+        QuantScheme::Fp8Dynamic { .. } => 2,
+        QuantScheme::Fp8BlockWeightOnly { .. } => 3,
+        QuantScheme::Fp8Block { .. } => 4,
+    }
+}
+
+/// A linear's FP8 scales as GPU kernels take them: a scale array (per output row for scheme 2, per block
+/// row-major for 3 and 4), the scalar weight and input scales (scheme 1; 1 otherwise) and the block shape
+/// (`[1, 1]` without blocks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelScales {
+    pub array: Option<Vec<f32>>,
+    pub sw: f32,
+    pub sx: f32,
+    pub block: [usize; 2],
+}
+
+impl KernelScales {
+    pub fn new(scales: Option<Fp8Scales>) -> KernelScales {
+        let mut k = KernelScales {
+            array: None,
+            sw: 1.0,
+            sx: 1.0,
+            block: [1, 1],
+        };
+        match scales {
+            None => {}
+            Some(Fp8Scales::Static { sw, sx }) => {
+                k.sw = sw;
+                k.sx = sx;
+            }
+            Some(Fp8Scales::Dynamic { sw }) => k.array = Some(sw),
+            Some(Fp8Scales::BlockWeightOnly { s, block })
+            | Some(Fp8Scales::Block { sinv: s, block }) => {
+                k.array = Some(s);
+                k.block = block;
+            }
+        }
+        k
+    }
+
+    /// Activation groups per row of `k` columns (1 without blocks).
+    pub fn groups(&self, k: usize) -> usize {
+        k.div_ceil(self.block[1])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_scales_of_every_scheme() {
+        assert_eq!(
+            KernelScales::new(None),
+            KernelScales {
+                array: None,
+                sw: 1.0,
+                sx: 1.0,
+                block: [1, 1]
+            }
+        );
+        let s = KernelScales::new(Some(Fp8Scales::Static { sw: 0.5, sx: 2.0 }));
+        assert_eq!((s.array, s.sw, s.sx, s.block), (None, 0.5, 2.0, [1, 1]));
+        let d = KernelScales::new(Some(Fp8Scales::Dynamic { sw: vec![1.0, 3.0] }));
+        assert_eq!(
+            (d.array, d.sw, d.block),
+            (Some(vec![1.0, 3.0]), 1.0, [1, 1])
+        );
+        let b = KernelScales::new(Some(Fp8Scales::Block {
+            sinv: vec![4.0],
+            block: [128, 64],
+        }));
+        assert_eq!(
+            (b.array.clone(), b.block, b.groups(130)),
+            (Some(vec![4.0]), [128, 64], 3)
+        );
+        let w = KernelScales::new(Some(Fp8Scales::BlockWeightOnly {
+            s: vec![5.0],
+            block: [3, 5],
+        }));
+        assert_eq!(
+            (w.array.clone(), w.block, w.groups(5)),
+            (Some(vec![5.0]), [3, 5], 1)
+        );
+        assert_eq!(dtype_code(DType::F8E4M3), 3);
+        assert_eq!(scheme_code(&QuantScheme::Dense), 0);
+    }
+}
