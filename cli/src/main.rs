@@ -362,15 +362,9 @@ fn prompt_ids(tok: &Tokenizer, input: &PromptInput) -> Result<Vec<u32>> {
                 .context("the checkpoint has no chat_template in tokenizer_config.json")?;
             let mut messages = Vec::new();
             if let Some(s) = system {
-                messages.push(ChatMessage {
-                    role: "system".into(),
-                    content: s.clone(),
-                });
+                messages.push(ChatMessage::new("system", s.clone()));
             }
-            messages.push(ChatMessage {
-                role: "user".into(),
-                content: user.clone(),
-            });
+            messages.push(ChatMessage::new("user", user.clone()));
             let text = render_chat(
                 template,
                 &messages,

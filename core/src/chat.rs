@@ -5,24 +5,131 @@
 //! The rendered text already contains the BOS token when the template writes `{{ bos_token }}`
 //! (Gemma's does), so tokenize it with `add_bos = false`.
 
-use minijinja::{context, Environment, ErrorKind};
+use minijinja::{Environment, ErrorKind, Value as JValue};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// One chat message as a template sees it (the dict `transformers` passes): `role`, `content` (a
+/// string or a list of content parts), and for tool use the assistant's `tool_calls`, a tool
+/// message's `tool_call_id` / `name`, and an assistant's earlier `reasoning_content` (also read from
+/// `reasoning` / `thinking`, as `transformers` aliases them). Absent fields are absent in the
+/// template too (`message.get('x')` is none).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
-    pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<MessageContent>,
+    #[serde(
+        default,
+        alias = "reasoning",
+        alias = "thinking",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reasoning_content: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A message's content: a string or a list of parts (`{"type": "text", "text": ...}`, ...).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<Map<String, Value>>),
+}
+
+/// An assistant's tool call as templates read it: `{id, type: "function", function: {name,
+/// arguments}}`. `arguments` is a JSON object (vLLM turns OpenAI's JSON-string arguments into an
+/// object before rendering; so does [`ToolCall::function`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    #[serde(default)]
+    pub arguments: Value,
+}
+
+fn function_type() -> String {
+    "function".into()
+}
+
+impl ToolCall {
+    /// A function call; `arguments` that are a JSON string holding an object are parsed into it.
+    pub fn function(id: Option<String>, name: impl Into<String>, arguments: Value) -> ToolCall {
+        let arguments = match arguments {
+            Value::String(s) => match serde_json::from_str::<Value>(&s) {
+                Ok(v @ Value::Object(_)) => v,
+                _ => Value::String(s),
+            },
+            v => v,
+        };
+        ToolCall {
+            id,
+            kind: function_type(),
+            function: FunctionCall {
+                name: name.into(),
+                arguments,
+            },
+        }
+    }
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         ChatMessage {
             role: role.into(),
-            content: content.into(),
+            content: Some(MessageContent::Text(content.into())),
+            ..Default::default()
+        }
+    }
+
+    /// The text of `content` (text parts joined with nothing between them).
+    pub fn text(&self) -> String {
+        match &self.content {
+            None => String::new(),
+            Some(MessageContent::Text(s)) => s.clone(),
+            Some(MessageContent::Parts(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect(),
         }
     }
 }
+
+/// What a template sees besides the messages, as `transformers`' `apply_chat_template` passes it:
+/// the special tokens, `add_generation_prompt`, `tools` (a list of JSON schemas, none when absent)
+/// and extra keyword arguments (`chat_template_kwargs`, e.g. `enable_thinking`).
+#[derive(Clone, Debug, Default)]
+pub struct ChatOptions<'a> {
+    pub bos_token: &'a str,
+    pub eos_token: &'a str,
+    pub add_generation_prompt: bool,
+    pub tools: Option<&'a [Value]>,
+    pub kwargs: Option<&'a Map<String, Value>>,
+}
+
+/// Names a template context always sets; `chat_template_kwargs` may not replace them.
+pub const RESERVED_TEMPLATE_VARS: [&str; 5] = [
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
 
 fn template_error(e: minijinja::Error) -> Error {
     // minijinja's Display carries the kind, the detail (the `raise_exception` message) and the
@@ -63,15 +170,50 @@ pub fn render_chat(
     eos_token: &str,
     add_generation_prompt: bool,
 ) -> Result<String> {
+    render_chat_with(
+        template,
+        messages,
+        &ChatOptions {
+            bos_token,
+            eos_token,
+            add_generation_prompt,
+            ..Default::default()
+        },
+    )
+}
+
+/// Render `messages` with tools and extra template variables (see [`ChatOptions`]). A
+/// `chat_template_kwargs` key that names one of [`RESERVED_TEMPLATE_VARS`] is an error.
+pub fn render_chat_with(
+    template: &str,
+    messages: &[ChatMessage],
+    opts: &ChatOptions,
+) -> Result<String> {
     let env = environment(template)?;
     let tmpl = env.get_template("chat_template").map_err(template_error)?;
-    tmpl.render(context! {
-        messages => messages,
-        bos_token => bos_token,
-        eos_token => eos_token,
-        add_generation_prompt => add_generation_prompt,
-    })
-    .map_err(template_error)
+    let mut ctx: std::collections::BTreeMap<String, JValue> = Default::default();
+    if let Some(kw) = opts.kwargs {
+        for (k, v) in kw {
+            if RESERVED_TEMPLATE_VARS.contains(&k.as_str()) {
+                return Err(Error::invalid(format!(
+                    "chat_template_kwargs: `{k}` is set by the server and cannot be given"
+                )));
+            }
+            ctx.insert(k.clone(), JValue::from_serialize(v));
+        }
+    }
+    ctx.insert("messages".into(), JValue::from_serialize(messages));
+    ctx.insert(
+        "tools".into(),
+        opts.tools.map_or(JValue::from(()), JValue::from_serialize),
+    );
+    ctx.insert("bos_token".into(), JValue::from(opts.bos_token));
+    ctx.insert("eos_token".into(), JValue::from(opts.eos_token));
+    ctx.insert(
+        "add_generation_prompt".into(),
+        JValue::from(opts.add_generation_prompt),
+    );
+    tmpl.render(ctx).map_err(template_error)
 }
 
 #[cfg(test)]
@@ -108,5 +250,71 @@ mod tests {
         let t = "{{ messages[0].content.upper() }}|{% if messages[0].content.startswith('he') %}yes{% endif %}";
         let out = render_chat(t, &[ChatMessage::new("user", "hello")], "", "", false).unwrap();
         assert_eq!(out, "HELLO|yes");
+    }
+
+    /// The Gemma 4 chat template renders exactly as transformers' `apply_chat_template` does
+    /// (tests/fixtures/gemma4-chat, made by tools/make_gemma4_chat_fixtures.py).
+    #[test]
+    fn gemma4_template_matches_transformers() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gemma4-chat");
+        let template = std::fs::read_to_string(dir.join("chat_template.jinja")).unwrap();
+        let doc: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
+                .unwrap();
+        let cases = doc["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 16);
+        for c in cases {
+            let name = c["name"].as_str().unwrap();
+            let messages: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone())
+                .unwrap_or_else(|e| panic!("case {name}: messages: {e}"));
+            let tools: Option<Vec<Value>> = c["tools"].as_array().cloned();
+            let kwargs = c["kwargs"].as_object().unwrap();
+            let out = render_chat_with(
+                &template,
+                &messages,
+                &ChatOptions {
+                    bos_token: doc["bos_token"].as_str().unwrap(),
+                    eos_token: doc["eos_token"].as_str().unwrap(),
+                    add_generation_prompt: c["add_generation_prompt"].as_bool().unwrap(),
+                    tools: tools.as_deref(),
+                    kwargs: Some(kwargs),
+                },
+            )
+            .unwrap_or_else(|e| panic!("case {name}: {e}"));
+            assert_eq!(out, c["rendered"].as_str().unwrap(), "case {name}");
+        }
+    }
+
+    #[test]
+    fn json_string_arguments_become_an_object() {
+        let tc = ToolCall::function(None, "f", Value::String(r#"{"a": 1}"#.into()));
+        assert_eq!(tc.function.arguments, serde_json::json!({"a": 1}));
+        let tc = ToolCall::function(None, "f", Value::String("not json".into()));
+        assert_eq!(tc.function.arguments, Value::String("not json".into()));
+    }
+
+    #[test]
+    fn reserved_kwargs_are_rejected() {
+        let mut kw = Map::new();
+        kw.insert("messages".into(), Value::Null);
+        let err = render_chat_with(
+            "x",
+            &[],
+            &ChatOptions {
+                kwargs: Some(&kw),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`messages`"), "{err}");
+    }
+
+    #[test]
+    fn reasoning_aliases() {
+        let m: ChatMessage =
+            serde_json::from_value(serde_json::json!({"role": "assistant", "reasoning": "r"}))
+                .unwrap();
+        assert_eq!(m.reasoning_content.as_deref(), Some("r"));
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod chat;
+pub mod chat_parse;
 pub mod checkpoint;
 pub mod config;
 pub mod conformance;
