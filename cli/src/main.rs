@@ -8,14 +8,15 @@ mod plot;
 mod quantize;
 mod serve;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use e4m3_core::backend::{Backend, CacheConfig, KvCacheDtype, Runner};
-use e4m3_core::chat::{render_chat, ChatMessage};
+use e4m3_core::chat::{render_chat_with, ChatMessage, ChatOptions};
+use e4m3_core::chat_parse::{is_gemma4_template, prompt_opens_thought, Gemma4Parser, ParsedDelta};
 use e4m3_core::cpu::CpuBackend;
 use e4m3_core::generate::{generate, prompt_logits, top_k, GenerateRequest};
 use e4m3_core::generation_config::GenerationConfig;
@@ -103,6 +104,10 @@ enum Cmd {
         /// System message for --chat.
         #[arg(long, requires = "chat")]
         system: Option<String>,
+        /// Ask the model to think first (`enable_thinking` for the chat template). With a Gemma 4
+        /// template the thought channel is printed apart, dimmed, on stderr.
+        #[arg(long, requires = "chat")]
+        enable_thinking: bool,
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendKind,
         #[arg(long, default_value_t = 256)]
@@ -191,6 +196,7 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             chat,
             system,
+            enable_thinking,
             backend,
             max_tokens,
             kv_cache_dtype,
@@ -201,7 +207,11 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let input = match (prompt, chat) {
                 (Some(p), _) => PromptInput::Raw(p),
-                (None, Some(c)) => PromptInput::Chat { system, user: c },
+                (None, Some(c)) => PromptInput::Chat {
+                    system,
+                    user: c,
+                    enable_thinking,
+                },
                 (None, None) => bail!("give --prompt or --chat"),
             };
             let opts = RunOpts {
@@ -350,13 +360,19 @@ enum PromptInput {
     Chat {
         system: Option<String>,
         user: String,
+        enable_thinking: bool,
     },
 }
 
-fn prompt_ids(tok: &Tokenizer, input: &PromptInput) -> Result<Vec<u32>> {
+/// The prompt ids, and for a Gemma 4 chat template the parser that splits off the thought channel.
+fn prompt_ids(tok: &Tokenizer, input: &PromptInput) -> Result<(Vec<u32>, Option<Gemma4Parser>)> {
     Ok(match input {
-        PromptInput::Raw(p) => tok.encode_prompt(p)?,
-        PromptInput::Chat { system, user } => {
+        PromptInput::Raw(p) => (tok.encode_prompt(p)?, None),
+        PromptInput::Chat {
+            system,
+            user,
+            enable_thinking,
+        } => {
             let template = tok
                 .chat_template()
                 .context("the checkpoint has no chat_template in tokenizer_config.json")?;
@@ -365,17 +381,75 @@ fn prompt_ids(tok: &Tokenizer, input: &PromptInput) -> Result<Vec<u32>> {
                 messages.push(ChatMessage::new("system", s.clone()));
             }
             messages.push(ChatMessage::new("user", user.clone()));
-            let text = render_chat(
+            let mut kwargs = serde_json::Map::new();
+            if *enable_thinking {
+                kwargs.insert("enable_thinking".into(), true.into());
+            }
+            let text = render_chat_with(
                 template,
                 &messages,
-                tok.bos_token().unwrap_or(""),
-                tok.eos_token().unwrap_or(""),
-                true,
+                &ChatOptions {
+                    bos_token: tok.bos_token().unwrap_or(""),
+                    eos_token: tok.eos_token().unwrap_or(""),
+                    add_generation_prompt: true,
+                    tools: None,
+                    kwargs: Some(&kwargs),
+                },
             )?;
+            let parser = is_gemma4_template(template).then(|| {
+                let p = Gemma4Parser::new(true, false);
+                if prompt_opens_thought(&text) {
+                    p.in_thought()
+                } else {
+                    p
+                }
+            });
             // The template emits BOS itself.
-            tok.encode(&text, false)?
+            (tok.encode(&text, false)?, parser)
         }
     })
+}
+
+/// Streamed chat output: the answer on stdout, the thought channel dimmed on stderr.
+struct ChatPrinter {
+    parser: Option<Gemma4Parser>,
+    dim: bool,
+}
+
+impl ChatPrinter {
+    fn write(&self, d: &ParsedDelta) -> std::io::Result<()> {
+        if !d.reasoning.is_empty() {
+            let mut err = std::io::stderr();
+            if self.dim {
+                write!(err, "\x1b[2m{}\x1b[0m", d.reasoning)?;
+            } else {
+                err.write_all(d.reasoning.as_bytes())?;
+            }
+            err.flush()?;
+        }
+        let mut out = std::io::stdout();
+        out.write_all(d.content.as_bytes())?;
+        out.flush()
+    }
+
+    fn piece(&mut self, text: &str) -> std::io::Result<()> {
+        let d = match &mut self.parser {
+            Some(p) => p.push(text),
+            None => ParsedDelta {
+                content: text.to_string(),
+                ..Default::default()
+            },
+        };
+        self.write(&d)
+    }
+
+    fn finish(&mut self) -> std::io::Result<()> {
+        if let Some(p) = &mut self.parser {
+            let d = p.finish();
+            self.write(&d)?;
+        }
+        Ok(())
+    }
 }
 
 fn sampling_params(gen: &GenerationConfig, args: &SamplingArgs) -> Result<SamplingParams> {
@@ -427,7 +501,7 @@ fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOp
     let tok = Tokenizer::from_dir(dir)?;
     let gen = GenerationConfig::from_dir(dir)?;
     let params = sampling_params(&gen, sampling)?;
-    let ids = prompt_ids(&tok, &input)?;
+    let (ids, parser) = prompt_ids(&tok, &input)?;
     let model = load_model(dir)?;
     let budget = sequence_budget(&model, ids.len(), max_tokens)?;
     let max_new = budget - ids.len();
@@ -444,8 +518,13 @@ fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOp
         stop_ids,
         top_logits,
     };
-    let mut stream = tok.stream();
-    let mut stdout = std::io::stdout();
+    // A chat parser reads the special tokens that mark the thought channel.
+    let keep_special = parser.is_some();
+    let mut stream = tok.stream_with(!keep_special);
+    let mut printer = ChatPrinter {
+        parser: parser.clone(),
+        dim: std::io::stderr().is_terminal(),
+    };
     let mut write_err = None;
     let out = generate(runner.as_mut(), 0, &req, |id| {
         if json || req.stop_ids.contains(&id) {
@@ -453,10 +532,7 @@ fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOp
         }
         match stream.push(id) {
             Ok(piece) => {
-                if let Err(e) = stdout
-                    .write_all(piece.as_bytes())
-                    .and_then(|_| stdout.flush())
-                {
+                if let Err(e) = printer.piece(&piece) {
                     write_err = Some(anyhow::Error::from(e));
                     return false;
                 }
@@ -478,16 +554,29 @@ fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOp
             .copied()
             .filter(|id| !req.stop_ids.contains(id))
             .collect();
-        let v = serde_json::json!({
+        let (text, reasoning) = match parser {
+            Some(mut p) => {
+                let mut d = p.push(&tok.decode(&text_ids, false)?);
+                d.extend(p.finish());
+                (d.content, Some(d.reasoning))
+            }
+            None => (tok.decode(&text_ids, true)?, None),
+        };
+        let mut v = serde_json::json!({
             "prompt_ids": ids,
             "generated_ids": out.generated,
-            "text": tok.decode(&text_ids, true)?,
+            "text": text,
             "stop_reason": out.stop_reason,
             "top_logits": out.top_logits.iter().map(|s| s.iter().map(|&(i, l)| serde_json::json!([i, l])).collect::<Vec<_>>()).collect::<Vec<_>>(),
         });
+        if let Some(r) = reasoning {
+            v["reasoning_content"] = r.into();
+        }
         println!("{v}");
     } else {
-        print!("{}", stream.finish()?);
+        let tail = stream.finish()?;
+        printer.piece(&tail)?;
+        printer.finish()?;
         println!();
     }
     if stats {

@@ -25,7 +25,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use e4m3_core::backend::CacheConfig;
-use e4m3_core::chat::{render_chat, ChatMessage};
+use e4m3_core::chat::{
+    render_chat_with, ChatMessage, ChatOptions, ToolCall, RESERVED_TEMPLATE_VARS,
+};
+use e4m3_core::chat_parse::{
+    prompt_opens_thought, Gemma4Parser, ParsedDelta, ParsedToolCall, CHANNEL_END, CHANNEL_START,
+    TOOL_CALL_END, TOOL_CALL_START, TOOL_RESPONSE_START,
+};
 use e4m3_core::engine::{
     Engine, EngineConfig, EngineRequest, Event, FinishReason, Histogram, RequestHandle,
     LATENCY_BUCKETS,
@@ -72,6 +78,67 @@ pub struct ServeArgs {
     /// KV blocks of 16 positions shared by all sequences (default: every slot at full length).
     #[arg(long)]
     num_kv_blocks: Option<usize>,
+    #[command(flatten)]
+    parsers: ParserArgs,
+}
+
+/// Chat output parsers, with vLLM's flags.
+#[derive(clap::Args)]
+pub struct ParserArgs {
+    /// Return the model's thought channel as `reasoning_content` (gemma4: `<|channel>thought ... <channel|>`).
+    #[arg(long, value_enum)]
+    reasoning_parser: Option<ParserKind>,
+    /// Turn the model's tool-call text into OpenAI `tool_calls` (gemma4: `<|tool_call>call:NAME{...}<tool_call|>`).
+    #[arg(long, value_enum)]
+    tool_call_parser: Option<ParserKind>,
+    /// Allow `tool_choice: "auto"` (the default when a request has `tools`); needs --tool-call-parser.
+    #[arg(long)]
+    enable_auto_tool_choice: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum ParserKind {
+    Gemma4,
+}
+
+/// Which parsers the server runs on chat output, checked against the tokenizer.
+#[derive(Clone, Copy, Debug, Default)]
+struct Parsers {
+    reasoning: bool,
+    tools: bool,
+    auto_tools: bool,
+    /// `<|tool_response>`: the model ends a tool-calling step with it; a stop token with tools.
+    tool_response_id: Option<u32>,
+}
+
+impl Parsers {
+    fn check(args: &ParserArgs, tok: &Tokenizer) -> Result<Parsers> {
+        if args.enable_auto_tool_choice && args.tool_call_parser.is_none() {
+            bail!("--enable-auto-tool-choice needs --tool-call-parser");
+        }
+        let need = |flag: &str, tokens: &[&str]| -> Result<()> {
+            for t in tokens {
+                if tok.token_to_id(t).is_none() {
+                    bail!("{flag} gemma4: the tokenizer has no `{t}` token; is this a Gemma 4 checkpoint?");
+                }
+            }
+            Ok(())
+        };
+        let reasoning = args.reasoning_parser == Some(ParserKind::Gemma4);
+        if reasoning {
+            need("--reasoning-parser", &[CHANNEL_START, CHANNEL_END])?;
+        }
+        let tools = args.tool_call_parser == Some(ParserKind::Gemma4);
+        if tools {
+            need("--tool-call-parser", &[TOOL_CALL_START, TOOL_CALL_END])?;
+        }
+        Ok(Parsers {
+            reasoning,
+            tools,
+            auto_tools: args.enable_auto_tool_choice,
+            tool_response_id: tok.token_to_id(TOOL_RESPONSE_START),
+        })
+    }
 }
 
 struct AppState {
@@ -85,11 +152,13 @@ struct AppState {
     max_model_len: usize,
     next_id: AtomicU64,
     created: u64,
+    parsers: Parsers,
 }
 
 pub fn cmd_serve(args: ServeArgs) -> Result<()> {
     let dir = &args.model;
     let tok = Tokenizer::from_dir(dir)?;
+    let parsers = Parsers::check(&args.parsers, &tok)?;
     let gen = GenerationConfig::from_dir(dir)?;
     let model = load_model(dir)?;
     let limit = model.config.max_position_embeddings;
@@ -145,6 +214,7 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
         max_model_len,
         next_id: AtomicU64::new(1),
         created: now_secs(),
+        parsers,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -697,7 +767,110 @@ fn message_content(v: Option<&Value>, i: usize) -> Result<String, ApiError> {
     }
 }
 
-fn chat_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
+/// How a chat request's output is parsed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct ChatMode {
+    /// Split off the thought channel (`reasoning_content`).
+    reasoning: bool,
+    /// Parse tool calls (`tool_calls`).
+    tools: bool,
+    /// The prompt leaves the thought channel open: the output starts as reasoning.
+    in_thought: bool,
+}
+
+impl ChatMode {
+    /// Whether a parser reads the output (it then keeps special tokens in the text).
+    fn parsed(&self) -> bool {
+        self.reasoning || self.tools
+    }
+}
+
+/// `tools`: a list of `{"type": "function", "function": {"name": ..., ...}}`; none when absent or empty.
+fn parse_tools(obj: &Map<String, Value>) -> Result<Option<Vec<Value>>, ApiError> {
+    let list = match field(obj, "tools") {
+        None => return Ok(None),
+        Some(Value::Array(l)) => l,
+        Some(v) => {
+            return Err(ApiError::param(
+                "tools",
+                format!("`tools` must be a list of tools, got {v}"),
+            ))
+        }
+    };
+    for (i, t) in list.iter().enumerate() {
+        let name = format!("tools[{i}]");
+        let ty = t.get("type").and_then(Value::as_str);
+        if ty != Some("function") {
+            return Err(ApiError::param(
+                &format!("{name}.type"),
+                format!(
+                    "`{name}.type` must be \"function\", got {}",
+                    t.get("type").unwrap_or(&Value::Null)
+                ),
+            ));
+        }
+        let f = t.get("function").and_then(Value::as_object);
+        if f.and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .is_none()
+        {
+            return Err(ApiError::param(
+                &format!("{name}.function"),
+                format!(
+                    "`{name}.function` must be an object with a string `name`, got {}",
+                    t.get("function").unwrap_or(&Value::Null)
+                ),
+            ));
+        }
+    }
+    Ok((!list.is_empty()).then(|| list.clone()))
+}
+
+/// An assistant message's `tool_calls` (OpenAI form; JSON-string arguments become objects).
+fn parse_tool_calls(v: &Value, i: usize) -> Result<Vec<ToolCall>, ApiError> {
+    let name = format!("messages[{i}].tool_calls");
+    let err = |j: usize, what: &str| {
+        ApiError::param(&format!("{name}[{j}]"), format!("`{name}[{j}]` {what}"))
+    };
+    let Some(list) = v.as_array() else {
+        return Err(ApiError::param(
+            &name,
+            format!("`{name}` must be a list of tool calls, got {v}"),
+        ));
+    };
+    let mut calls = Vec::with_capacity(list.len());
+    for (j, c) in list.iter().enumerate() {
+        let f = c
+            .get("function")
+            .and_then(Value::as_object)
+            .ok_or_else(|| err(j, "must have a `function` object"))?;
+        let fname = f
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| err(j, "must have a string `function.name`"))?;
+        let id = match c.get("id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(x)) => Some(x.clone()),
+            Some(_) => return Err(err(j, "has an `id` that is not a string")),
+        };
+        let args = f.get("arguments").cloned().unwrap_or(Value::Null);
+        calls.push(ToolCall::function(id, fname, args));
+    }
+    Ok(calls)
+}
+
+fn opt_string(o: &Map<String, Value>, key: &str, i: usize) -> Result<Option<String>, ApiError> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(x)) => Ok(Some(x.clone())),
+        Some(v) => Err(ApiError::param(
+            &format!("messages[{i}].{key}"),
+            format!("`messages[{i}].{key}` must be a string, got {v}"),
+        )),
+    }
+}
+
+fn chat_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<(Vec<u32>, ChatMode), ApiError> {
     let msgs = match field(obj, "messages") {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => return Err(ApiError::param("messages", "`messages` is empty")),
@@ -709,6 +882,52 @@ fn chat_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<Vec<u32>, ApiEr
         }
         None => return Err(ApiError::param("messages", "`messages` is required")),
     };
+    let tools = parse_tools(obj)?;
+    let tool_choice = match field(obj, "tool_choice") {
+        None => None,
+        Some(Value::String(x)) if x == "auto" || x == "none" => Some(x.as_str()),
+        Some(v) => {
+            return Err(ApiError::param(
+                "tool_choice",
+                format!("`tool_choice` {v} is not supported: use \"auto\" or \"none\""),
+            ))
+        }
+    };
+    if tool_choice == Some("auto") && tools.is_none() {
+        return Err(ApiError::param(
+            "tool_choice",
+            "`tool_choice` \"auto\" needs `tools`",
+        ));
+    }
+    // As in the OpenAI API and vLLM: "auto" when the request has tools.
+    let auto = tools.is_some() && tool_choice != Some("none");
+    if auto && !(s.parsers.auto_tools && s.parsers.tools) {
+        return Err(ApiError::param(
+            "tool_choice",
+            "\"auto\" tool choice (the default with `tools`) requires the server to run with --enable-auto-tool-choice and --tool-call-parser; or send `tool_choice: \"none\"`",
+        ));
+    }
+    let kwargs = match field(obj, "chat_template_kwargs") {
+        None => None,
+        Some(Value::Object(m)) => {
+            if let Some(k) = m
+                .keys()
+                .find(|k| RESERVED_TEMPLATE_VARS.contains(&k.as_str()))
+            {
+                return Err(ApiError::param(
+                    "chat_template_kwargs",
+                    format!("`chat_template_kwargs.{k}` is set by the server and cannot be given"),
+                ));
+            }
+            Some(m)
+        }
+        Some(v) => {
+            return Err(ApiError::param(
+                "chat_template_kwargs",
+                format!("`chat_template_kwargs` must be an object, got {v}"),
+            ))
+        }
+    };
     let mut messages = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
         let Some(o) = m.as_object() else {
@@ -718,38 +937,63 @@ fn chat_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<Vec<u32>, ApiEr
             ));
         };
         let role = match o.get("role").and_then(Value::as_str) {
-            Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
+            Some(r @ ("system" | "user" | "assistant" | "tool")) => r.to_string(),
             Some("developer") => "system".to_string(),
             other => {
                 return Err(ApiError::param(
                     &format!("messages[{i}].role"),
                     format!(
-                        "`role` must be system, user or assistant, got {}",
+                        "`role` must be system, developer, user, assistant or tool, got {}",
                         other.map_or("nothing".to_string(), |r| format!("{r:?}"))
                     ),
                 ))
             }
         };
-        messages.push(ChatMessage::new(
-            role,
-            message_content(o.get("content"), i)?,
-        ));
+        let mut msg = ChatMessage::new(role.as_str(), message_content(o.get("content"), i)?);
+        if role == "assistant" {
+            if let Some(v) = field(o, "tool_calls") {
+                msg.tool_calls = parse_tool_calls(v, i)?;
+                if field(o, "content").is_none() {
+                    msg.content = None;
+                }
+            }
+            msg.reasoning_content = match opt_string(o, "reasoning_content", i)? {
+                Some(r) => Some(r),
+                None => opt_string(o, "reasoning", i)?,
+            };
+        }
+        if role == "tool" {
+            msg.tool_call_id = opt_string(o, "tool_call_id", i)?;
+            msg.name = opt_string(o, "name", i)?;
+        }
+        messages.push(msg);
     }
     let template = s
         .tok
         .chat_template()
         .ok_or_else(|| ApiError::bad("the model has no chat template (tokenizer_config.json chat_template); use /v1/completions"))?;
-    let text = render_chat(
+    let text = render_chat_with(
         template,
         &messages,
-        s.tok.bos_token().unwrap_or(""),
-        s.tok.eos_token().unwrap_or(""),
-        true,
+        &ChatOptions {
+            bos_token: s.tok.bos_token().unwrap_or(""),
+            eos_token: s.tok.eos_token().unwrap_or(""),
+            add_generation_prompt: true,
+            tools: tools.as_deref(),
+            kwargs,
+        },
     )
     .map_err(|e| ApiError::param("messages", e.to_string()))?;
-    s.tok
+    let mode = ChatMode {
+        reasoning: s.parsers.reasoning,
+        tools: auto && s.parsers.tools,
+        in_thought: s.parsers.reasoning && prompt_opens_thought(&text),
+    };
+    let ids = s
+        .tok
         .encode(&text, false)
-        .map_err(|e| ApiError::bad(e.to_string()))
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    Ok((ids, mode))
 }
 
 fn completion_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
@@ -825,6 +1069,8 @@ struct Job {
     stop: Vec<String>,
     stop_ids: Vec<u32>,
     logprobs: bool,
+    /// Keep special tokens in the text (a chat parser reads the markers).
+    keep_special: bool,
 }
 
 fn token_text(tok: &Tokenizer, id: u32) -> String {
@@ -840,8 +1086,9 @@ fn drive(s: &AppState, job: Job, emit: &mut dyn FnMut(Out) -> bool, closed: &dyn
         stop,
         stop_ids,
         logprobs,
+        keep_special,
     } = job;
-    let mut dec = s.tok.stream();
+    let mut dec = s.tok.stream_with(!keep_special);
     let mut text = String::new();
     let mut sent = 0usize;
     let mut generated = 0usize;
@@ -1067,7 +1314,7 @@ async fn generate(
     api: Api,
 ) -> Result<Response, ApiError> {
     let obj = parse_body(body)?;
-    let c = parse_common(&s, &obj, api == Api::Chat)?;
+    let mut c = parse_common(&s, &obj, api == Api::Chat)?;
     let top_logprobs: Option<usize> = match api {
         Api::Chat => {
             let on = opt_bool(&obj, "logprobs")?.unwrap_or(false);
@@ -1099,10 +1346,14 @@ async fn generate(
             k => k.map(|k| k as usize),
         },
     };
-    let prompt_ids = match api {
+    let (prompt_ids, mode) = match api {
         Api::Chat => chat_prompt(&s, &obj)?,
-        Api::Completion => completion_prompt(&s, &obj)?,
+        Api::Completion => (completion_prompt(&s, &obj)?, ChatMode::default()),
     };
+    if mode.tools {
+        // The model ends a tool-calling step with `<|tool_response>` (the client runs the tool).
+        c.stop_ids.extend(s.parsers.tool_response_id);
+    }
     let max_tokens = match (c.max_tokens, api) {
         (Some(n), _) => n,
         // vLLM's defaults: completions 16, chat the rest of the model length.
@@ -1126,6 +1377,7 @@ async fn generate(
         stop: c.stop,
         stop_ids: c.stop_ids,
         logprobs: top_logprobs.is_some(),
+        keep_special: mode.parsed(),
     };
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let (id, object, chunk_object) = match api {
@@ -1158,6 +1410,7 @@ async fn generate(
         }
         let tx2 = tx.clone();
         let mut offset = 0usize;
+        let mut out = ChatOutput::new(mode);
         let emit = move |o: Out| -> bool {
             let bytes = match o {
                 Out::Delta { text, logprobs } => {
@@ -1169,7 +1422,11 @@ async fn generate(
                     offset += text.len();
                     let choice = match api {
                         Api::Chat => {
-                            json!({"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
+                            let parsed = out.push(&text);
+                            if out.parser.is_some() && parsed.is_empty() && logprobs.is_empty() {
+                                return true;
+                            }
+                            json!({"index": 0, "delta": out.delta_json(&parsed), "logprobs": lp, "finish_reason": null})
                         }
                         Api::Completion => {
                             json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": null})
@@ -1182,15 +1439,23 @@ async fn generate(
                     prompt_tokens,
                     completion_tokens,
                 } => {
+                    let mut v = Vec::new();
                     let choice = match api {
                         Api::Chat => {
-                            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
+                            let tail = out.finish();
+                            if !tail.is_empty() {
+                                v.push(chunk(
+                                    json!([{"index": 0, "delta": out.delta_json(&tail), "logprobs": null, "finish_reason": null}]),
+                                    None,
+                                ));
+                            }
+                            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": out.finish_reason(finish_reason)})
                         }
                         Api::Completion => {
                             json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason})
                         }
                     };
-                    let mut v = vec![chunk(json!([choice]), None)];
+                    v.push(chunk(json!([choice]), None));
                     if include_usage {
                         v.push(chunk(
                             json!([]),
@@ -1260,12 +1525,17 @@ async fn generate(
         Value::Null
     };
     let choice = match api {
-        Api::Chat => json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": lp,
-            "finish_reason": finish_reason,
-        }),
+        Api::Chat => {
+            let mut out = ChatOutput::new(mode);
+            let mut all = out.push(&text);
+            all.extend(out.finish());
+            json!({
+                "index": 0,
+                "message": out.message_json(&all),
+                "logprobs": lp,
+                "finish_reason": out.finish_reason(finish_reason),
+            })
+        }
         Api::Completion => json!({
             "index": 0,
             "text": text,
@@ -1284,6 +1554,134 @@ async fn generate(
             "usage": usage(p, c),
         }),
     ))
+}
+
+/// The OpenAI message fields of a chat completion's raw text. Without a parser the text is the
+/// `content`; with the Gemma 4 parsers the thought channel becomes `reasoning_content` and tool calls
+/// `tool_calls` (given ids here), as vLLM returns them.
+struct ChatOutput {
+    parser: Option<Gemma4Parser>,
+    /// Ids of the tool calls so far, by index.
+    call_ids: Vec<String>,
+}
+
+impl ChatOutput {
+    fn new(mode: ChatMode) -> ChatOutput {
+        let parser = mode.parsed().then(|| {
+            let p = Gemma4Parser::new(mode.reasoning, mode.tools);
+            if mode.in_thought {
+                p.in_thought()
+            } else {
+                p
+            }
+        });
+        ChatOutput {
+            parser,
+            call_ids: Vec::new(),
+        }
+    }
+
+    fn track(&mut self, d: ParsedDelta) -> ParsedDelta {
+        for c in &d.tool_calls {
+            debug_assert_eq!(c.index, self.call_ids.len());
+            self.call_ids
+                .push(format!("chatcmpl-tool-{:016x}", rand::random::<u64>()));
+        }
+        d
+    }
+
+    fn push(&mut self, text: &str) -> ParsedDelta {
+        match &mut self.parser {
+            Some(p) => {
+                let d = p.push(text);
+                self.track(d)
+            }
+            None => ParsedDelta {
+                content: text.to_string(),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn finish(&mut self) -> ParsedDelta {
+        match &mut self.parser {
+            Some(p) => {
+                let d = p.finish();
+                self.track(d)
+            }
+            None => ParsedDelta::default(),
+        }
+    }
+
+    fn tool_call_json(&self, c: &ParsedToolCall, streaming: bool) -> Value {
+        let mut v = json!({
+            "id": self.call_ids.get(c.index),
+            "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments},
+        });
+        if streaming {
+            v["index"] = json!(c.index);
+        }
+        v
+    }
+
+    /// A streaming `delta`: the fields this piece of text contributed.
+    fn delta_json(&self, d: &ParsedDelta) -> Value {
+        let mut m = Map::new();
+        if !d.reasoning.is_empty() {
+            m.insert("reasoning_content".into(), json!(d.reasoning));
+        }
+        if !d.content.is_empty() || self.parser.is_none() {
+            m.insert("content".into(), json!(d.content));
+        }
+        if !d.tool_calls.is_empty() {
+            let calls: Vec<Value> = d
+                .tool_calls
+                .iter()
+                .map(|c| self.tool_call_json(c, true))
+                .collect();
+            m.insert("tool_calls".into(), json!(calls));
+        }
+        Value::Object(m)
+    }
+
+    /// The non-streaming `message` of the whole output `all`. With tool calls the content is the
+    /// text around them, trimmed, or null when there is none (as vLLM).
+    fn message_json(&self, all: &ParsedDelta) -> Value {
+        if self.parser.is_none() {
+            return json!({"role": "assistant", "content": all.content});
+        }
+        let content = if all.tool_calls.is_empty() {
+            json!(all.content)
+        } else {
+            let t = all.content.trim();
+            if t.is_empty() {
+                Value::Null
+            } else {
+                json!(t)
+            }
+        };
+        let reasoning = if all.reasoning.is_empty() {
+            Value::Null
+        } else {
+            json!(all.reasoning)
+        };
+        let calls: Vec<Value> = all
+            .tool_calls
+            .iter()
+            .map(|c| self.tool_call_json(c, false))
+            .collect();
+        json!({"role": "assistant", "content": content, "reasoning_content": reasoning, "tool_calls": calls})
+    }
+
+    /// "tool_calls" when the model called tools and stopped by itself.
+    fn finish_reason(&self, reason: &'static str) -> &'static str {
+        if reason == "stop" && !self.call_ids.is_empty() {
+            "tool_calls"
+        } else {
+            reason
+        }
+    }
 }
 
 /// A tokio receiver as the body stream of a response.
