@@ -1709,4 +1709,159 @@ mod tests {
         assert_eq!(find_stop("a xy b END", &stops), Some(2));
         assert_eq!(find_stop("abc", &stops), None);
     }
+
+    /// What a client assembles from streamed deltas: reasoning, content, and tool calls by index.
+    fn stream_script(
+        mode: ChatMode,
+        pieces: &[&str],
+    ) -> (String, String, Vec<Value>, &'static str) {
+        let mut out = ChatOutput::new(mode);
+        let mut deltas: Vec<Value> = Vec::new();
+        for p in pieces {
+            let d = out.push(p);
+            if !d.is_empty() {
+                deltas.push(out.delta_json(&d));
+            }
+        }
+        let tail = out.finish();
+        if !tail.is_empty() {
+            deltas.push(out.delta_json(&tail));
+        }
+        let (mut reasoning, mut content, mut calls) = (String::new(), String::new(), Vec::new());
+        for d in &deltas {
+            let keys: Vec<&String> = d.as_object().unwrap().keys().collect();
+            assert!(!keys.is_empty(), "empty delta");
+            for k in keys {
+                assert!(
+                    ["reasoning_content", "content", "tool_calls"].contains(&k.as_str()),
+                    "{d}"
+                );
+            }
+            reasoning.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+            content.push_str(d["content"].as_str().unwrap_or(""));
+            if let Some(tc) = d["tool_calls"].as_array() {
+                calls.extend(tc.iter().cloned());
+            }
+        }
+        (reasoning, content, calls, out.finish_reason("stop"))
+    }
+
+    fn message_script(mode: ChatMode, text: &str, reason: &'static str) -> (Value, &'static str) {
+        let mut out = ChatOutput::new(mode);
+        let mut all = out.push(text);
+        all.extend(out.finish());
+        (out.message_json(&all), out.finish_reason(reason))
+    }
+
+    const GEMMA4: ChatMode = ChatMode {
+        reasoning: true,
+        tools: true,
+        in_thought: false,
+    };
+
+    const SCRIPT: &str = "<|channel>thought\nThe user wants weather.<channel|>Checking.<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>,days:3}<tool_call|><|tool_call>call:get_time{}<tool_call|>";
+
+    #[test]
+    fn chat_output_message_with_reasoning_and_tool_calls() {
+        let (msg, reason) = message_script(GEMMA4, SCRIPT, "stop");
+        assert_eq!(reason, "tool_calls");
+        assert_eq!(msg["role"], "assistant");
+        assert_eq!(msg["content"], "Checking.");
+        assert_eq!(msg["reasoning_content"], "The user wants weather.");
+        let calls = msg["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0]["type"], "function");
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        assert_eq!(
+            calls[0]["function"]["arguments"],
+            r#"{"city": "Paris", "days": 3}"#
+        );
+        assert_eq!(calls[1]["function"]["name"], "get_time");
+        assert_eq!(calls[1]["function"]["arguments"], "{}");
+        let ids: Vec<&str> = calls.iter().map(|c| c["id"].as_str().unwrap()).collect();
+        assert!(
+            ids.iter().all(|i| i.starts_with("chatcmpl-tool-")),
+            "{ids:?}"
+        );
+        assert_ne!(ids[0], ids[1]);
+        assert!(calls[0].get("index").is_none());
+        // Cut off by the length limit: the reason stays.
+        assert_eq!(message_script(GEMMA4, SCRIPT, "length").1, "length");
+        // Only tool calls: content is null.
+        let (msg, _) = message_script(GEMMA4, "<|tool_call>call:f{}<tool_call|>\n", "stop");
+        assert_eq!(msg["content"], Value::Null);
+        assert_eq!(msg["reasoning_content"], Value::Null);
+    }
+
+    #[test]
+    fn chat_output_stream_equals_message_at_every_split() {
+        let (msg, _) = message_script(GEMMA4, SCRIPT, "stop");
+        for i in (0..=SCRIPT.len()).filter(|&i| SCRIPT.is_char_boundary(i)) {
+            for j in (i..=SCRIPT.len()).step_by(7) {
+                let pieces = [&SCRIPT[..i], &SCRIPT[i..j], &SCRIPT[j..]];
+                let (reasoning, content, calls, reason) = stream_script(GEMMA4, &pieces);
+                assert_eq!(reason, "tool_calls");
+                assert_eq!(reasoning, msg["reasoning_content"].as_str().unwrap());
+                assert_eq!(content, msg["content"].as_str().unwrap());
+                assert_eq!(calls.len(), 2, "{pieces:?}");
+                for (k, c) in calls.iter().enumerate() {
+                    assert_eq!(c["index"], k);
+                    assert_eq!(c["type"], "function");
+                    assert!(c["id"].as_str().unwrap().starts_with("chatcmpl-tool-"));
+                    assert_eq!(c["function"], msg["tool_calls"][k]["function"]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chat_output_without_parsers_is_plain_content() {
+        let mode = ChatMode::default();
+        let (msg, reason) = message_script(mode, SCRIPT, "stop");
+        assert_eq!(msg, json!({"role": "assistant", "content": SCRIPT}));
+        assert_eq!(reason, "stop");
+        let out = ChatOutput::new(mode);
+        assert_eq!(
+            out.delta_json(&ParsedDelta::default()),
+            json!({"content": ""})
+        );
+    }
+
+    #[test]
+    fn chat_output_reasoning_only_keeps_tool_text() {
+        let mode = ChatMode {
+            reasoning: true,
+            tools: false,
+            in_thought: false,
+        };
+        let (msg, reason) = message_script(mode, SCRIPT, "stop");
+        assert_eq!(reason, "stop");
+        assert_eq!(msg["reasoning_content"], "The user wants weather.");
+        assert_eq!(
+            msg["content"].as_str().unwrap(),
+            &SCRIPT[SCRIPT.find("Checking.").unwrap()..]
+        );
+        assert_eq!(msg["tool_calls"], json!([]));
+        // A prompt that opened the thought channel: output starts as reasoning.
+        let mode = ChatMode {
+            in_thought: true,
+            ..mode
+        };
+        let (msg, _) = message_script(mode, "hmm<channel|>Yes.", "stop");
+        assert_eq!(msg["reasoning_content"], "hmm");
+        assert_eq!(msg["content"], "Yes.");
+    }
+
+    #[test]
+    fn chat_output_malformed_call_is_content() {
+        let text = "<|tool_call>call:f{a:<|\"|>x}<tool_call|>";
+        let (msg, reason) = message_script(GEMMA4, text, "stop");
+        assert_eq!(reason, "stop");
+        assert_eq!(msg["content"], text);
+        assert_eq!(msg["tool_calls"], json!([]));
+        let (_, content, calls, _) =
+            stream_script(GEMMA4, &[&text[..5], &text[5..20], &text[20..]]);
+        assert_eq!(content, text);
+        assert!(calls.is_empty());
+    }
 }
