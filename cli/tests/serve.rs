@@ -753,3 +753,302 @@ fn serve_load_64_streams_and_16_hangups() {
         );
     }
 }
+
+/// Special tokens of the Gemma-4-like tiny tokenizer, ids 4.. (the words follow).
+const G4_SPECIALS: [&str; 12] = [
+    "<|turn>",
+    "<turn|>",
+    "<|channel>",
+    "<channel|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    "<|\"|>",
+    "<|think|>",
+    "<|tool>",
+    "<tool|>",
+];
+
+/// The tiny model with a Gemma-4-like tokenizer (Gemma 4's markers as special tokens) and the real
+/// Gemma 4 chat template (tests/fixtures/gemma4-chat).
+fn tiny_gemma4_chat_model(dir: &Path) {
+    let t = Tiny::default();
+    write_tiny(dir, &t, 7);
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (i, tok) in ["<pad>", "<eos>", "<bos>", "<unk>"]
+        .iter()
+        .chain(G4_SPECIALS.iter())
+        .enumerate()
+    {
+        vocab.insert(tok.to_string(), json!(i));
+        if *tok != "<unk>" {
+            added.push(
+                json!({"id": i, "content": tok, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}),
+            );
+        }
+    }
+    for i in 4 + G4_SPECIALS.len()..t.vocab {
+        vocab.insert(format!("w{i}"), json!(i));
+    }
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let template =
+        std::fs::read_to_string(root().join("tests/fixtures/gemma4-chat/chat_template.jinja"))
+            .unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        json!({"add_bos_token": false, "bos_token": "<bos>", "eos_token": "<eos>", "chat_template": template})
+            .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": [0, 5], "do_sample": false}"#,
+    )
+    .unwrap();
+}
+
+/// Prompt tokens of a chat request as e4m3's template rendering and tokenizer give them.
+fn prompt_tokens(dir: &Path, messages: &Value, tools: Option<&Value>, kwargs: &Value) -> usize {
+    use e4m3_core::chat::{render_chat_with, ChatMessage, ChatOptions};
+    let tok = e4m3_core::tokenizer::Tokenizer::from_dir(dir).unwrap();
+    let msgs: Vec<ChatMessage> = serde_json::from_value(messages.clone()).unwrap();
+    let tools: Option<Vec<Value>> = tools.map(|t| t.as_array().unwrap().clone());
+    let text = render_chat_with(
+        tok.chat_template().unwrap(),
+        &msgs,
+        &ChatOptions {
+            bos_token: "<bos>",
+            eos_token: "<eos>",
+            add_generation_prompt: true,
+            tools: tools.as_deref(),
+            kwargs: kwargs.as_object(),
+        },
+    )
+    .unwrap();
+    tok.encode(&text, false).unwrap().len()
+}
+
+/// Gemma 4 chat over HTTP: `tools`, `tool_choice`, `chat_template_kwargs` and tool messages reach the
+/// template (prompt token counts), the parsed fields appear in messages and streams alike, bad values
+/// are 400s naming the field, and the parser flags are checked at start-up.
+#[test]
+fn serve_gemma4_chat_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_gemma4_chat_model(dir.path());
+    let model = dir.path().to_str().unwrap();
+    // Start-up checks.
+    common::fails_with(
+        &[
+            "serve",
+            "--model",
+            model,
+            "--backend",
+            "cpu",
+            "--enable-auto-tool-choice",
+        ],
+        &["--tool-call-parser"],
+    );
+    let plain = tempfile::tempdir().unwrap();
+    tiny_model(plain.path());
+    common::fails_with(
+        &[
+            "serve",
+            "--model",
+            plain.path().to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--reasoning-parser",
+            "gemma4",
+        ],
+        &["--reasoning-parser", "<|channel>"],
+    );
+
+    let srv = Server::start(
+        dir.path(),
+        &[
+            "--reasoning-parser",
+            "gemma4",
+            "--tool-call-parser",
+            "gemma4",
+            "--enable-auto-tool-choice",
+        ],
+    );
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Weather in a city.", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let user = json!([{"role": "user", "content": "w20 w21"}]);
+    let round_trip = json!([
+        {"role": "user", "content": "w20 w21"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"w30\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "w31 w32"},
+    ]);
+    // What the template sees: the server turns JSON-string arguments into an object, as vLLM does.
+    let mut round_trip_obj = round_trip.clone();
+    round_trip_obj[1]["tool_calls"][0]["function"]["arguments"] = json!({"city": "w30"});
+    let req = |messages: &Value, extra: Value| {
+        let mut v =
+            json!({"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 12});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    let thinking = json!({"enable_thinking": true});
+    let none = json!({});
+    let cases = [
+        (&user, &user, json!({}), None, &none),
+        (
+            &user,
+            &user,
+            json!({"chat_template_kwargs": thinking}),
+            None,
+            &thinking,
+        ),
+        (&user, &user, json!({"tools": tools}), Some(&tools), &none),
+        (
+            &user,
+            &user,
+            json!({"tools": tools, "tool_choice": "none"}),
+            Some(&tools),
+            &none,
+        ),
+        (
+            &round_trip,
+            &round_trip_obj,
+            json!({"tools": tools, "chat_template_kwargs": thinking}),
+            Some(&tools),
+            &thinking,
+        ),
+    ];
+    let mut counts = Vec::new();
+    for (messages, seen, extra, tl, kw) in cases {
+        let body = req(messages, extra.clone());
+        let (status, r) = srv.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{extra}: {r}");
+        let want = prompt_tokens(dir.path(), seen, tl, kw);
+        assert_eq!(r["usage"]["prompt_tokens"], want, "{extra}");
+        counts.push(want);
+        let msg = &r["choices"][0]["message"];
+        assert_eq!(msg["role"], "assistant");
+        assert!(msg["tool_calls"].is_array(), "{msg}");
+        assert!(msg.get("reasoning_content").is_some(), "{msg}");
+        let calls = msg["tool_calls"].as_array().unwrap();
+        let finish = r["choices"][0]["finish_reason"].as_str().unwrap();
+        if !calls.is_empty() {
+            assert_eq!(finish, "tool_calls");
+        }
+        // The stream carries the same fields.
+        let mut sbody = body.clone();
+        sbody["stream"] = json!(true);
+        let chunks = srv.stream("/v1/chat/completions", &sbody);
+        assert_eq!(chunks.last().unwrap(), "[DONE]");
+        let (mut reasoning, mut content, mut n_calls, mut sfinish) =
+            (String::new(), String::new(), 0, String::new());
+        for c in &chunks[..chunks.len() - 1] {
+            let v: Value = serde_json::from_str(c).unwrap();
+            let ch = &v["choices"][0];
+            reasoning.push_str(ch["delta"]["reasoning_content"].as_str().unwrap_or(""));
+            content.push_str(ch["delta"]["content"].as_str().unwrap_or(""));
+            n_calls += ch["delta"]["tool_calls"].as_array().map_or(0, Vec::len);
+            if let Some(f) = ch["finish_reason"].as_str() {
+                sfinish = f.to_string();
+            }
+        }
+        assert_eq!(
+            reasoning,
+            msg["reasoning_content"].as_str().unwrap_or(""),
+            "{extra}"
+        );
+        if calls.is_empty() {
+            assert_eq!(content, msg["content"].as_str().unwrap(), "{extra}");
+        }
+        assert_eq!(n_calls, calls.len());
+        assert_eq!(sfinish, finish);
+    }
+    // Each of thinking, tools and the tool round trip changed the prompt.
+    assert_ne!(counts[0], counts[1]);
+    assert_ne!(counts[0], counts[2]);
+    assert_eq!(
+        counts[2], counts[3],
+        "tool_choice none still declares the tools"
+    );
+    assert!(counts[4] > counts[2]);
+
+    // Validation: 400s naming the field and value.
+    for (extra, field, want) in [
+        (
+            json!({"tools": tools, "tool_choice": "required"}),
+            "tool_choice",
+            "required",
+        ),
+        (
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+            "tool_choice",
+            "get_weather",
+        ),
+        (json!({"tool_choice": "auto"}), "tool_choice", "tools"),
+        (json!({"tools": {"a": 1}}), "tools", "list"),
+        (
+            json!({"tools": [{"type": "function"}]}),
+            "tools[0].function",
+            "name",
+        ),
+        (
+            json!({"tools": [{"type": "retrieval"}]}),
+            "tools[0].type",
+            "retrieval",
+        ),
+        (
+            json!({"chat_template_kwargs": [1]}),
+            "chat_template_kwargs",
+            "object",
+        ),
+        (
+            json!({"chat_template_kwargs": {"messages": []}}),
+            "chat_template_kwargs",
+            "messages",
+        ),
+    ] {
+        let (s, e) = srv.post("/v1/chat/completions", &req(&user, extra.clone()));
+        assert_error(s, &e, 400, &[want]);
+        assert_eq!(e["error"]["param"], field, "{extra}");
+    }
+    let bad_call = json!([{"role": "user", "content": "w8"},
+        {"role": "assistant", "tool_calls": [{"type": "function"}]}]);
+    let (s, e) = srv.post("/v1/chat/completions", &req(&bad_call, json!({})));
+    assert_error(s, &e, 400, &["function"]);
+    assert_eq!(e["error"]["param"], "messages[1].tool_calls[0]");
+
+    // A server without --enable-auto-tool-choice refuses "auto" (the default with tools), as vLLM.
+    let srv2 = Server::start(plain.path(), &[]);
+    let (s, e) = srv2.post(
+        "/v1/chat/completions",
+        &req(
+            &json!([{"role": "user", "content": "w8"}]),
+            json!({"tools": tools}),
+        ),
+    );
+    assert_error(s, &e, 400, &["--enable-auto-tool-choice"]);
+    let (s, r) = srv2.post(
+        "/v1/chat/completions",
+        &req(
+            &json!([{"role": "user", "content": "w8"}]),
+            json!({"tools": tools, "tool_choice": "none"}),
+        ),
+    );
+    assert_eq!(s, 200, "{r}");
+    // Without parsers the message is as before: no reasoning_content / tool_calls fields.
+    assert!(
+        r["choices"][0]["message"].get("tool_calls").is_none(),
+        "{r}"
+    );
+}
