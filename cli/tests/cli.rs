@@ -455,3 +455,67 @@ fn crosscheck_plot_writes_a_heatmap_png() {
     let red = px.iter().filter(|&&c| c == [230, 0, 0]).count();
     assert_eq!(red, 24 * 3);
 }
+
+/// `run --chat --enable-thinking` on a Gemma-4-like tiny checkpoint: the prompt is the Gemma 4 template
+/// with `enable_thinking`, and `--json` reports the thought channel apart (`reasoning_content`).
+#[test]
+fn run_chat_gemma4_thinking() {
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_gemma4_chat_model(dir.path());
+    let model = dir.path().to_str().unwrap();
+    let run = |extra: &[&str]| -> Value {
+        let mut args = vec![
+            "run",
+            "--model",
+            model,
+            "--backend",
+            "cpu",
+            "--chat",
+            "w20 w21",
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = e4m3(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let tok = e4m3_core::tokenizer::Tokenizer::from_dir(dir.path()).unwrap();
+    let id = |t: &str| tok.token_to_id(t).unwrap();
+    let ids = |v: &Value| -> Vec<u32> {
+        v["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let on = run(&["--enable-thinking"]);
+    let off = run(&[]);
+    // Thinking on: a system turn with <|think|>, and no empty thought channel after <|turn>model.
+    let on_ids = ids(&on);
+    let off_ids = ids(&off);
+    let unk = tok.token_to_id("<unk>").unwrap();
+    assert_eq!(
+        on_ids[..4],
+        [id("<bos>"), id("<|turn>"), unk, id("<|think|>")]
+    );
+    assert!(!off_ids.contains(&id("<|think|>")));
+    // ... `<|channel>thought\n<channel|>` ("thought" is not a word of the tiny vocabulary).
+    assert_eq!(
+        off_ids[off_ids.len() - 3..],
+        [id("<|channel>"), unk, id("<channel|>")]
+    );
+    assert_ne!(on_ids.last(), Some(&id("<channel|>")));
+    for v in [&on, &off] {
+        assert!(v["reasoning_content"].is_string(), "{v}");
+        assert!(v["text"].is_string(), "{v}");
+    }
+}
