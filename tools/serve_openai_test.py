@@ -87,6 +87,22 @@ def main() -> int:
             check(False, f"{kwargs} should fail")
         except openai.APIStatusError as e:
             check(e.status_code == status, f"{kwargs}: status {e.status_code}, want {status}")
+    # Tools: "auto" (the default with tools) needs a tool-call parser (as vLLM); "none" declares them only.
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    for kwargs in [dict(tools=tools), dict(tools=tools, tool_choice="required")]:
+        try:
+            client.chat.completions.create(model=a.model, messages=msgs, max_tokens=2, **kwargs)
+            check(False, f"{kwargs} should fail without --tool-call-parser")
+        except openai.BadRequestError as e:
+            check("tool_choice" in str(e), f"{kwargs}: {e}")
+    r = client.chat.completions.create(model=a.model, messages=msgs, max_tokens=2, temperature=0,
+                                       tools=tools, tool_choice="none",
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    # (Gemma 3's template has no tool syntax: the prompt is the one without tools.)
+    check(r.choices[0].message.tool_calls is None and r.usage.prompt_tokens == u.prompt_tokens,
+          f"tool_choice none: {r}")
+
     try:
         openai.OpenAI(base_url=a.base_url, api_key="wrong", max_retries=0).models.list()
         check(False, "a wrong key should fail")
