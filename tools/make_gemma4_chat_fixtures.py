@@ -203,6 +203,26 @@ CASES = [
         True,
     ),
     ("unicode", [{"role": "user", "content": "Grüße, 東京 🌸"}], None, {}, True),
+    (
+        "tool_property_without_type",
+        [{"role": "user", "content": "x"}],
+        [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+            "type": "object", "properties": {"x": {"description": "untyped"}}}}}],
+        {},
+        True,
+    ),
+    (
+        "tool_call_null_and_float_arguments",
+        [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+                "name": "f", "arguments": {"a": None, "b": 1.0, "c": 1e20, "d": -0.5, "e": True}}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "ok"},
+        ],
+        None,
+        {},
+        True,
+    ),
 ]
 
 

@@ -5,6 +5,7 @@
 //! The rendered text already contains the BOS token when the template writes `{{ bos_token }}`
 //! (Gemma's does), so tokenize it with `add_bos = false`.
 
+use minijinja::value::ValueKind;
 use minijinja::{Environment, ErrorKind, Value as JValue};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -150,6 +151,17 @@ fn environment(template: &str) -> Result<Environment<'_>> {
     env.set_keep_trailing_newline(false);
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    // Floats print as Python prints them (`1e+20`, `1e-05`), as Jinja2 does.
+    env.set_formatter(|out, state, value| {
+        if value.kind() == ValueKind::Number && !value.is_integer() {
+            if let Ok(x) = f64::try_from(value.clone()) {
+                return std::fmt::Write::write_str(out, &python_float_repr(x)).map_err(|_| {
+                    minijinja::Error::new(ErrorKind::WriteFailure, "cannot write a number")
+                });
+            }
+        }
+        minijinja::escape_formatter(out, state, value)
+    });
     env.add_function(
         "raise_exception",
         |msg: String| -> std::result::Result<String, minijinja::Error> {
@@ -159,6 +171,46 @@ fn environment(template: &str) -> Result<Environment<'_>> {
     env.add_template("chat_template", template)
         .map_err(template_error)?;
     Ok(env)
+}
+
+/// `repr(float)` of Python: the shortest digits that round-trip, in positional notation for
+/// exponents -4..16 (with at least one decimal), else scientific with a signed two-digit exponent.
+fn python_float_repr(x: f64) -> String {
+    if x.is_nan() {
+        return "nan".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    if x == 0.0 {
+        return if x.is_sign_negative() { "-0.0" } else { "0.0" }.into();
+    }
+    let sci = format!("{:e}", x.abs());
+    let (mant, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    let sign = if x < 0.0 { "-" } else { "" };
+    if (-4..16).contains(&exp) {
+        let body = if exp >= 0 {
+            let point = exp as usize + 1;
+            if digits.len() <= point {
+                format!("{digits}{}.0", "0".repeat(point - digits.len()))
+            } else {
+                format!("{}.{}", &digits[..point], &digits[point..])
+            }
+        } else {
+            format!("0.{}{digits}", "0".repeat((-exp - 1) as usize))
+        };
+        format!("{sign}{body}")
+    } else {
+        let frac = if digits.len() > 1 {
+            format!(".{}", &digits[1..])
+        } else {
+            String::new()
+        };
+        let esign = if exp < 0 { '-' } else { '+' };
+        format!("{sign}{}{frac}e{esign}{:02}", &digits[..1], exp.abs())
+    }
 }
 
 /// Render `messages` with a chat template. Errors (syntax errors, `raise_exception(...)` such as
@@ -263,7 +315,7 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
                 .unwrap();
         let cases = doc["cases"].as_array().unwrap();
-        assert_eq!(cases.len(), 16);
+        assert_eq!(cases.len(), 18);
         for c in cases {
             let name = c["name"].as_str().unwrap();
             let messages: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone())
@@ -308,6 +360,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("`messages`"), "{err}");
+    }
+
+    #[test]
+    fn floats_print_like_python() {
+        for (x, want) in [
+            (1.0, "1.0"),
+            (2.5, "2.5"),
+            (-0.5, "-0.5"),
+            (1e20, "1e+20"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (123456.789, "123456.789"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.5e-7, "1.5e-07"),
+            (-2.25e100, "-2.25e+100"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (0.0, "0.0"),
+            (f64::INFINITY, "inf"),
+        ] {
+            assert_eq!(python_float_repr(x), want, "{x}");
+        }
+        let out = render_chat("{{ 1e20 }} {{ 3 }} {{ 0.5 }}", &[], "", "", false).unwrap();
+        assert_eq!(out, "1e+20 3 0.5");
     }
 
     #[test]
