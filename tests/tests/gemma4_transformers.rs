@@ -1,0 +1,185 @@
+//! The CPU reference against transformers' own Gemma4ForConditionalGeneration on tiny random checkpoints
+//! (tests/fixtures/tiny-gemma4/<variant>, made by tools/make_tiny_gemma4.py): every logit at every
+//! position, greedy continuations through the KV cache, both config forms, and each Gemma 4 feature shown
+//! to matter by turning it off.
+
+use std::path::PathBuf;
+
+use e4m3_core::backend::{Batch, LogitsFor};
+use e4m3_core::model::{Gemma4Options, Model};
+use e4m3_core::sampling::argmax;
+use e4m3_tests::*;
+use serde_json::Value;
+
+const VARIANTS: [&str; 4] = ["dense31b", "dense12b", "e2b", "moe26b"];
+
+struct Case {
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    greedy: Vec<u32>,
+}
+
+fn dir(variant: &str) -> PathBuf {
+    fixture(&format!("tiny-gemma4/{variant}"))
+}
+
+fn cases(variant: &str) -> Vec<Case> {
+    let text = std::fs::read_to_string(dir(variant).join("logits.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            ids: json_u32s(&c["input_ids"]),
+            logits: json_f32_matrix(&c["logits"]),
+            greedy: json_u32s(&c["greedy_ids"]),
+        })
+        .collect()
+}
+
+/// Largest |dlogit| over every position of every case, relative to that position's logit range.
+fn worst_relative(model: &Model, cases: &[Case]) -> f32 {
+    let mut worst = 0f32;
+    for case in cases {
+        let got = all_logits(model, &case.ids);
+        assert_eq!(got.rows, case.ids.len());
+        for (p, want) in case.logits.iter().enumerate() {
+            let range = want.iter().cloned().fold(f32::MIN, f32::max)
+                - want.iter().cloned().fold(f32::MAX, f32::min);
+            worst = worst.max(max_abs_diff(got.row(p), want) / range);
+        }
+    }
+    worst
+}
+
+/// Greedy tokens through the KV cache: the prompt in one step, then one token per step.
+fn greedy(model: &Model, ids: &[u32], n: usize) -> Vec<u32> {
+    let mut r = cpu_runner(model, 1, ids.len() + n);
+    let out = r
+        .step(&Batch::single(0, 0, ids.to_vec(), LogitsFor::Last), &[])
+        .unwrap();
+    let mut next = argmax(out.logits.row(0));
+    let mut gen = vec![next];
+    for i in 1..n {
+        let out = r
+            .step(
+                &Batch::single(0, ids.len() + i - 1, vec![next], LogitsFor::Last),
+                &[],
+            )
+            .unwrap();
+        next = argmax(out.logits.row(0));
+        gen.push(next);
+    }
+    gen
+}
+
+fn matches(model: &Model, cases: &[Case]) -> Result<f32, String> {
+    let worst = worst_relative(model, cases);
+    if worst > 1e-3 {
+        return Err(format!("max |dlogit| / range = {worst:e}"));
+    }
+    for (ci, case) in cases.iter().enumerate() {
+        let got = greedy(model, &case.ids, case.greedy.len());
+        if got != case.greedy {
+            return Err(format!(
+                "case {ci}: greedy {got:?}, transformers {:?}",
+                case.greedy
+            ));
+        }
+    }
+    Ok(worst)
+}
+
+#[test]
+fn tiny_gemma4_matches_transformers() {
+    for v in VARIANTS {
+        let model = Model::load(&dir(v)).unwrap_or_else(|e| panic!("{v}: {e}"));
+        assert!(model.config.is_gemma4());
+        match matches(&model, &cases(v)) {
+            Ok(worst) => eprintln!("{v}: max |dlogit| / range = {worst:e}"),
+            Err(e) => panic!("{v}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn hub_config_form_equals_per_layer_config_form() {
+    for v in VARIANTS {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            dir(v).join("config.hub.json"),
+            tmp.path().join("config.json"),
+        )
+        .unwrap();
+        std::fs::copy(
+            dir(v).join("model.safetensors"),
+            tmp.path().join("model.safetensors"),
+        )
+        .unwrap();
+        let hub = Model::load(tmp.path()).unwrap();
+        let saved = Model::load(&dir(v)).unwrap();
+        assert_eq!(hub.config.gemma4, saved.config.gemma4, "{v}");
+        let ids = &cases(v)[0].ids;
+        assert_eq!(
+            all_logits(&hub, ids).data,
+            all_logits(&saved, ids).data,
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn config_geometry_is_read_from_both_forms() {
+    let m = Model::load(&dir("dense31b")).unwrap();
+    let g = m.config.gemma4.as_ref().unwrap();
+    // Full layers 2 and 5: global_head_dim 32 with 1 kv head (k_eq_v); sliding: 16 with 2.
+    assert_eq!(g.layer_head_dim, vec![16, 16, 32, 16, 16, 32]);
+    assert_eq!(g.layer_kv_heads, vec![2, 2, 1, 2, 2, 1]);
+    assert!(g.attention_k_eq_v && !m.config.has_v_proj(2) && m.config.has_v_proj(1));
+    assert_eq!(m.config.rope_full.partial_rotary_factor, Some(0.25));
+    // Proportional RoPE: 0.25 * 32 / 2 = 4 rotated frequencies over the full head dim, then zeros.
+    let f = m.config.rope_full.inv_freq(32);
+    assert_eq!(f.len(), 16);
+    assert_eq!(f[1], 1.0 / 1e6f32.powf(2.0 / 32.0));
+    assert!(f[3] > 0.0 && f[4..].iter().all(|&x| x == 0.0));
+    let e = Model::load(&dir("e2b")).unwrap();
+    let c = &e.config;
+    // 8 layers, the last 3 share: 5 (sliding) reads 3, 6 (sliding) reads 3, 7 (full) reads 4.
+    assert_eq!(
+        (0..8).map(|l| c.kv_donor(l)).collect::<Vec<_>>(),
+        vec![None, None, None, None, None, Some(3), Some(3), Some(4)]
+    );
+    assert_eq!(c.layer_intermediate(4), 16);
+    assert_eq!(c.layer_intermediate(5), 32);
+    assert_eq!(e.graph.cache_layers.len(), 5);
+}
+
+/// Each Gemma 4 feature matters: with it off, the CPU reference no longer matches transformers.
+#[test]
+fn turning_a_feature_off_breaks_the_match() {
+    let off: Vec<(&str, &str, fn(&mut Gemma4Options))> = vec![
+        ("dense31b", "layer_scalar", |o| o.layer_scalar = false),
+        ("dense31b", "v_norm", |o| o.v_norm = false),
+        ("dense31b", "k_eq_v", |o| o.k_eq_v = false),
+        ("dense12b", "partial rope", |o| o.partial_rope = false),
+        ("e2b", "KV sharing", |o| o.kv_sharing = false),
+        ("e2b", "per-layer embeddings", |o| o.ple = false),
+        ("moe26b", "MoE", |o| o.moe = false),
+        ("dense12b", "final softcap", |o| o.final_softcap = false),
+        ("dense31b", "attention scale 1.0", |o| {
+            o.unit_attention_scale = false
+        }),
+    ];
+    for (v, what, change) in off {
+        let cases = cases(v);
+        let mut model = Model::load(&dir(v)).unwrap();
+        assert!(matches(&model, &cases).is_ok(), "{v}: all on must match");
+        let mut opts = Gemma4Options::default();
+        change(&mut opts);
+        model.rebuild_gemma4_graph(&opts).unwrap();
+        let r = matches(&model, &cases);
+        assert!(r.is_err(), "{v} without {what}: still matches ({r:?})");
+        eprintln!("{v} without {what}: {}", r.unwrap_err());
+    }
+}
