@@ -183,3 +183,148 @@ fn turning_a_feature_off_breaks_the_match() {
         eprintln!("{v} without {what}: {}", r.unwrap_err());
     }
 }
+
+fn logits_nmse(a: &Model, b: &Model, ids: &[u32]) -> f64 {
+    let (x, y) = (all_logits(a, ids), all_logits(b, ids));
+    let num: f64 = x
+        .data
+        .iter()
+        .zip(&y.data)
+        .map(|(p, q)| ((p - q) as f64).powi(2))
+        .sum();
+    num / y.data.iter().map(|q| (*q as f64).powi(2)).sum::<f64>()
+}
+
+/// The smallest cosine between the FP8 model's logits and the source model's over every position
+/// (roundtrip_270m's threshold for the quantized Gemma 3 270M: 0.99).
+fn min_logit_cosine(a: &Model, b: &Model, ids: &[u32]) -> f64 {
+    let (x, y) = (all_logits(a, ids), all_logits(b, ids));
+    (0..x.rows)
+        .map(|p| e4m3_core::eval::cosine(x.row(p), y.row(p)))
+        .fold(1.0, f64::min)
+}
+
+/// `e4m3 quantize` in the block schemes C (128x128) and D (16x16 blocks, so the 32-wide tensors have several) on
+/// every tiny Gemma 4, fused experts included; A and B quantize the projections and keep experts dense.
+#[test]
+fn fp8_quantized_tiny_gemma4_loads_and_tracks_the_source() {
+    use e4m3_core::graph::{Op, QuantScheme};
+    use e4m3_core::quantize::{quantize, CalibSource, QuantizeOptions, Scheme};
+    for v in VARIANTS {
+        let src = Model::load(&dir(v)).unwrap();
+        let ids = &cases(v)[0].ids;
+        for scheme in [
+            Scheme::Fp8BlockWo,
+            Scheme::Fp8Block,
+            Scheme::Fp8Static,
+            Scheme::Fp8Dynamic,
+        ] {
+            let out = tempfile::tempdir().unwrap();
+            let mut o = QuantizeOptions::new(scheme);
+            // ModelOpt's fp8_pb_wo format is 128x128; FineGrainedFP8 records its block size.
+            if scheme == Scheme::Fp8Block {
+                o.block = 16;
+            }
+            o.calib = CalibSource::Ids(vec![ids.clone()]);
+            let rep = quantize(&dir(v), out.path(), &o)
+                .unwrap_or_else(|e| panic!("{v} {}: {e}", scheme.name()));
+            let m = Model::load(out.path()).unwrap_or_else(|e| panic!("{v} {}: {e}", scheme.name()));
+            let cos = min_logit_cosine(&m, &src, ids);
+            eprintln!(
+                "{v} {}: {} modules quantized, min cosine of logits {cos:.5}",
+                scheme.name(),
+                rep.quantized.len()
+            );
+            let nmse = logits_nmse(&m, &src, ids);
+            eprintln!("{v} {}: logits NMSE {nmse:.2e}", scheme.name());
+            // Much looser than Gemma 3 270M's 0.99 cosine per position: these random 32-wide models, with
+            // attention scale 1.0 over unit-RMS q/k, amplify FP8 rounding (measured 7e-3 .. 7e-2). The
+            // precise check is the exactness test below.
+            assert!(nmse < 1e-1, "{v} {}: NMSE {nmse}", scheme.name());
+            // Projections are FP8; router and per-layer-embedding linears stay dense.
+            for n in &m.graph.nodes {
+                match &n.op {
+                    Op::Linear { weight, scheme: s } => {
+                        let fp8 = *s != QuantScheme::Dense;
+                        let should = weight.contains(".self_attn.") || weight.contains(".mlp.");
+                        assert_eq!(fp8, should, "{v} {}: {weight}", scheme.name());
+                    }
+                    Op::MoeExperts {
+                        gate_up_scheme,
+                        down_scheme,
+                        ..
+                    } => {
+                        let block = scheme.is_block();
+                        assert_eq!(*gate_up_scheme != QuantScheme::Dense, block);
+                        assert_eq!(*down_scheme != QuantScheme::Dense, block);
+                    }
+                    _ => {}
+                }
+            }
+            if v == "moe26b" && scheme.is_block() {
+                assert!(rep.quantized.iter().any(|q| q.ends_with("experts.gate_up_proj")));
+                assert!(m.weights["layers.0.experts.gate_up_proj"].dtype == e4m3_core::tensor::DType::F8E4M3);
+            }
+        }
+    }
+}
+
+/// Scheme C is weight-only, so the FP8 model must equal a dense F32 model holding its dequantized weights
+/// (`decode(code) * block scale`, per expert for the fused tensors): this pins the per-expert slicing of
+/// weights and scales.
+#[test]
+fn fp8_block_wo_equals_its_dequantized_weights_experts_included() {
+    use e4m3_core::checkpoint::Weight;
+    use e4m3_core::quant_config::CheckpointQuant;
+    use e4m3_core::quantize::{quantize, QuantizeOptions, Scheme};
+    use e4m3_core::tensor::DType;
+    for v in ["moe26b", "e2b"] {
+        let out = tempfile::tempdir().unwrap();
+        quantize(&dir(v), out.path(), &QuantizeOptions::new(Scheme::Fp8BlockWo)).unwrap();
+        let m = Model::load(out.path()).unwrap();
+        let mut tensors = std::collections::BTreeMap::new();
+        let mut dequantized = 0;
+        for (name, w) in &m.weights {
+            let is_scale = name.ends_with("_proj_scale") || name.ends_with(".weight_scale");
+            if is_scale || name.ends_with("k_scale") || name.ends_with("v_scale") {
+                continue;
+            }
+            if name == "lm_head.weight" && m.tied_lm_head {
+                continue;
+            }
+            let stored = format!("model.language_model.{name}");
+            if w.dtype != DType::F8E4M3 {
+                tensors.insert(stored.clone(), w.renamed(&stored));
+                continue;
+            }
+            // The scale: `{module}.weight_scale` for a Linear, `{name}_scale` for fused experts.
+            let scale_name = match name.strip_suffix(".weight") {
+                Some(module) => format!("{module}.weight_scale"),
+                None => format!("{name}_scale"),
+            };
+            let sc = m.weights[&scale_name].to_f32();
+            let codes = w.bytes();
+            let (r, c) = (w.shape[w.shape.len() - 2], w.shape[w.shape.len() - 1]);
+            let (ob, ib) = (r.div_ceil(128), c.div_ceil(128));
+            let vals: Vec<f32> = codes
+                .iter()
+                .enumerate()
+                .map(|(i, &code)| {
+                    let (e, rc) = (i / (r * c), i % (r * c));
+                    let (ri, ci) = (rc / c, rc % c);
+                    e4m3_core::fp8::decode(code) * sc[e * ob * ib + (ri / 128) * ib + ci / 128]
+                })
+                .collect();
+            tensors.insert(stored.clone(), Weight::from_f32(&stored, w.shape.clone(), &vals));
+            dequantized += 1;
+        }
+        assert!(dequantized > 0);
+        let dense =
+            Model::from_tensors_quant(&dir(v), m.config.clone(), CheckpointQuant::None, tensors)
+                .unwrap();
+        let ids = &cases(v)[0].ids;
+        let nmse = logits_nmse(&m, &dense, ids);
+        eprintln!("{v}: FP8 C vs its dequantized weights: NMSE {nmse:.2e}");
+        assert!(nmse < 1e-10, "{v}: NMSE {nmse}");
+    }
+}
