@@ -621,7 +621,9 @@ impl Model {
 
 /// Every tensor the text model has (Linear weights included), with its shape, and the Linear modules
 /// with their `[out, in]`. `lm_head.weight` is listed; it may be absent (tied).
-fn expected_tensors(c: &Gemma3Config) -> (BTreeMap<String, Vec<usize>>, Vec<(String, [usize; 2])>) {
+pub fn expected_tensors(
+    c: &Gemma3Config,
+) -> (BTreeMap<String, Vec<usize>>, Vec<(String, [usize; 2])>) {
     if c.is_gemma4() {
         return expected_tensors_gemma4(c);
     }
