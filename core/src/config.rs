@@ -162,9 +162,10 @@ impl Gemma3Config {
     /// Whether layer `l` has a v_proj (false on KV-shared layers and, with `attention_k_eq_v`, full layers).
     pub fn has_v_proj(&self, l: usize) -> bool {
         self.has_kv_proj(l)
-            && !self.gemma4.as_ref().is_some_and(|g| {
-                g.attention_k_eq_v && self.layer_types[l] == LayerType::Full
-            })
+            && !self
+                .gemma4
+                .as_ref()
+                .is_some_and(|g| g.attention_k_eq_v && self.layer_types[l] == LayerType::Full)
     }
 
     /// MLP intermediate size of layer `l` (2x on KV-shared layers with `use_double_wide_mlp`).
@@ -223,16 +224,14 @@ impl Gemma3Config {
             ("gemma4", _) | (_, "gemma4_text") => {
                 return Self::from_json_gemma4(path, top, &f, architecture)
             }
-            (_, m) => {
-                return Err(Error::field(
-                    path,
-                    format!("{prefix}model_type"),
-                    format!(
-                        "`{m}` is not a Gemma 3 or Gemma 4 text model (expected gemma3_text, gemma3, \
+            (_, m) => return Err(Error::field(
+                path,
+                format!("{prefix}model_type"),
+                format!(
+                    "`{m}` is not a Gemma 3 or Gemma 4 text model (expected gemma3_text, gemma3, \
                          gemma4_text or gemma4)"
-                    ),
-                ))
-            }
+                ),
+            )),
         }
 
         let num_hidden_layers = f.usize_or("num_hidden_layers", 26)?;
@@ -535,7 +534,11 @@ impl Gemma3Config {
             ));
         }
         if let Some(m) = &g.moe {
-            if m.num_experts == 0 || m.intermediate_size == 0 || m.top_k == 0 || m.top_k > m.num_experts {
+            if m.num_experts == 0
+                || m.intermediate_size == 0
+                || m.top_k == 0
+                || m.top_k > m.num_experts
+            {
                 return Err(Error::field(
                     p,
                     "top_k_experts",
@@ -649,9 +652,10 @@ fn parse_eos(path: &Path, obj: &Map<String, Value>, top: &Map<String, Value>) ->
             .map(|v| v.as_u64().map(|x| x as u32))
             .collect::<Option<Vec<u32>>>()
             .ok_or_else(|| Error::field(path, "eos_token_id", "expected integers"))?,
-        Some(v) => vec![v.as_u64().ok_or_else(|| {
-            Error::field(path, "eos_token_id", "expected an integer or a list")
-        })? as u32],
+        Some(v) => vec![v
+            .as_u64()
+            .ok_or_else(|| Error::field(path, "eos_token_id", "expected an integer or a list"))?
+            as u32],
     })
 }
 
@@ -691,8 +695,8 @@ fn parse_layer_types(
                             path,
                             format!("{prefix}layer_types[{i}]"),
                             format!(
-                            "expected \"sliding_attention\" or \"full_attention\", found {v}"
-                        ),
+                                "expected \"sliding_attention\" or \"full_attention\", found {v}"
+                            ),
                         ))
                     }
                 });
@@ -823,13 +827,19 @@ fn parse_rope(f: &Fields) -> Result<(RopeSpec, RopeSpec)> {
             .ok_or_else(|| f.err("rope_parameters", "expected an object"))?;
         if o.contains_key("full_attention") || o.contains_key("sliding_attention") {
             let full = match o.get("full_attention") {
-                Some(v) => parse_rope_object(f, "rope_parameters.full_attention", v, theta_full, false)?,
+                Some(v) => {
+                    parse_rope_object(f, "rope_parameters.full_attention", v, theta_full, false)?
+                }
                 None => RopeSpec::plain(theta_full),
             };
             let sliding = match o.get("sliding_attention") {
-                Some(v) => {
-                    parse_rope_object(f, "rope_parameters.sliding_attention", v, theta_local, false)?
-                }
+                Some(v) => parse_rope_object(
+                    f,
+                    "rope_parameters.sliding_attention",
+                    v,
+                    theta_local,
+                    false,
+                )?,
                 None => RopeSpec::plain(theta_local),
             };
             return Ok((full, sliding));
@@ -879,10 +889,7 @@ mod tests {
                 partial_rotary_factor: None
             }
         );
-        assert_eq!(
-            c.rope_sliding,
-            RopeSpec::plain(1e4)
-        );
+        assert_eq!(c.rope_sliding, RopeSpec::plain(1e4));
         assert_eq!(c.eos_token_ids, vec![1, 106]);
         assert_eq!(c.layer_types.len(), 34);
         let full: Vec<usize> = (0..34)
@@ -937,5 +944,76 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("layer_types[0]"), "{e}");
+    }
+
+    #[test]
+    fn gemma4_sparse_hub_config_gets_transformers_defaults() {
+        // A 31B-shaped sparse text_config in the hub's keys.
+        let c = parse(json!({
+            "architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
+            "text_config": {"hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 60,
+                "num_attention_heads": 32, "num_key_value_heads": 16, "num_global_key_value_heads": 4,
+                "attention_k_eq_v": true, "sliding_window": 1024, "final_logit_softcapping": 30.0,
+                "hidden_size_per_layer_input": 0, "use_bidirectional_attention": "vision"}
+        }))
+        .unwrap();
+        let g = c.gemma4.as_ref().unwrap();
+        assert_eq!(c.vocab_size, 262144);
+        assert_eq!(c.layer_types[5], LayerType::Full);
+        assert_eq!(c.layer_types[59], LayerType::Full);
+        assert_eq!((g.layer_head_dim[5], g.layer_kv_heads[5]), (512, 4));
+        assert_eq!((g.layer_head_dim[4], g.layer_kv_heads[4]), (256, 16));
+        assert_eq!(c.rope_full.partial_rotary_factor, Some(0.25));
+        assert_eq!(c.rope_full.theta, 1e6);
+        assert_eq!(c.rope_sliding, RopeSpec::plain(1e4));
+        assert_eq!(c.final_logit_softcapping, Some(30.0));
+        assert!(!c.has_v_proj(5) && c.has_v_proj(4) && c.kv_donor(59).is_none());
+        // num_global_key_value_heads only applies with attention_k_eq_v.
+        let c = parse(json!({"model_type": "gemma4_text", "num_hidden_layers": 6,
+            "num_global_key_value_heads": 1, "hidden_size_per_layer_input": 0}))
+        .unwrap();
+        assert_eq!(c.gemma4.unwrap().layer_kv_heads[5], 4);
+        // The last layer is forced to full attention.
+        let c = parse(json!({"model_type": "gemma4_text", "num_hidden_layers": 4,
+            "hidden_size_per_layer_input": 0,
+            "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention"]}))
+        .unwrap();
+        assert_eq!(c.layer_types[3], LayerType::Full);
+    }
+
+    #[test]
+    fn gemma4_bad_fields_are_named() {
+        let base = |extra: Value| {
+            let mut v = json!({"model_type": "gemma4_text", "num_hidden_layers": 6,
+                "hidden_size_per_layer_input": 0});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            parse(v).unwrap_err().to_string()
+        };
+        let e = base(json!({"per_layer_config": {"9": {"head_dim": 64}}}));
+        assert!(
+            e.contains("per_layer_config.9") && e.contains("layer index"),
+            "{e}"
+        );
+        let e = base(json!({"per_layer_config": {"5": {"sliding_window": 64}}}));
+        assert!(e.contains("per_layer_config.5.sliding_window"), "{e}");
+        let e = base(json!({"enable_moe_block": true, "num_experts": 4}));
+        assert!(e.contains("top_k_experts") && e.contains("required"), "{e}");
+        let e = base(json!({"use_bidirectional_attention": "all"}));
+        assert!(e.contains("use_bidirectional_attention"), "{e}");
+        let e = base(json!({"num_kv_shared_layers": 6}));
+        assert!(e.contains("num_kv_shared_layers"), "{e}");
+        // Layer 5 (full) shared, but the only full layer is itself: no donor.
+        let e = base(json!({"num_kv_shared_layers": 1}));
+        assert!(
+            e.contains("KV-shared layer 5") && e.contains("no earlier layer"),
+            "{e}"
+        );
+        let e = base(json!({"rope_parameters": {"full_attention": {"rope_type": "yarn"}}}));
+        assert!(
+            e.contains("rope_parameters.full_attention.rope_type") && e.contains("yarn"),
+            "{e}"
+        );
     }
 }

@@ -854,7 +854,9 @@ fn gemma4_cases(out: &mut Vec<Case>) {
                 },
             ];
             out.push(b.finish(
-                format!("attention_shared(heads={nh},kv_heads={nkv},head_dim={d},window={window:?})"),
+                format!(
+                    "attention_shared(heads={nh},kv_heads={nkv},head_dim={d},window={window:?})"
+                ),
                 y,
                 steps,
                 KvCacheDtype::Auto,

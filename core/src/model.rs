@@ -226,13 +226,18 @@ impl Model {
             let Some((l, rest)) = rest.split_once('.') else {
                 return true;
             };
-            let shared = l.parse::<usize>().is_ok_and(|l| {
-                l < config.num_hidden_layers && !config.has_kv_proj(l)
-            });
+            let shared = l
+                .parse::<usize>()
+                .is_ok_and(|l| l < config.num_hidden_layers && !config.has_kv_proj(l));
             !(shared
-                && ["self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm."]
-                    .iter()
-                    .any(|p| rest.starts_with(p)))
+                && [
+                    "self_attn.k_proj.",
+                    "self_attn.v_proj.",
+                    "self_attn.k_norm.",
+                    "self_attn.v_norm.",
+                ]
+                .iter()
+                .any(|p| rest.starts_with(p)))
         });
         let stored = |canonical: &str| -> String {
             stored_name
@@ -391,16 +396,14 @@ impl Model {
                             block,
                         }
                     }
-                    _ => {
-                        return Err(Error::tensor(
-                            &stored_p,
-                            format!(
-                                "{}: fused expert tensors are supported dense or in the block schemes \
+                    _ => return Err(Error::tensor(
+                        &stored_p,
+                        format!(
+                            "{}: fused expert tensors are supported dense or in the block schemes \
                                  (fp8-block-wo, fp8-block) only",
-                                quant.name()
-                            ),
-                        ))
-                    }
+                            quant.name()
+                        ),
+                    )),
                 };
                 for sc in scheme.scale_tensors() {
                     if !weights.contains_key(sc) && missing_scale.is_none() {
@@ -522,7 +525,12 @@ impl Model {
         }
         let embed_dtype = weights["embed_tokens.weight"].dtype;
         let mut graph = if config.is_gemma4() {
-            build_gemma4_graph(&config, &weights, &linear_schemes, &Gemma4Options::default())?
+            build_gemma4_graph(
+                &config,
+                &weights,
+                &linear_schemes,
+                &Gemma4Options::default(),
+            )?
         } else {
             build_gemma3_graph_quant(&config, embed_dtype, &linear_schemes)
         };
@@ -683,7 +691,11 @@ fn expected_tensors_gemma4(
     }
     for l in 0..nl {
         let p = format!("layers.{l}.");
-        let (d, kv, i) = (c.layer_head_dim(l), c.layer_kv_heads(l), c.layer_intermediate(l));
+        let (d, kv, i) = (
+            c.layer_head_dim(l),
+            c.layer_kv_heads(l),
+            c.layer_intermediate(l),
+        );
         for n in [
             "input_layernorm",
             "post_attention_layernorm",
@@ -1150,7 +1162,13 @@ pub fn build_gemma4_graph(
         let a = if c.has_kv_proj(l) {
             let kraw = linear(&mut g, m("k_proj"), m("self_attn.k_proj"), hn, kv * d);
             let vraw = if c.has_v_proj(l) {
-                Some(linear(&mut g, m("v_proj"), m("self_attn.v_proj"), hn, kv * d))
+                Some(linear(
+                    &mut g,
+                    m("v_proj"),
+                    m("self_attn.v_proj"),
+                    hn,
+                    kv * d,
+                ))
             } else {
                 None
             };
@@ -1226,7 +1244,13 @@ pub fn build_gemma4_graph(
         x = g.add(m("attn_residual"), Op::Add, &[x, a], h);
 
         let inter = c.layer_intermediate(l);
-        let hn = norm(&mut g, m("ffn_norm"), Some(w("pre_feedforward_layernorm")), x, h);
+        let hn = norm(
+            &mut g,
+            m("ffn_norm"),
+            Some(w("pre_feedforward_layernorm")),
+            x,
+            h,
+        );
         let gate = linear(&mut g, m("gate_proj"), m("mlp.gate_proj"), hn, inter);
         let up = linear(&mut g, m("up_proj"), m("mlp.up_proj"), hn, inter);
         let gm = g.add(m("gelu_mul"), Op::GeluTanhMul, &[gate, up], inter);
@@ -1298,10 +1322,21 @@ pub fn build_gemma4_graph(
                 f = g.add(m("ffn_sum"), Op::Add, &[f, e], h);
             }
         }
-        let f = norm(&mut g, m("mlp_out"), Some(w("post_feedforward_layernorm")), f, h);
+        let f = norm(
+            &mut g,
+            m("mlp_out"),
+            Some(w("post_feedforward_layernorm")),
+            f,
+            h,
+        );
         x = g.add(m("residual"), Op::Add, &[x, f], h);
         if let Some(ple) = ple {
-            let pi = g.add(m("ple_in"), Op::SliceCols { start: l * p_dim }, &[ple], p_dim);
+            let pi = g.add(
+                m("ple_in"),
+                Op::SliceCols { start: l * p_dim },
+                &[ple],
+                p_dim,
+            );
             let gt = linear(&mut g, m("ple_gate"), m("per_layer_input_gate"), x, p_dim);
             let gm = g.add(m("ple_gelu_mul"), Op::GeluTanhMul, &[gt, pi], p_dim);
             let pr = linear(&mut g, m("ple_proj"), m("per_layer_projection"), gm, h);
@@ -1320,7 +1355,13 @@ pub fn build_gemma4_graph(
         }
     }
     let x = g.add("output_rows", Op::SelectRows, &[x], h);
-    let x = norm(&mut g, "final_norm".into(), Some("norm.weight".into()), x, h);
+    let x = norm(
+        &mut g,
+        "final_norm".into(),
+        Some("norm.weight".into()),
+        x,
+        h,
+    );
     let mut logits = linear(&mut g, "logits".into(), "lm_head".into(), x, c.vocab_size);
     if let (Some(cap), true) = (c.final_logit_softcapping, o.final_softcap) {
         logits = g.add(

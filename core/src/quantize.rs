@@ -634,7 +634,11 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
         for (lin, input) in LINEARS {
             let canonical = format!("layers.{l}.{lin}.weight");
             // Gemma 4: KV-shared layers have no k/v, k_eq_v full layers no v.
-            if c.is_gemma4() && !model.linear_schemes.contains_key(&format!("layers.{l}.{lin}")) {
+            if c.is_gemma4()
+                && !model
+                    .linear_schemes
+                    .contains_key(&format!("layers.{l}.{lin}"))
+            {
                 continue;
             }
             let stored_w = stored_of.get(&canonical).ok_or_else(|| {
@@ -693,7 +697,10 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
             }
             if let Some(w) = model.weights.get(module).filter(|w| w.shape.len() == 3) {
                 // A fused expert tensor (named without `.weight`).
-                let stored = stored_of.get(module).cloned().unwrap_or_else(|| module.clone());
+                let stored = stored_of
+                    .get(module)
+                    .cloned()
+                    .unwrap_or_else(|| module.clone());
                 if opts.scheme.is_block() && *scheme == crate::graph::QuantScheme::Dense {
                     let (e, rows, cols) = (w.shape[0], w.shape[1], w.shape[2]);
                     modules.push(QModule {
@@ -802,7 +809,11 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
         match canonical.and_then(|c| quantized_weights.get(c)) {
             Some(&i) => {
                 let m = &modules[i];
-                let lead: Vec<usize> = if m.experts > 0 { vec![m.experts] } else { vec![] };
+                let lead: Vec<usize> = if m.experts > 0 {
+                    vec![m.experts]
+                } else {
+                    vec![]
+                };
                 outs.push(Out {
                     name: stored.clone(),
                     dtype: DType::F8E4M3,
@@ -930,8 +941,12 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
                 let w = model.weights[&m.canonical].to_f32();
                 let per = m.grid.groups();
                 for (e, we) in w.chunks(m.rows * m.cols).enumerate() {
-                    wr.write_all(&weight_codes(we, &m.grid, &m.scales[e * per..(e + 1) * per]))
-                        .map_err(werr)?
+                    wr.write_all(&weight_codes(
+                        we,
+                        &m.grid,
+                        &m.scales[e * per..(e + 1) * per],
+                    ))
+                    .map_err(werr)?
                 }
             }
         }

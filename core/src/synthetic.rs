@@ -555,10 +555,10 @@ fn gemma4_tensors(
         SyntheticScheme::Bf16 => None,
     };
     let put_fp8 = |t: &mut BTreeMap<String, Weight>,
-                       name: &str,
-                       scale_name: String,
-                       s: Scheme,
-                       shape: Vec<usize>|
+                   name: &str,
+                   scale_name: String,
+                   s: Scheme,
+                   shape: Vec<usize>|
      -> Result<()> {
         let (lead, rc) = shape.split_at(shape.len() - 2);
         let grid = quantize::scheme_grid(s, rc[0], rc[1], BLOCK);
@@ -628,7 +628,13 @@ fn gemma4_tensors(
                     } else {
                         "scale"
                     };
-                    put_fp8(&mut t, &stored, format!("{stored}_{suffix}"), s, shape.to_vec())?;
+                    put_fp8(
+                        &mut t,
+                        &stored,
+                        format!("{stored}_{suffix}"),
+                        s,
+                        shape.to_vec(),
+                    )?;
                 }
                 _ => {
                     if fp8.is_some() {
@@ -855,28 +861,48 @@ mod tests {
         for scheme in SyntheticScheme::ALL {
             let m = build("gemma-4-tiny", scheme).unwrap_or_else(|e| panic!("{scheme:?}: {e}"));
             let mut r = crate::cpu::CpuBackend
-                .load(&m.graph, &m.weights, crate::backend::CacheConfig::new(1, 16))
+                .load(
+                    &m.graph,
+                    &m.weights,
+                    crate::backend::CacheConfig::new(1, 16),
+                )
                 .unwrap();
             let out = r
                 .step(
-                    &crate::backend::Batch::single(0, 0, ids.clone(), crate::backend::LogitsFor::All),
+                    &crate::backend::Batch::single(
+                        0,
+                        0,
+                        ids.clone(),
+                        crate::backend::LogitsFor::All,
+                    ),
                     &[],
                 )
                 .unwrap();
             assert!(out.logits.data.iter().all(|x| x.is_finite()), "{scheme:?}");
-            let spread = out.logits.data.iter().cloned().fold(0f32, |a, x| a.max(x.abs()));
+            let spread = out
+                .logits
+                .data
+                .iter()
+                .cloned()
+                .fold(0f32, |a, x| a.max(x.abs()));
             assert!(spread > 1e-3, "{scheme:?}: logits all near zero ({spread})");
             let experts = m
                 .graph
                 .nodes
                 .iter()
                 .find_map(|n| match &n.op {
-                    crate::graph::Op::MoeExperts { gate_up_scheme, .. } => Some(gate_up_scheme.clone()),
+                    crate::graph::Op::MoeExperts { gate_up_scheme, .. } => {
+                        Some(gate_up_scheme.clone())
+                    }
                     _ => None,
                 })
                 .unwrap();
             let block = matches!(scheme, SyntheticScheme::Fp8(s) if s.is_block());
-            assert_eq!(experts != crate::graph::QuantScheme::Dense, block, "{scheme:?}");
+            assert_eq!(
+                experts != crate::graph::QuantScheme::Dense,
+                block,
+                "{scheme:?}"
+            );
         }
     }
 

@@ -228,7 +228,8 @@ fn fp8_quantized_tiny_gemma4_loads_and_tracks_the_source() {
             o.calib = CalibSource::Ids(vec![ids.clone()]);
             let rep = quantize(&dir(v), out.path(), &o)
                 .unwrap_or_else(|e| panic!("{v} {}: {e}", scheme.name()));
-            let m = Model::load(out.path()).unwrap_or_else(|e| panic!("{v} {}: {e}", scheme.name()));
+            let m =
+                Model::load(out.path()).unwrap_or_else(|e| panic!("{v} {}: {e}", scheme.name()));
             let cos = min_logit_cosine(&m, &src, ids);
             eprintln!(
                 "{v} {}: {} modules quantized, min cosine of logits {cos:.5}",
@@ -262,8 +263,14 @@ fn fp8_quantized_tiny_gemma4_loads_and_tracks_the_source() {
                 }
             }
             if v == "moe26b" && scheme.is_block() {
-                assert!(rep.quantized.iter().any(|q| q.ends_with("experts.gate_up_proj")));
-                assert!(m.weights["layers.0.experts.gate_up_proj"].dtype == e4m3_core::tensor::DType::F8E4M3);
+                assert!(rep
+                    .quantized
+                    .iter()
+                    .any(|q| q.ends_with("experts.gate_up_proj")));
+                assert!(
+                    m.weights["layers.0.experts.gate_up_proj"].dtype
+                        == e4m3_core::tensor::DType::F8E4M3
+                );
             }
         }
     }
@@ -280,7 +287,12 @@ fn fp8_block_wo_equals_its_dequantized_weights_experts_included() {
     use e4m3_core::tensor::DType;
     for v in ["moe26b", "e2b"] {
         let out = tempfile::tempdir().unwrap();
-        quantize(&dir(v), out.path(), &QuantizeOptions::new(Scheme::Fp8BlockWo)).unwrap();
+        quantize(
+            &dir(v),
+            out.path(),
+            &QuantizeOptions::new(Scheme::Fp8BlockWo),
+        )
+        .unwrap();
         let m = Model::load(out.path()).unwrap();
         let mut tensors = std::collections::BTreeMap::new();
         let mut dequantized = 0;
@@ -315,7 +327,10 @@ fn fp8_block_wo_equals_its_dequantized_weights_experts_included() {
                     e4m3_core::fp8::decode(code) * sc[e * ob * ib + (ri / 128) * ib + ci / 128]
                 })
                 .collect();
-            tensors.insert(stored.clone(), Weight::from_f32(&stored, w.shape.clone(), &vals));
+            tensors.insert(
+                stored.clone(),
+                Weight::from_f32(&stored, w.shape.clone(), &vals),
+            );
             dequantized += 1;
         }
         assert!(dequantized > 0);

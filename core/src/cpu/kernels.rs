@@ -524,13 +524,20 @@ mod tests {
         let out = router_topk(&logits, 3, &[1.0; 4]);
         let e2 = 1f32.exp();
         let want = e2 / (2.0 * e2 + 1.0);
-        assert!((out.data[1] - want).abs() < 1e-6 && out.data[0] == 0.0, "{:?}", out.data);
+        assert!(
+            (out.data[1] - want).abs() < 1e-6 && out.data[0] == 0.0,
+            "{:?}",
+            out.data
+        );
     }
 
     #[test]
     fn slice_cols_takes_a_column_range() {
         let x = mat(2, 5, |i| i as f32);
-        assert_eq!(slice_cols(&x, 1, 3).data, vec![1.0, 2.0, 3.0, 6.0, 7.0, 8.0]);
+        assert_eq!(
+            slice_cols(&x, 1, 3).data,
+            vec![1.0, 2.0, 3.0, 6.0, 7.0, 8.0]
+        );
     }
 
     #[test]

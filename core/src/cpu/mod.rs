@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use crate::backend::{
     check_supported, validate_batch, Backend, Batch, CacheConfig, KvCacheDtype, Runner, StepOutput,
 };
-use crate::error::{Error, Result};
 use crate::checkpoint::Weight;
+use crate::error::{Error, Result};
 use crate::graph::{Graph, Op, QuantScheme, WeightMap};
 use crate::tensor::{DType, Mat};
 
@@ -457,9 +457,9 @@ fn load_experts(graph: &Graph, weights: &WeightMap) -> Result<BTreeMap<usize, Ex
             fp8_tensors: Vec::new(),
         };
         let split = |name: &str,
-                         scheme: &QuantScheme,
-                         shape: [usize; 3],
-                         ex: &mut Experts|
+                     scheme: &QuantScheme,
+                     shape: [usize; 3],
+                     ex: &mut Experts|
          -> Result<Vec<(Weight, QuantScheme)>> {
             let w = weights
                 .get(name)
@@ -537,7 +537,12 @@ fn load_experts(graph: &Graph, weights: &WeightMap) -> Result<BTreeMap<usize, Ex
             [*n_experts, 2 * intermediate, hidden],
             &mut ex,
         )?;
-        let dn = split(down, down_scheme, [*n_experts, hidden, *intermediate], &mut ex)?;
+        let dn = split(
+            down,
+            down_scheme,
+            [*n_experts, hidden, *intermediate],
+            &mut ex,
+        )?;
         ex.experts = gu.into_iter().zip(dn).map(|(a, b)| [a, b]).collect();
         out.insert(i, ex);
     }
