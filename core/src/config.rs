@@ -224,14 +224,16 @@ impl Gemma3Config {
             ("gemma4", _) | (_, "gemma4_text") => {
                 return Self::from_json_gemma4(path, top, &f, architecture)
             }
-            (_, m) => return Err(Error::field(
-                path,
-                format!("{prefix}model_type"),
-                format!(
+            (_, m) => {
+                return Err(Error::field(
+                    path,
+                    format!("{prefix}model_type"),
+                    format!(
                     "`{m}` is not a Gemma 3 or Gemma 4 text model (expected gemma3_text, gemma3, \
                          gemma4_text or gemma4)"
                 ),
-            )),
+                ))
+            }
         }
 
         let num_hidden_layers = f.usize_or("num_hidden_layers", 26)?;
@@ -998,7 +1000,8 @@ mod tests {
         );
         let e = base(json!({"per_layer_config": {"5": {"sliding_window": 64}}}));
         assert!(e.contains("per_layer_config.5.sliding_window"), "{e}");
-        let e = base(json!({"enable_moe_block": true, "num_experts": 4}));
+        let e =
+            base(json!({"enable_moe_block": true, "num_experts": 4, "moe_intermediate_size": 8}));
         assert!(e.contains("top_k_experts") && e.contains("required"), "{e}");
         let e = base(json!({"use_bidirectional_attention": "all"}));
         assert!(e.contains("use_bidirectional_attention"), "{e}");

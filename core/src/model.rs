@@ -396,14 +396,16 @@ impl Model {
                             block,
                         }
                     }
-                    _ => return Err(Error::tensor(
-                        &stored_p,
-                        format!(
+                    _ => {
+                        return Err(Error::tensor(
+                            &stored_p,
+                            format!(
                             "{}: fused expert tensors are supported dense or in the block schemes \
                                  (fp8-block-wo, fp8-block) only",
                             quant.name()
                         ),
-                    )),
+                        ))
+                    }
                 };
                 for sc in scheme.scale_tensors() {
                     if !weights.contains_key(sc) && missing_scale.is_none() {
