@@ -481,7 +481,7 @@ impl Gemma3Config {
                     format!("layer {l}: head dim {d} must be positive and even"),
                 ));
             }
-            if kv == 0 || self.num_attention_heads % kv != 0 {
+            if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
                 return Err(Error::field(
                     p,
                     "num_key_value_heads",
@@ -785,12 +785,12 @@ fn parse_rope_object(
         "default" => 1.0,
         "proportional" if gemma4 => {
             let p = sub.f32_or("partial_rotary_factor", 1.0)?;
-            if !(p > 0.0 && p <= 1.0) {
+            if p.is_nan() || p <= 0.0 || p > 1.0 {
                 return Err(sub.err("partial_rotary_factor", "must be in (0, 1]"));
             }
             partial_rotary_factor = Some(p);
             let factor = sub.f32_or("factor", 1.0)?;
-            if !(factor > 0.0) {
+            if factor.is_nan() || factor <= 0.0 {
                 return Err(sub.err("factor", "must be positive"));
             }
             factor

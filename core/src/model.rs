@@ -629,11 +629,12 @@ impl Model {
     }
 }
 
+/// Tensor shapes by graph name, and the Linear modules with their `[out, in]`.
+pub type ExpectedTensors = (BTreeMap<String, Vec<usize>>, Vec<(String, [usize; 2])>);
+
 /// Every tensor the text model has (Linear weights included), with its shape, and the Linear modules
 /// with their `[out, in]`. `lm_head.weight` is listed; it may be absent (tied).
-pub fn expected_tensors(
-    c: &Gemma3Config,
-) -> (BTreeMap<String, Vec<usize>>, Vec<(String, [usize; 2])>) {
+pub fn expected_tensors(c: &Gemma3Config) -> ExpectedTensors {
     if c.is_gemma4() {
         return expected_tensors_gemma4(c);
     }
@@ -672,9 +673,7 @@ pub fn expected_tensors(
 
 /// The Gemma 4 tensors (gemma-architecture.md section 2.4). Expert tensors (`experts.gate_up_proj`,
 /// `experts.down_proj`) are not in the Linear list: they are 3-D.
-fn expected_tensors_gemma4(
-    c: &Gemma3Config,
-) -> (BTreeMap<String, Vec<usize>>, Vec<(String, [usize; 2])>) {
+fn expected_tensors_gemma4(c: &Gemma3Config) -> ExpectedTensors {
     let g = c.gemma4.as_ref().expect("a Gemma 4 config");
     let (h, nl, nh) = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads);
     let p_dim = g.hidden_size_per_layer_input;

@@ -158,7 +158,8 @@ fn config_geometry_is_read_from_both_forms() {
 /// Each Gemma 4 feature matters: with it off, the CPU reference no longer matches transformers.
 #[test]
 fn turning_a_feature_off_breaks_the_match() {
-    let off: Vec<(&str, &str, fn(&mut Gemma4Options))> = vec![
+    type Switch = fn(&mut Gemma4Options);
+    let off: Vec<(&str, &str, Switch)> = vec![
         ("dense31b", "layer_scalar", |o| o.layer_scalar = false),
         ("dense31b", "v_norm", |o| o.v_norm = false),
         ("dense31b", "k_eq_v", |o| o.k_eq_v = false),
