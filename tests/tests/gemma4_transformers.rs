@@ -344,3 +344,46 @@ fn fp8_block_wo_equals_its_dequantized_weights_experts_included() {
         assert!(nmse < 1e-10, "{v}: NMSE {nmse}");
     }
 }
+
+/// The dense Gemma 4 graphs use only ops the GPU backends have: wgpu runs the tiny 31B- and 12B-like
+/// models to the CPU's logits; the variants with per-layer embeddings or MoE are refused as unsupported
+/// (their ops have no wgpu kernels yet), never run wrong.
+#[test]
+fn wgpu_runs_dense_gemma4_and_refuses_the_new_ops() {
+    use e4m3_core::backend::CacheConfig;
+    let backend = match e4m3_backend_wgpu::open(None) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("skipped: no wgpu adapter ({e})");
+            if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
+                return;
+            }
+            panic!(
+                "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
+            );
+        }
+    };
+    for v in ["dense31b", "dense12b"] {
+        let m = Model::load(&dir(v)).unwrap();
+        let ids = &cases(v)[0].ids;
+        let mut r = backend
+            .load(&m.graph, &m.weights, CacheConfig::new(1, ids.len()))
+            .unwrap_or_else(|e| panic!("{v}: {e}"));
+        let got = r
+            .step(&Batch::single(0, 0, ids.clone(), LogitsFor::All), &[])
+            .unwrap()
+            .logits;
+        let want = all_logits(&m, ids);
+        let d = max_abs_diff(&got.data, &want.data);
+        assert!(d < 1e-3, "{v}: wgpu vs CPU max |dlogit| {d}");
+    }
+    for (v, op) in [("e2b", "slice_cols"), ("moe26b", "router_topk")] {
+        let m = Model::load(&dir(v)).unwrap();
+        let e = backend
+            .load(&m.graph, &m.weights, CacheConfig::new(1, 16))
+            .err()
+            .unwrap_or_else(|| panic!("{v}: wgpu must refuse"))
+            .to_string();
+        assert!(e.contains("does not support") && e.contains(op), "{v}: {e}");
+    }
+}
