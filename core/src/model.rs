@@ -605,7 +605,9 @@ impl Model {
                 }
                 s.tensors += 1;
                 s.bytes += w.bytes().len();
-                if n.ends_with(".weight") {
+                let expert =
+                    n.contains(".experts.") && !n.ends_with("scale") && !n.ends_with("_inv");
+                if n.ends_with(".weight") || expert {
                     s.bf16_bytes += w.numel() * 2;
                 }
                 if !s.dtypes.contains(&w.dtype) {
