@@ -346,11 +346,12 @@ fn fp8_block_wo_equals_its_dequantized_weights_experts_included() {
 }
 
 /// The dense Gemma 4 graphs use only ops the GPU backends have: wgpu runs the tiny 31B- and 12B-like
-/// models to the CPU's logits; the variants with per-layer embeddings or MoE are refused as unsupported
+/// models (F32, and FP8 in schemes C and D) to the CPU's logits; the variants with per-layer embeddings or MoE are refused as unsupported
 /// (their ops have no wgpu kernels yet), never run wrong.
 #[test]
 fn wgpu_runs_dense_gemma4_and_refuses_the_new_ops() {
     use e4m3_core::backend::CacheConfig;
+    use e4m3_core::quantize::{quantize, QuantizeOptions, Scheme};
     let backend = match e4m3_backend_wgpu::open(None) {
         Ok(b) => b,
         Err(e) => {
@@ -376,6 +377,32 @@ fn wgpu_runs_dense_gemma4_and_refuses_the_new_ops() {
         let want = all_logits(&m, ids);
         let d = max_abs_diff(&got.data, &want.data);
         assert!(d < 1e-3, "{v}: wgpu vs CPU max |dlogit| {d}");
+        // FP8 versions (schemes C and D, as `e4m3 quantize` writes them) against the CPU reference of the
+        // same FP8 model.
+        for scheme in [Scheme::Fp8BlockWo, Scheme::Fp8Block] {
+            let out = tempfile::tempdir().unwrap();
+            let mut o = QuantizeOptions::new(scheme);
+            if scheme == Scheme::Fp8Block {
+                o.block = 16;
+            }
+            quantize(&dir(v), out.path(), &o).unwrap();
+            let q = Model::load(out.path()).unwrap();
+            let mut r = backend
+                .load(&q.graph, &q.weights, CacheConfig::new(1, ids.len()))
+                .unwrap_or_else(|e| panic!("{v} {}: {e}", scheme.name()));
+            let got = r
+                .step(&Batch::single(0, 0, ids.clone(), LogitsFor::All), &[])
+                .unwrap()
+                .logits;
+            let want = all_logits(&q, ids);
+            let n = e4m3_core::conformance::nmse(&got, &want);
+            eprintln!("{v} {}: wgpu vs CPU logits NMSE {n:.2e}", scheme.name());
+            assert!(
+                n < e4m3_core::conformance::NMSE_MATMUL,
+                "{v} {}: NMSE {n}",
+                scheme.name()
+            );
+        }
     }
     for (v, op) in [("e2b", "slice_cols"), ("moe26b", "router_topk")] {
         let m = Model::load(&dir(v)).unwrap();
