@@ -3,7 +3,7 @@
 
 Each model is built by transformers (Gemma4TextConfig inside Gemma4Config, Gemma4ForConditionalGeneration
 with no vision/audio tower, so tensors are stored under `model.language_model.` as in the released
-checkpoints), initialised with a fixed torch seed to non-trivial values, and saved in float32 safetensors:
+checkpoints), initialised with a fixed torch seed to non-trivial values, and saved in bfloat16 safetensors:
 
 * every RMSNorm weight, `router.scale`: 1 + N(0, 0.3)          (Gemma 4 applies x*w: an x*(1+w) bug shows)
 * `layer_scalar`, `router.per_expert_scale`: U(0.5, 1.5)       (HF initialises them to ones)
@@ -21,7 +21,8 @@ Outputs per variant (tests/fixtures/tiny-gemma4/<variant>/):
   config.json        as transformers 5.23 saves it (`per_layer_config`)
   config.hub.json    the same model in the hub's keys (`global_head_dim`, `num_global_key_value_heads`,
                      no per_layer_config), verified to load to identical logits in transformers
-  model.safetensors  float32
+  model.safetensors  bfloat16 (the float32 reference computes on these values, embedding scales bf16-rounded
+                     as transformers does for a BF16 table)
   logits.json        teacher-forced logits for 2 prompts and 8 greedy tokens each (schema as tiny-gemma3)
 
 Usage: /tmp/oracle/bin/python tools/make_tiny_gemma4.py [--out DIR]
@@ -109,6 +110,18 @@ def init_weights(model, gen):
             b.copy_(0.5 + torch.rand(b.shape, generator=gen))
 
 
+@torch.no_grad()
+def set_bf16_embed_scales(model):
+    """The scales a BF16 checkpoint gets in transformers (`embed_scale.to(weight.dtype)`), kept in the
+    float32 reference model: bf16(sqrt(H)) and bf16(sqrt(P))."""
+    lm = model.model.language_model
+    tables = [lm.embed_tokens] + ([lm.embed_tokens_per_layer] if lm.hidden_size_per_layer_input else [])
+    for t in tables:
+        exact = float(t.scalar_embed_scale)
+        t.embed_scale.fill_(float(torch.tensor(exact).to(torch.bfloat16)))
+        assert float(t.embed_scale) != float(torch.tensor(exact, dtype=torch.float32)), "rounding must show"
+
+
 def hub_config(saved):
     """The saved config rewritten in the hub's keys (no per_layer_config)."""
     hub = copy.deepcopy(saved)
@@ -134,7 +147,10 @@ def run_variant(variant, out):
     init_weights(model, gen)
     model.eval()
     os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    # Stored in BF16 (half the bytes; the loader must then round the embedding scales to BF16 as
+    # transformers does for a BF16 table); the reference runs in float32 on exactly those values.
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    model.to(torch.float32)
     for extra in ("generation_config.json",):
         p = os.path.join(out, extra)
         if os.path.exists(p):
@@ -144,7 +160,8 @@ def run_variant(variant, out):
     reloaded.eval()
     sd0, sd1 = model.state_dict(), reloaded.state_dict()
     for k in sd0:
-        assert torch.equal(sd0[k], sd1[k]), k
+        assert torch.equal(sd0[k].bfloat16().float(), sd1[k]), k
+    set_bf16_embed_scales(reloaded)
     # layer_scalar is a persistent buffer: it must round-trip through the file
     ls = [float(l.layer_scalar) for l in reloaded.model.language_model.layers]
     assert all(abs(x - 1.0) > 1e-6 for x in ls), ls
@@ -161,6 +178,7 @@ def run_variant(variant, out):
     missing = hub_model.load_state_dict(reloaded.state_dict(), strict=False)
     assert not missing.unexpected_keys, missing
     hub_model.eval()
+    set_bf16_embed_scales(hub_model)
 
     g = torch.Generator().manual_seed(SEED + 1)
     vocab = cfg.text_config.vocab_size
@@ -206,7 +224,7 @@ def run_variant(variant, out):
         "torch_version": torch.__version__,
         "seed": SEED,
         "variant": variant,
-        "dtype": "float32",
+        "dtype": "weights bfloat16 (stored), computed in float32 with bf16(sqrt(H)) / bf16(sqrt(P)) embedding scales",
         "attn_implementation": "eager",
         "vocab_size": vocab,
         "layer_scalars": ls,
