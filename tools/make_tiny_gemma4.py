@@ -190,8 +190,8 @@ def run_variant(variant, out):
             lg = reloaded(input_ids=x, use_cache=False).logits[0].float()
             lg_hub = hub_model(input_ids=x, use_cache=False).logits[0].float()
             assert torch.equal(lg, lg_hub), (lg - lg_hub).abs().max()
-            # Greedy by full recomputation (no cache). transformers' generate() disagrees with its own
-            # teacher-forced argmax on the e2b variant (KV sharing + logits_to_keep slicing), so it is not used.
+            # Greedy by full recomputation (no cache). transformers' generate() disagreed with its own
+            # teacher-forced argmax on a draft of the e2b variant (KV-shared prefill slicing), so it is not used.
             seq = list(ids)
             for _ in range(N_GREEDY):
                 nxt = int(reloaded(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax())
