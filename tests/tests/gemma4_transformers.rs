@@ -414,3 +414,64 @@ fn wgpu_runs_dense_gemma4_and_refuses_the_new_ops() {
         assert!(e.contains("does not support") && e.contains(op), "{v}: {e}");
     }
 }
+
+/// Tensor checks name the tensor: a missing norm, a v_proj on a k_eq_v full layer, a misshaped expert.
+/// k/v projections on KV-shared layers are ignored, as transformers ignores them.
+#[test]
+fn gemma4_tensor_errors_name_the_tensor() {
+    use e4m3_core::checkpoint::{Checkpoint, Weight};
+    let load = |v: &str, edit: &dyn Fn(&mut std::collections::BTreeMap<String, Weight>)| {
+        let d = dir(v);
+        let mut t = Checkpoint::open(&d).unwrap().tensors;
+        edit(&mut t);
+        let cfg = e4m3_core::config::Gemma3Config::from_file(&d.join("config.json")).unwrap();
+        Model::from_tensors(&d, cfg, t)
+    };
+    let p = "model.language_model.";
+    let e = load("dense31b", &|t| {
+        t.remove(&format!("{p}layers.2.self_attn.q_norm.weight"));
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("layers.2.self_attn.q_norm.weight") && e.contains("missing"),
+        "{e}"
+    );
+    let e = load("dense31b", &|t| {
+        let k = t[&format!("{p}layers.2.self_attn.k_proj.weight")].clone();
+        let n = format!("{p}layers.2.self_attn.v_proj.weight");
+        t.insert(n.clone(), k.renamed(&n));
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("layers.2.self_attn.v_proj.weight") && e.contains("unexpected"),
+        "{e}"
+    );
+    let e = load("moe26b", &|t| {
+        let n = format!("{p}layers.1.experts.down_proj");
+        let w = Weight::from_f32(&n, vec![4, 16, 32], &[0.0; 4 * 16 * 32]);
+        t.insert(n, w);
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("layers.1.experts.down_proj") && e.contains("[4, 32, 16]"),
+        "{e}"
+    );
+    // e2b layer 6 is KV-shared: extra k/v tensors there are dropped and change nothing.
+    let m = load("e2b", &|t| {
+        let k = t[&format!("{p}layers.3.self_attn.k_proj.weight")].clone();
+        for n in ["k_proj", "v_proj"] {
+            let n = format!("{p}layers.6.self_attn.{n}.weight");
+            t.insert(n.clone(), k.renamed(&n));
+        }
+    })
+    .unwrap();
+    let ids = &cases("e2b")[0].ids;
+    let base = Model::load(&dir("e2b")).unwrap();
+    assert_eq!(all_logits(&m, ids).data, all_logits(&base, ids).data);
+}
