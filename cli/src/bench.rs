@@ -39,7 +39,8 @@ pub struct BenchArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// A model of real shapes with random weights, built in memory: tiny, gemma-3-270m, gemma-3-1b,
-    /// gemma-3-4b, gemma-3-12b, gemma-3-27b.
+    /// gemma-3-4b, gemma-3-12b, gemma-3-27b, gemma-4-tiny, gemma-4-e2b, gemma-4-12b, gemma-4-26b-a4b,
+    /// gemma-4-31b.
     #[arg(long)]
     synthetic: Option<String>,
     /// Weights of the synthetic model: bf16, fp8-static, fp8-dynamic, fp8-block-wo, fp8-block.

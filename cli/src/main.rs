@@ -683,6 +683,32 @@ fn cmd_info(dir: &Path) -> Result<()> {
         "rope           full theta {} (linear x{}), sliding theta {}",
         c.rope_full.theta, c.rope_full.linear_factor, c.rope_sliding.theta
     );
+    if let Some(g) = &c.gemma4 {
+        // Full layers' geometry, from the first full layer.
+        let full = c
+            .layer_types
+            .iter()
+            .position(|t| *t == e4m3_core::config::LayerType::Full);
+        if let Some(l) = full {
+            println!(
+                "gemma 4        full layers: head_dim {}, {} kv{}; partial rope {:?}; attention scale 1",
+                g.layer_head_dim[l],
+                g.layer_kv_heads[l],
+                if g.attention_k_eq_v { " (k_eq_v)" } else { "" },
+                c.rope_full.partial_rotary_factor
+            );
+        }
+        println!(
+            "               kv-shared layers {}, per-layer embeddings {}, double-wide mlp {}, moe {}",
+            g.num_kv_shared_layers,
+            g.hidden_size_per_layer_input,
+            g.use_double_wide_mlp,
+            g.moe.as_ref().map_or("none".to_string(), |m| format!(
+                "{} experts, top {}, inter {}",
+                m.num_experts, m.top_k, m.intermediate_size
+            ))
+        );
+    }
     println!("max positions  {}", c.max_position_embeddings);
     println!(
         "lm_head        {}",

@@ -92,6 +92,36 @@ impl Weight {
         bytes_to_f32(self.dtype, self.bytes())
     }
 
+    /// The `i`-th slice along the first dimension (an expert of a fused `[E, ...]` tensor), named `name`:
+    /// a view of the mapped file, or a copy of in-memory bytes.
+    pub fn slice_outer(&self, i: usize, name: &str) -> Result<Weight> {
+        let Some((&outer, inner)) = self.shape.split_first() else {
+            return Err(Error::tensor(&self.name, "a scalar has no slices"));
+        };
+        if i >= outer {
+            return Err(Error::tensor(
+                &self.name,
+                format!("slice {i} of a first dimension of {outer}"),
+            ));
+        }
+        let len = inner.iter().product::<usize>() * self.dtype.size();
+        let storage = match &self.storage {
+            Storage::Mapped { map, start, .. } => Storage::Mapped {
+                map: map.clone(),
+                start: start + i * len,
+                end: start + (i + 1) * len,
+            },
+            Storage::Owned(v) => Storage::Owned(Arc::new(v[i * len..(i + 1) * len].to_vec())),
+        };
+        Ok(Weight {
+            name: name.to_string(),
+            dtype: self.dtype,
+            shape: inner.to_vec(),
+            file: self.file.clone(),
+            storage,
+        })
+    }
+
     /// A copy of this tensor under another name (tied embeddings).
     pub fn renamed(&self, name: &str) -> Weight {
         Weight {

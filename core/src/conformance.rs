@@ -771,7 +771,206 @@ pub fn cases() -> Vec<Case> {
     linear_cases(&mut out);
     attention_cases(&mut out);
     long_attention_cases(&mut out);
+    gemma4_cases(&mut out);
     out
+}
+
+/// The Gemma 4 ops (issue #8): column slices (per-layer embeddings), attention over another layer's cache
+/// (KV sharing), MoE routing and fused-expert MLPs, dense and in the block FP8 schemes.
+fn gemma4_cases(out: &mut Vec<Case>) {
+    for &(cols, start, width) in &[(12usize, 4usize, 4usize), (40, 0, 8), (1000, 744, 256)] {
+        for &t in &[1usize, 7] {
+            let mut b = Builder::new(VOCAB, (cols + start + t) as u64);
+            let x = b.input("x", cols, 4.0);
+            let y = b.g.add("y", Op::SliceCols { start }, &[x], width);
+            out.push(b.finish(
+                format!("slice_cols(cols={cols},start={start},width={width},rows={t})"),
+                y,
+                vec![Batch::single(0, 0, ids(t, 2), LogitsFor::All)],
+                KvCacheDtype::Auto,
+                0.0,
+            ));
+        }
+    }
+    for &(nh, nkv, d) in &[(4usize, 2usize, 8usize), (2, 1, 64), (2, 1, 512)] {
+        for window in [None, Some(3usize)] {
+            let mut b = Builder::new(VOCAB, (nh * 31 + d) as u64);
+            let q = b.input("q", nh * d, 1.5);
+            let q2 = b.input("q2", nh * d, 1.5);
+            let k = b.input("k", nkv * d, 1.5);
+            let v = b.input("v", nkv * d, 2.0);
+            b.g.cache_layers.push(CacheLayer {
+                n_kv_heads: nkv,
+                head_dim: d,
+                window,
+                k_scale: None,
+                v_scale: None,
+            });
+            let geom = (0, nh, nkv, d, 1.0f32, window);
+            let owner = b.g.add(
+                "owner",
+                Op::Attention {
+                    cache_layer: geom.0,
+                    n_heads: geom.1,
+                    n_kv_heads: geom.2,
+                    head_dim: geom.3,
+                    scale: geom.4,
+                    window: geom.5,
+                    softcap: None,
+                },
+                &[q, k, v],
+                nh * d,
+            );
+            let shared = b.g.add(
+                "shared",
+                Op::AttentionShared {
+                    cache_layer: geom.0,
+                    n_heads: geom.1,
+                    n_kv_heads: geom.2,
+                    head_dim: geom.3,
+                    scale: geom.4,
+                    window: geom.5,
+                    softcap: None,
+                },
+                &[q2, k, v],
+                nh * d,
+            );
+            let y = b.g.add("y", Op::Add, &[owner, shared], nh * d);
+            let seq = |slot, start, tokens: Vec<u32>| SeqStep {
+                slot,
+                start_pos: start,
+                tokens,
+                logits: LogitsFor::All,
+            };
+            let steps = vec![
+                Batch {
+                    seqs: vec![seq(0, 0, ids(7, 0)), seq(1, 0, ids(5, 3))],
+                },
+                Batch {
+                    seqs: vec![seq(1, 5, ids(1, 4)), seq(0, 7, ids(1, 2))],
+                },
+                Batch {
+                    seqs: vec![seq(0, 8, ids(2, 6))],
+                },
+            ];
+            out.push(b.finish(
+                format!(
+                    "attention_shared(heads={nh},kv_heads={nkv},head_dim={d},window={window:?})"
+                ),
+                y,
+                steps,
+                KvCacheDtype::Auto,
+                NMSE_ATTENTION,
+            ));
+        }
+    }
+    for &(e, k) in &[(4usize, 2usize), (128, 8), (5, 5)] {
+        for &t in &[1usize, 7] {
+            let mut b = Builder::new(VOCAB, (e * 7 + k + t) as u64);
+            let logits = b.input("logits", e, 3.0);
+            let scale = rand_vec(&mut b.rng, e, 0.5)
+                .iter()
+                .map(|v| v + 1.0)
+                .collect::<Vec<f32>>();
+            b.tensor("per_expert_scale", DType::F32, vec![e], &scale);
+            let y = b.g.add(
+                "y",
+                Op::RouterTopK {
+                    top_k: k,
+                    per_expert_scale: "per_expert_scale".into(),
+                },
+                &[logits],
+                e,
+            );
+            out.push(b.finish(
+                format!("router_topk(experts={e},top_k={k},rows={t})"),
+                y,
+                vec![Batch::single(0, 0, ids(t, 1), LogitsFor::All)],
+                KvCacheDtype::Auto,
+                NMSE_ELEMENTWISE,
+            ));
+        }
+    }
+    for &(e, top, h, im) in &[(4usize, 2usize, 16usize, 8usize), (8, 3, 64, 40)] {
+        for scheme in ["dense-f32", "dense-bf16", "fp8-block-wo", "fp8-block"] {
+            let mut b = Builder::new(VOCAB, (e * h + im) as u64);
+            let x = b.input("x", h, 2.0);
+            let logits = b.input("logits", e, 3.0);
+            b.tensor("pes", DType::F32, vec![e], &vec![1.0; e]);
+            let route = b.g.add(
+                "route",
+                Op::RouterTopK {
+                    top_k: top,
+                    per_expert_scale: "pes".into(),
+                },
+                &[logits],
+                e,
+            );
+            let block = [16usize, 32usize];
+            let make = |b: &mut Builder, name: &str, rows: usize, cols: usize| -> QuantScheme {
+                let (dtype, amp) = match scheme {
+                    "dense-f32" => (DType::F32, 0.3),
+                    "dense-bf16" => (DType::BF16, 0.3),
+                    _ => (DType::F8E4M3, 300.0),
+                };
+                let w = rand_vec(&mut b.rng, e * rows * cols, amp);
+                b.tensor(name, dtype, vec![e, rows, cols], &w);
+                let (ob, ib) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
+                let sc = rand_vec(&mut b.rng, e * ob * ib, 0.001)
+                    .iter()
+                    .map(|v| v.abs() + 5e-4)
+                    .collect::<Vec<f32>>();
+                let sn = format!("{name}_scale");
+                match scheme {
+                    "fp8-block-wo" => {
+                        b.tensor(&sn, DType::F32, vec![e, ob, ib], &sc);
+                        QuantScheme::Fp8BlockWeightOnly {
+                            weight_scale: sn,
+                            block,
+                        }
+                    }
+                    "fp8-block" => {
+                        b.tensor(&sn, DType::F32, vec![e, ob, ib], &sc);
+                        QuantScheme::Fp8Block {
+                            weight_scale_inv: sn,
+                            block,
+                        }
+                    }
+                    _ => QuantScheme::Dense,
+                }
+            };
+            let gate_up_scheme = make(&mut b, "gate_up", 2 * im, h);
+            let down_scheme = make(&mut b, "down", h, im);
+            let y = b.g.add(
+                "y",
+                Op::MoeExperts {
+                    gate_up: "gate_up".into(),
+                    down: "down".into(),
+                    n_experts: e,
+                    intermediate: im,
+                    gate_up_scheme,
+                    down_scheme,
+                },
+                &[x, route],
+                h,
+            );
+            for &t in &[1usize, 9] {
+                let mut c = Builder {
+                    g: b.g.clone(),
+                    tensors: b.tensors.clone(),
+                    rng: b.rng.clone(),
+                };
+                c.g.output = y;
+                out.push(c.finish(
+                    format!("moe_experts({scheme},experts={e},top_k={top},hidden={h},inter={im},rows={t})"),
+                    y,
+                    vec![Batch::single(0, 0, ids(t, 3), LogitsFor::All)],
+                    KvCacheDtype::Auto,
+                    NMSE_MATMUL,
+                ));
+            }
+        }
+    }
 }
 
 /// NMSE of `got` against the reference `want` over the positions where both are finite: sum of squared
@@ -959,6 +1158,31 @@ pub fn weight(name: &str, dtype: DType, shape: Vec<usize>, v: &[f32]) -> Weight 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemma4_cases_run_on_cpu_and_gpu_backends_report_them_unsupported() {
+        let names = [
+            "slice_cols(",
+            "attention_shared(",
+            "router_topk(",
+            "moe_experts(",
+        ];
+        for n in names {
+            let report = run_cases(&CpuBackend, Some(n), |_| {});
+            assert!(report.results.len() >= 4, "{n}");
+            assert_eq!(report.passed(), report.results.len(), "{n}");
+        }
+        // The GPU backends' op set (prepare::gpu_supports) lacks them until their kernels exist.
+        for c in cases() {
+            let gpu_ok = c
+                .graph
+                .nodes
+                .iter()
+                .all(|n| crate::prepare::gpu_supports(&n.op, 512));
+            let gemma4 = names.iter().any(|n| c.name.starts_with(n));
+            assert_eq!(gpu_ok, !gemma4, "{}", c.name);
+        }
+    }
 
     #[test]
     fn cpu_against_itself_is_exact() {

@@ -108,6 +108,40 @@ pub enum Op {
     Softcap { cap: f32 },
     /// Keep only the rows the step asked logits for.
     SelectRows,
+    /// Columns `[start, start + cols)` of each row (`cols` = the node's width).
+    SliceCols { start: usize },
+    /// Attention as [`Op::Attention`] over the KV cache of `cache_layer`, which another (earlier) node
+    /// owns, without appending to it: inputs q, and the owner's k and v of this step (read for this step's
+    /// positions; earlier positions come from the cache). Gemma 4 KV sharing.
+    AttentionShared {
+        cache_layer: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+        window: Option<usize>,
+        softcap: Option<f32>,
+    },
+    /// MoE routing weights from router logits `[T, E]`: softmax over all E, keep the `top_k` largest
+    /// probabilities (ties: lower expert index first), divide them by their sum, multiply each by
+    /// `per_expert_scale[e]` (an `[E]` weight); every other entry is 0. Output `[T, E]`.
+    RouterTopK {
+        top_k: usize,
+        per_expert_scale: String,
+    },
+    /// Routed experts, inputs x `[T, H]` and routing weights `[T, E]` (from [`Op::RouterTopK`]):
+    /// `sum_e w[t,e] * down_e(gelu_tanh(gate_e(x)) * up_e(x))` over the experts with `w[t,e] != 0`.
+    /// `gate_up` is stored `[E, 2I, H]` (gate = rows `[0, I)`, up = rows `[I, 2I)`), `down` `[E, H, I]`;
+    /// each scheme applies to every expert's 2-D slice, its scale tensors having the expert as their
+    /// leading dimension.
+    MoeExperts {
+        gate_up: String,
+        down: String,
+        n_experts: usize,
+        intermediate: usize,
+        gate_up_scheme: QuantScheme,
+        down_scheme: QuantScheme,
+    },
 }
 
 impl Op {
@@ -123,6 +157,10 @@ impl Op {
             Op::Scale { .. } => "scale",
             Op::Softcap { .. } => "softcap",
             Op::SelectRows => "select_rows",
+            Op::SliceCols { .. } => "slice_cols",
+            Op::AttentionShared { .. } => "attention_shared",
+            Op::RouterTopK { .. } => "router_topk",
+            Op::MoeExperts { .. } => "moe_experts",
         }
     }
 }
@@ -256,6 +294,21 @@ impl Graph {
                 Op::Linear { weight, scheme } => {
                     names.push(weight);
                     names.extend(scheme.scale_tensors());
+                }
+                Op::RouterTopK {
+                    per_expert_scale, ..
+                } => names.push(per_expert_scale),
+                Op::MoeExperts {
+                    gate_up,
+                    down,
+                    gate_up_scheme,
+                    down_scheme,
+                    ..
+                } => {
+                    names.push(gate_up);
+                    names.push(down);
+                    names.extend(gate_up_scheme.scale_tensors());
+                    names.extend(down_scheme.scale_tensors());
                 }
                 _ => {}
             }

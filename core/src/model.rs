@@ -14,11 +14,16 @@ use crate::tensor::{round_to_bf16, round_to_f16, DType};
 const TEXT_PREFIXES: [&str; 3] = ["model.language_model.", "language_model.model.", "model."];
 /// Tensors of the multimodal parts, present in Gemma3ForConditionalGeneration checkpoints; the text model
 /// does not read them.
-const NON_TEXT_PREFIXES: [&str; 4] = [
+const NON_TEXT_PREFIXES: [&str; 9] = [
     "vision_tower.",
     "model.vision_tower.",
     "multi_modal_projector.",
     "model.multi_modal_projector.",
+    "model.embed_vision.",
+    "model.audio_tower.",
+    "model.embed_audio.",
+    "model.vision_embedder.",
+    "model.vision_model.",
 ];
 /// Prefixes under which checkpoints store lm_head (and its scales).
 const LM_HEAD_PREFIXES: [&str; 2] = ["lm_head.", "language_model.lm_head."];
@@ -82,6 +87,16 @@ fn canonical_name(name: &str) -> Option<String> {
             .find_map(|p| name.strip_prefix(p))?
             .to_string()
     };
+    // Early Gemma 4 exports name the experts `moe.*` (vLLM's remap).
+    for (from, to) in [
+        (".moe.gate_up_proj", ".experts.gate_up_proj"),
+        (".moe.down_proj", ".experts.down_proj"),
+        (".moe.per_expert_scale", ".router.per_expert_scale"),
+    ] {
+        if let Some(i) = rest.find(from) {
+            return Some(format!("{}{to}{}", &rest[..i], &rest[i + from.len()..]));
+        }
+    }
     for (from, to) in [
         (".self_attn.k_proj.k_scale", ".self_attn.k_scale"),
         (".self_attn.v_proj.v_scale", ".self_attn.v_scale"),
@@ -203,6 +218,27 @@ impl Model {
                 }
             }
         }
+        // KV-shared Gemma 4 layers have no k/v projections; transformers ignores them if a file has them.
+        weights.retain(|name, _| {
+            let Some(rest) = name.strip_prefix("layers.") else {
+                return true;
+            };
+            let Some((l, rest)) = rest.split_once('.') else {
+                return true;
+            };
+            let shared = l
+                .parse::<usize>()
+                .is_ok_and(|l| l < config.num_hidden_layers && !config.has_kv_proj(l));
+            !(shared
+                && [
+                    "self_attn.k_proj.",
+                    "self_attn.v_proj.",
+                    "self_attn.k_norm.",
+                    "self_attn.v_norm.",
+                ]
+                .iter()
+                .any(|p| rest.starts_with(p)))
+        });
         let stored = |canonical: &str| -> String {
             stored_name
                 .get(canonical)
@@ -210,8 +246,9 @@ impl Model {
                 .unwrap_or_else(|| canonical.to_string())
         };
 
-        // Every tensor a Gemma 3 text model has, then the quantization of each Linear.
-        let mut expected: BTreeMap<String, Expect> = expected_tensors(&config)
+        // Every tensor the text model has, then the quantization of each Linear.
+        let (tensor_shapes, linears) = expected_tensors(&config);
+        let mut expected: BTreeMap<String, Expect> = tensor_shapes
             .into_iter()
             .map(|(n, s)| (n, Expect::new(s, &FLOAT_DTYPES)))
             .collect();
@@ -227,14 +264,7 @@ impl Model {
         let mut linear_schemes = BTreeMap::new();
         // Reported after every present tensor is checked (a BF16 weight where FP8 belongs is that error).
         let mut missing_scale = None;
-        let mut modules: Vec<(String, [usize; 2])> = Vec::new();
-        for l in 0..config.num_hidden_layers {
-            for m in LAYER_LINEARS {
-                let name = format!("layers.{l}.{m}");
-                let s = expected[&format!("{name}.weight")].shapes[0].clone();
-                modules.push((name, [s[0], s[1]]));
-            }
-        }
+        let mut modules: Vec<(String, [usize; 2])> = linears;
         if weights.contains_key("lm_head.weight") {
             modules.push((
                 "lm_head".to_string(),
@@ -322,6 +352,80 @@ impl Model {
                 }
             }
             linear_schemes.insert(m.clone(), scheme);
+        }
+        // Fused expert tensors (Gemma 4 MoE): dense, or a block scheme over each expert's 2-D slice with
+        // the expert as the scale's leading dimension (`{name}_scale` for C, `{name}_scale_inv` for D, as
+        // transformers' FineGrainedFP8 experts name it).
+        for l in 0..config.num_hidden_layers {
+            for (name, shape) in expert_tensors(&config, l) {
+                let stored_p = stored(&name);
+                let why = Some(quant.explain(&stored_p));
+                let [e, o, i] = shape;
+                let mut add = |n: String, shapes: Vec<Vec<usize>>, dtypes: &[DType]| {
+                    expected.insert(
+                        n,
+                        Expect {
+                            shapes,
+                            dtypes: dtypes.to_vec(),
+                            why: why.clone(),
+                        },
+                    );
+                };
+                let scheme = match quant.linear(&stored_p) {
+                    LinearQuant::Dense => {
+                        add(name.clone(), vec![shape.to_vec()], &FLOAT_DTYPES);
+                        QuantScheme::Dense
+                    }
+                    LinearQuant::Fp8BlockWeightOnly { block } => {
+                        add(name.clone(), vec![shape.to_vec()], &[DType::F8E4M3]);
+                        let sn = format!("{name}_scale");
+                        let grid = vec![e, o.div_ceil(block[0]), i.div_ceil(block[1])];
+                        add(sn.clone(), vec![grid], &[DType::F32]);
+                        QuantScheme::Fp8BlockWeightOnly {
+                            weight_scale: sn,
+                            block,
+                        }
+                    }
+                    LinearQuant::Fp8Block { block } => {
+                        add(name.clone(), vec![shape.to_vec()], &[DType::F8E4M3]);
+                        let sn = format!("{name}_scale_inv");
+                        let grid = vec![e, o.div_ceil(block[0]), i.div_ceil(block[1])];
+                        add(sn.clone(), vec![grid], &[DType::F32, DType::BF16]);
+                        QuantScheme::Fp8Block {
+                            weight_scale_inv: sn,
+                            block,
+                        }
+                    }
+                    _ => {
+                        return Err(Error::tensor(
+                            &stored_p,
+                            format!(
+                            "{}: fused expert tensors are supported dense or in the block schemes \
+                                 (fp8-block-wo, fp8-block) only",
+                            quant.name()
+                        ),
+                        ))
+                    }
+                };
+                for sc in scheme.scale_tensors() {
+                    if !weights.contains_key(sc) && missing_scale.is_none() {
+                        missing_scale = Some(Error::tensor(
+                            stored(sc),
+                            format!(
+                                "missing: the FP8 expert tensor `{stored_p}` needs it ({})",
+                                why.as_deref().unwrap_or("")
+                            ),
+                        ));
+                    }
+                }
+                if !weights.contains_key(&name) {
+                    return Err(Error::tensor(
+                        &stored_p,
+                        format!("missing from the checkpoint in {}", dir.display()),
+                    ));
+                }
+                linear_schemes.insert(name, scheme);
+            }
         }
         // KV-cache scales: per-tensor (one value), as stored.
         let kv_declared = weights
@@ -422,9 +526,21 @@ impl Model {
             linear_schemes.insert("lm_head".to_string(), QuantScheme::Dense);
         }
         let embed_dtype = weights["embed_tokens.weight"].dtype;
-        let mut graph = build_gemma3_graph_quant(&config, embed_dtype, &linear_schemes);
+        let mut graph = if config.is_gemma4() {
+            build_gemma4_graph(
+                &config,
+                &weights,
+                &linear_schemes,
+                &Gemma4Options::default(),
+            )?
+        } else {
+            build_gemma3_graph_quant(&config, embed_dtype, &linear_schemes)
+        };
         // An FP8 KV cache uses the checkpoint's per-tensor k/v scales where it has them.
-        for (l, layer) in graph.cache_layers.iter_mut().enumerate() {
+        let owners: Vec<usize> = (0..config.num_hidden_layers)
+            .filter(|&l| config.has_kv_proj(l))
+            .collect();
+        for (layer, &l) in graph.cache_layers.iter_mut().zip(&owners) {
             let k = format!("layers.{l}.self_attn.k_scale");
             let v = format!("layers.{l}.self_attn.v_scale");
             layer.k_scale = weights.contains_key(&k).then_some(k);
@@ -464,7 +580,7 @@ impl Model {
                 "norms"
             } else if n.contains(".self_attn.") {
                 "attention"
-            } else if n.contains(".mlp.") {
+            } else if n.contains(".mlp.") || n.contains(".experts.") || n.contains(".router.") {
                 "mlp"
             } else {
                 "other"
@@ -489,7 +605,9 @@ impl Model {
                 }
                 s.tensors += 1;
                 s.bytes += w.bytes().len();
-                if n.ends_with(".weight") {
+                let expert =
+                    n.contains(".experts.") && !n.ends_with("scale") && !n.ends_with("_inv");
+                if n.ends_with(".weight") || expert {
                     s.bf16_bytes += w.numel() * 2;
                 }
                 if !s.dtypes.contains(&w.dtype) {
@@ -513,11 +631,19 @@ impl Model {
     }
 }
 
-/// Every tensor a Gemma 3 text model has, with its shape.
-fn expected_tensors(c: &Gemma3Config) -> BTreeMap<String, Vec<usize>> {
+/// Tensor shapes by graph name, and the Linear modules with their `[out, in]`.
+pub type ExpectedTensors = (BTreeMap<String, Vec<usize>>, Vec<(String, [usize; 2])>);
+
+/// Every tensor the text model has (Linear weights included), with its shape, and the Linear modules
+/// with their `[out, in]`. `lm_head.weight` is listed; it may be absent (tied).
+pub fn expected_tensors(c: &Gemma3Config) -> ExpectedTensors {
+    if c.is_gemma4() {
+        return expected_tensors_gemma4(c);
+    }
     let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
     let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
     let mut m = BTreeMap::new();
+    let mut linears = Vec::new();
     m.insert("embed_tokens.weight".to_string(), vec![c.vocab_size, h]);
     m.insert("norm.weight".to_string(), vec![h]);
     m.insert("lm_head.weight".to_string(), vec![c.vocab_size, h]);
@@ -538,10 +664,98 @@ fn expected_tensors(c: &Gemma3Config) -> BTreeMap<String, Vec<usize>> {
             ("mlp.down_proj", vec![h, i]),
             ("post_feedforward_layernorm", vec![h]),
         ] {
+            if LAYER_LINEARS.contains(&n) {
+                linears.push((format!("{p}{n}"), [s[0], s[1]]));
+            }
             m.insert(format!("{p}{n}.weight"), s);
         }
     }
-    m
+    (m, linears)
+}
+
+/// The Gemma 4 tensors (gemma-architecture.md section 2.4). Expert tensors (`experts.gate_up_proj`,
+/// `experts.down_proj`) are not in the Linear list: they are 3-D.
+fn expected_tensors_gemma4(c: &Gemma3Config) -> ExpectedTensors {
+    let g = c.gemma4.as_ref().expect("a Gemma 4 config");
+    let (h, nl, nh) = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads);
+    let p_dim = g.hidden_size_per_layer_input;
+    let mut m = BTreeMap::new();
+    let mut linears: Vec<(String, [usize; 2])> = Vec::new();
+    m.insert("embed_tokens.weight".to_string(), vec![c.vocab_size, h]);
+    m.insert("norm.weight".to_string(), vec![h]);
+    m.insert("lm_head.weight".to_string(), vec![c.vocab_size, h]);
+    if p_dim > 0 {
+        m.insert(
+            "embed_tokens_per_layer.weight".to_string(),
+            vec![g.vocab_size_per_layer_input, nl * p_dim],
+        );
+        linears.push(("per_layer_model_projection".into(), [nl * p_dim, h]));
+        m.insert("per_layer_projection_norm.weight".to_string(), vec![p_dim]);
+    }
+    for l in 0..nl {
+        let p = format!("layers.{l}.");
+        let (d, kv, i) = (
+            c.layer_head_dim(l),
+            c.layer_kv_heads(l),
+            c.layer_intermediate(l),
+        );
+        for n in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ] {
+            m.insert(format!("{p}{n}.weight"), vec![h]);
+        }
+        m.insert(format!("{p}layer_scalar"), vec![1]);
+        m.insert(format!("{p}self_attn.q_norm.weight"), vec![d]);
+        linears.push((format!("{p}self_attn.q_proj"), [nh * d, h]));
+        if c.has_kv_proj(l) {
+            linears.push((format!("{p}self_attn.k_proj"), [kv * d, h]));
+            m.insert(format!("{p}self_attn.k_norm.weight"), vec![d]);
+        }
+        if c.has_v_proj(l) {
+            linears.push((format!("{p}self_attn.v_proj"), [kv * d, h]));
+        }
+        linears.push((format!("{p}self_attn.o_proj"), [h, nh * d]));
+        linears.push((format!("{p}mlp.gate_proj"), [i, h]));
+        linears.push((format!("{p}mlp.up_proj"), [i, h]));
+        linears.push((format!("{p}mlp.down_proj"), [h, i]));
+        if p_dim > 0 {
+            linears.push((format!("{p}per_layer_input_gate"), [p_dim, h]));
+            linears.push((format!("{p}per_layer_projection"), [h, p_dim]));
+            m.insert(format!("{p}post_per_layer_input_norm.weight"), vec![h]);
+        }
+        if let Some(moe) = &g.moe {
+            let e = moe.num_experts;
+            linears.push((format!("{p}router.proj"), [e, h]));
+            m.insert(format!("{p}router.scale"), vec![h]);
+            m.insert(format!("{p}router.per_expert_scale"), vec![e]);
+            for n in [
+                "pre_feedforward_layernorm_2",
+                "post_feedforward_layernorm_1",
+                "post_feedforward_layernorm_2",
+            ] {
+                m.insert(format!("{p}{n}.weight"), vec![h]);
+            }
+        }
+    }
+    for (name, [o, i]) in &linears {
+        m.insert(format!("{name}.weight"), vec![*o, *i]);
+    }
+    (m, linears)
+}
+
+/// The fused expert tensors of MoE layer `l`: (name, shape) of gate_up `[E, 2I, H]` and down `[E, H, I]`.
+pub fn expert_tensors(c: &Gemma3Config, l: usize) -> Vec<(String, [usize; 3])> {
+    let Some(moe) = c.gemma4.as_ref().and_then(|g| g.moe.as_ref()) else {
+        return vec![];
+    };
+    let (e, im, h) = (moe.num_experts, moe.intermediate_size, c.hidden_size);
+    vec![
+        (format!("layers.{l}.experts.gate_up_proj"), [e, 2 * im, h]),
+        (format!("layers.{l}.experts.down_proj"), [e, h, im]),
+    ]
 }
 
 /// The embedding scale sqrt(hidden), rounded to the table's dtype as transformers does
@@ -743,4 +957,423 @@ pub fn build_gemma3_graph_quant(
     }
     g.output = logits;
     g
+}
+
+/// Which Gemma 4 features the graph applies. All on is the model; tests turn one off at a time to show
+/// that it matters (each switch replaces the feature by the plain or classic-mistake alternative).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma4Options {
+    /// Multiply each layer's output by its `layer_scalar` (off: skip).
+    pub layer_scalar: bool,
+    /// Weightless RMSNorm on V (off: skip).
+    pub v_norm: bool,
+    /// `attention_k_eq_v`: V is the raw k_proj output (off: V is the normed, rotated K).
+    pub k_eq_v: bool,
+    /// Proportional partial RoPE on full layers (off: every dim rotated).
+    pub partial_rope: bool,
+    /// KV-shared layers read their donor's cache (off: the first layer of their type).
+    pub kv_sharing: bool,
+    /// Per-layer embeddings (off: skip the per-layer block).
+    pub ple: bool,
+    /// The routed experts beside the dense MLP (off: dense MLP only).
+    pub moe: bool,
+    /// `final_logit_softcapping` (off: raw logits).
+    pub final_softcap: bool,
+    /// Attention scale 1.0 (off: 1/sqrt(head_dim)).
+    pub unit_attention_scale: bool,
+}
+
+impl Default for Gemma4Options {
+    fn default() -> Gemma4Options {
+        Gemma4Options {
+            layer_scalar: true,
+            v_norm: true,
+            k_eq_v: true,
+            partial_rope: true,
+            kv_sharing: true,
+            ple: true,
+            moe: true,
+            final_softcap: true,
+            unit_attention_scale: true,
+        }
+    }
+}
+
+impl Model {
+    /// Rebuild a Gemma 4 model's graph with `opts` (tests: one feature off at a time).
+    pub fn rebuild_gemma4_graph(&mut self, opts: &Gemma4Options) -> Result<()> {
+        let cache = std::mem::take(&mut self.graph.cache_layers);
+        self.graph = build_gemma4_graph(&self.config, &self.weights, &self.linear_schemes, opts)?;
+        for (new, old) in self.graph.cache_layers.iter_mut().zip(cache) {
+            new.k_scale = old.k_scale;
+            new.v_scale = old.v_scale;
+        }
+        Ok(())
+    }
+}
+
+/// One value of a `[1]` tensor (Gemma 4 `layer_scalar`).
+fn scalar_weight(weights: &WeightMap, name: &str) -> Result<f32> {
+    let w = weights
+        .get(name)
+        .ok_or_else(|| Error::tensor(name, "missing from the checkpoint"))?;
+    match w.to_f32().as_slice() {
+        [v] if v.is_finite() => Ok(*v),
+        v => Err(Error::tensor(
+            name,
+            format!("expected one finite value, found {v:?}"),
+        )),
+    }
+}
+
+/// The Gemma 4 forward pass (gemma-architecture.md section 4) as a graph. `weights` supplies the dtypes
+/// of the embedding tables and the per-layer `layer_scalar` values, which become `Scale` factors.
+pub fn build_gemma4_graph(
+    c: &Gemma3Config,
+    weights: &WeightMap,
+    schemes: &BTreeMap<String, QuantScheme>,
+    o: &Gemma4Options,
+) -> Result<Graph> {
+    let g4 = c
+        .gemma4
+        .as_ref()
+        .ok_or_else(|| Error::invalid("build_gemma4_graph needs a Gemma 4 config"))?;
+    let mut g = Graph::new(c.vocab_size);
+    let (h, nh, nl) = (c.hidden_size, c.num_attention_heads, c.num_hidden_layers);
+    let eps = c.rms_norm_eps;
+    let norm = |g: &mut Graph, name: String, w: Option<String>, x: ValueId, group: usize| {
+        g.add(
+            name,
+            Op::RmsNorm {
+                weight: w,
+                group,
+                eps,
+                add_one: false,
+            },
+            &[x],
+            g.node(x).cols,
+        )
+    };
+    let linear = |g: &mut Graph, name: String, module: String, x: ValueId, out: usize| {
+        g.add(
+            name,
+            Op::Linear {
+                scheme: schemes.get(&module).cloned().unwrap_or(QuantScheme::Dense),
+                weight: format!("{module}.weight"),
+            },
+            &[x],
+            out,
+        )
+    };
+    let dtype_of = |name: &str| -> Result<DType> {
+        weights
+            .get(name)
+            .map(|w| w.dtype)
+            .ok_or_else(|| Error::tensor(name, "missing from the checkpoint"))
+    };
+    let f32_of = |x: f64| x as f32;
+    let mut x = g.add(
+        "embed",
+        Op::Embed {
+            table: "embed_tokens.weight".into(),
+            scale: embed_scale(h, dtype_of("embed_tokens.weight")?),
+        },
+        &[],
+        h,
+    );
+    // Per-layer embeddings: (token table row * sqrt(P) + norm(projection of the embedding)) / sqrt(2).
+    let p_dim = g4.hidden_size_per_layer_input;
+    let ple = if p_dim > 0 && o.ple {
+        let tok = g.add(
+            "ple_embed",
+            Op::Embed {
+                table: "embed_tokens_per_layer.weight".into(),
+                scale: embed_scale(p_dim, dtype_of("embed_tokens_per_layer.weight")?),
+            },
+            &[],
+            nl * p_dim,
+        );
+        let proj = linear(
+            &mut g,
+            "ple_proj".into(),
+            "per_layer_model_projection".into(),
+            x,
+            nl * p_dim,
+        );
+        let proj = g.add(
+            "ple_proj_scaled",
+            Op::Scale {
+                factor: f32_of((h as f64).powf(-0.5)),
+            },
+            &[proj],
+            nl * p_dim,
+        );
+        let proj = norm(
+            &mut g,
+            "ple_proj_norm".into(),
+            Some("per_layer_projection_norm.weight".into()),
+            proj,
+            p_dim,
+        );
+        let sum = g.add("ple_sum", Op::Add, &[proj, tok], nl * p_dim);
+        Some(g.add(
+            "ple",
+            Op::Scale {
+                factor: f32_of(0.5f64.sqrt()),
+            },
+            &[sum],
+            nl * p_dim,
+        ))
+    } else {
+        None
+    };
+    // (k, v, cache layer) of each layer that owns a cache.
+    let mut own_kv: Vec<Option<(ValueId, ValueId, usize)>> = vec![None; nl];
+    for l in 0..nl {
+        let lt = c.layer_types[l];
+        let p = format!("layers.{l}.");
+        let w = |n: &str| format!("{p}{n}.weight");
+        let m = |n: &str| format!("{p}{n}");
+        let (d, kv) = (c.layer_head_dim(l), c.layer_kv_heads(l));
+        let window = match lt {
+            LayerType::Sliding => Some(c.sliding_window),
+            LayerType::Full => None,
+        };
+        let mut rope = c.rope(lt).clone();
+        if !o.partial_rope {
+            rope.partial_rotary_factor = None;
+        }
+        let inv_freq = rope.inv_freq(d);
+
+        let hn = norm(&mut g, m("input_norm"), Some(w("input_layernorm")), x, h);
+        let q = linear(&mut g, m("q_proj"), m("self_attn.q_proj"), hn, nh * d);
+        let q = norm(&mut g, m("q_norm"), Some(w("self_attn.q_norm")), q, d);
+        let q = g.add(
+            m("q_rope"),
+            Op::Rope {
+                head_dim: d,
+                inv_freq: inv_freq.clone(),
+            },
+            &[q],
+            nh * d,
+        );
+        let scale = if o.unit_attention_scale {
+            1.0
+        } else {
+            (d as f32).powf(-0.5)
+        };
+        let a = if c.has_kv_proj(l) {
+            let kraw = linear(&mut g, m("k_proj"), m("self_attn.k_proj"), hn, kv * d);
+            let vraw = if c.has_v_proj(l) {
+                Some(linear(
+                    &mut g,
+                    m("v_proj"),
+                    m("self_attn.v_proj"),
+                    hn,
+                    kv * d,
+                ))
+            } else {
+                None
+            };
+            let k = norm(&mut g, m("k_norm"), Some(w("self_attn.k_norm")), kraw, d);
+            let k = g.add(
+                m("k_rope"),
+                Op::Rope {
+                    head_dim: d,
+                    inv_freq,
+                },
+                &[k],
+                kv * d,
+            );
+            let v = match vraw {
+                Some(v) => v,
+                None if o.k_eq_v => kraw,
+                None => k,
+            };
+            let v = if o.v_norm {
+                norm(&mut g, m("v_norm"), None, v, d)
+            } else {
+                v
+            };
+            let ci = g.cache_layers.len();
+            g.cache_layers.push(CacheLayer {
+                n_kv_heads: kv,
+                head_dim: d,
+                window,
+                k_scale: None,
+                v_scale: None,
+            });
+            own_kv[l] = Some((k, v, ci));
+            let attn = Op::Attention {
+                cache_layer: ci,
+                n_heads: nh,
+                n_kv_heads: kv,
+                head_dim: d,
+                scale,
+                window,
+                softcap: None,
+            };
+            g.add(m("attn"), attn, &[q, k, v], nh * d)
+        } else {
+            let donor = if o.kv_sharing {
+                c.kv_donor(l)
+            } else {
+                (0..l).find(|&j| c.layer_types[j] == lt)
+            };
+            let (k, v, ci) = donor.and_then(|j| own_kv[j]).ok_or_else(|| {
+                Error::invalid(format!(
+                    "KV-shared layer {l} has no earlier layer of its type to read"
+                ))
+            })?;
+            let attn = Op::AttentionShared {
+                cache_layer: ci,
+                n_heads: nh,
+                n_kv_heads: kv,
+                head_dim: d,
+                scale,
+                window,
+                softcap: None,
+            };
+            g.add(m("attn"), attn, &[q, k, v], nh * d)
+        };
+        let a = linear(&mut g, m("o_proj"), m("self_attn.o_proj"), a, h);
+        let a = norm(
+            &mut g,
+            m("attn_out"),
+            Some(w("post_attention_layernorm")),
+            a,
+            h,
+        );
+        x = g.add(m("attn_residual"), Op::Add, &[x, a], h);
+
+        let inter = c.layer_intermediate(l);
+        let hn = norm(
+            &mut g,
+            m("ffn_norm"),
+            Some(w("pre_feedforward_layernorm")),
+            x,
+            h,
+        );
+        let gate = linear(&mut g, m("gate_proj"), m("mlp.gate_proj"), hn, inter);
+        let up = linear(&mut g, m("up_proj"), m("mlp.up_proj"), hn, inter);
+        let gm = g.add(m("gelu_mul"), Op::GeluTanhMul, &[gate, up], inter);
+        let mut f = linear(&mut g, m("down_proj"), m("mlp.down_proj"), gm, h);
+        if let Some(moe) = &g4.moe {
+            f = norm(
+                &mut g,
+                m("dense_out"),
+                Some(w("post_feedforward_layernorm_1")),
+                f,
+                h,
+            );
+            if o.moe {
+                // The router and the experts read the residual stream, not the pre-FFN norm.
+                let z = norm(
+                    &mut g,
+                    m("router_norm"),
+                    Some(format!("{p}router.scale")),
+                    x,
+                    h,
+                );
+                let z = g.add(
+                    m("router_in"),
+                    Op::Scale {
+                        factor: f32_of((h as f64).powf(-0.5)),
+                    },
+                    &[z],
+                    h,
+                );
+                let logits = linear(&mut g, m("router"), m("router.proj"), z, moe.num_experts);
+                let route = g.add(
+                    m("route"),
+                    Op::RouterTopK {
+                        top_k: moe.top_k,
+                        per_expert_scale: format!("{p}router.per_expert_scale"),
+                    },
+                    &[logits],
+                    moe.num_experts,
+                );
+                let e_in = norm(
+                    &mut g,
+                    m("experts_norm"),
+                    Some(w("pre_feedforward_layernorm_2")),
+                    x,
+                    h,
+                );
+                let (gu, dn) = (m("experts.gate_up_proj"), m("experts.down_proj"));
+                let scheme = |n: &str| schemes.get(n).cloned().unwrap_or(QuantScheme::Dense);
+                let e = g.add(
+                    m("experts"),
+                    Op::MoeExperts {
+                        gate_up_scheme: scheme(&gu),
+                        down_scheme: scheme(&dn),
+                        gate_up: gu,
+                        down: dn,
+                        n_experts: moe.num_experts,
+                        intermediate: moe.intermediate_size,
+                    },
+                    &[e_in, route],
+                    h,
+                );
+                let e = norm(
+                    &mut g,
+                    m("experts_out"),
+                    Some(w("post_feedforward_layernorm_2")),
+                    e,
+                    h,
+                );
+                f = g.add(m("ffn_sum"), Op::Add, &[f, e], h);
+            }
+        }
+        let f = norm(
+            &mut g,
+            m("mlp_out"),
+            Some(w("post_feedforward_layernorm")),
+            f,
+            h,
+        );
+        x = g.add(m("residual"), Op::Add, &[x, f], h);
+        if let Some(ple) = ple {
+            let pi = g.add(
+                m("ple_in"),
+                Op::SliceCols { start: l * p_dim },
+                &[ple],
+                p_dim,
+            );
+            let gt = linear(&mut g, m("ple_gate"), m("per_layer_input_gate"), x, p_dim);
+            let gm = g.add(m("ple_gelu_mul"), Op::GeluTanhMul, &[gt, pi], p_dim);
+            let pr = linear(&mut g, m("ple_proj"), m("per_layer_projection"), gm, h);
+            let pr = norm(
+                &mut g,
+                m("ple_out"),
+                Some(w("post_per_layer_input_norm")),
+                pr,
+                h,
+            );
+            x = g.add(m("ple_residual"), Op::Add, &[x, pr], h);
+        }
+        if o.layer_scalar {
+            let factor = scalar_weight(weights, &format!("{p}layer_scalar"))?;
+            x = g.add(m("scaled"), Op::Scale { factor }, &[x], h);
+        }
+    }
+    let x = g.add("output_rows", Op::SelectRows, &[x], h);
+    let x = norm(
+        &mut g,
+        "final_norm".into(),
+        Some("norm.weight".into()),
+        x,
+        h,
+    );
+    let mut logits = linear(&mut g, "logits".into(), "lm_head".into(), x, c.vocab_size);
+    if let (Some(cap), true) = (c.final_logit_softcapping, o.final_softcap) {
+        logits = g.add(
+            "logits_softcap",
+            Op::Softcap { cap },
+            &[logits],
+            c.vocab_size,
+        );
+    }
+    g.output = logits;
+    Ok(g)
 }

@@ -138,6 +138,11 @@ pub fn gpu_supports(op: &Op, max_head_dim: usize) -> bool {
         | Op::Scale { .. }
         | Op::Softcap { .. }
         | Op::SelectRows => true,
+        // Gemma 4 ops: CPU reference only until wgpu/CUDA kernels exist (issue #8).
+        Op::SliceCols { .. }
+        | Op::AttentionShared { .. }
+        | Op::RouterTopK { .. }
+        | Op::MoeExperts { .. } => false,
     }
 }
 

@@ -423,7 +423,11 @@ pub fn calibrate(
         &model.weights,
         CacheConfig::new(batch, max_len),
     )?;
-    let taps = calib_taps(model.config.num_hidden_layers);
+    // Gemma 4 layers without k/v projections (KV sharing, k_eq_v) lack some of the tapped nodes.
+    let taps: Vec<String> = calib_taps(model.config.num_hidden_layers)
+        .into_iter()
+        .filter(|t| model.graph.find(t).is_some())
+        .collect();
     let mut amax: BTreeMap<String, f32> = taps.iter().map(|t| (t.clone(), 0.0)).collect();
     let steps = sequences.len().div_ceil(batch);
     let pb = bar(progress, steps as u64, "calibrating", "batches");
@@ -484,6 +488,9 @@ struct QModule {
     input_node: String,
     rows: usize,
     cols: usize,
+    /// Fused experts (Gemma 4 MoE): the weight is `[experts, rows, cols]`, each expert quantized on its
+    /// own grid and the scales stacked `[experts, ...]`; 0 for a 2-D Linear.
+    experts: usize,
     grid: Grid,
     scales: Vec<f32>,
 }
@@ -600,6 +607,12 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
     }
     let model = Model::load(from)?;
     let c = &model.config;
+    if c.is_gemma4() && opts.kv_cache_fp8 {
+        return Err(Error::invalid(
+            "--kv-cache-fp8 is not supported for Gemma 4 checkpoints yet (KV scales are calibrated on \
+             Gemma 3's k/v nodes)",
+        ));
+    }
 
     // Stored names of the text model's tensors.
     let mut stored_of: BTreeMap<String, String> = BTreeMap::new();
@@ -620,6 +633,14 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
     for l in 0..c.num_hidden_layers {
         for (lin, input) in LINEARS {
             let canonical = format!("layers.{l}.{lin}.weight");
+            // Gemma 4: KV-shared layers have no k/v, k_eq_v full layers no v.
+            if c.is_gemma4()
+                && !model
+                    .linear_schemes
+                    .contains_key(&format!("layers.{l}.{lin}"))
+            {
+                continue;
+            }
             let stored_w = stored_of.get(&canonical).ok_or_else(|| {
                 Error::tensor(&canonical, format!("missing from {}", from.display()))
             })?;
@@ -641,6 +662,7 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
                 input_node: format!("layers.{l}.{input}"),
                 rows,
                 cols,
+                experts: 0,
                 grid: scheme_grid(opts.scheme, rows, cols, opts.block),
                 scales: Vec::new(),
             });
@@ -660,6 +682,46 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
             "--ignore `{p}` matches no quantizable module (names look like `{}layers.0.mlp.down_proj` or `layers.0.mlp.down_proj`)",
             text_prefix
         )));
+    }
+
+    // Gemma 4: fused experts take the block schemes per expert; every other Linear that is not one of the
+    // attention/MLP projections (router, per-layer-embedding projections) stays in the source dtype and
+    // is listed with the ignored modules so that loaders keep it dense.
+    if c.is_gemma4() {
+        let quantized: std::collections::BTreeSet<String> =
+            modules.iter().map(|m| m.canonical.clone()).collect();
+        for (module, scheme) in &model.linear_schemes {
+            let canonical = format!("{module}.weight");
+            if module == "lm_head" || quantized.contains(&canonical) {
+                continue;
+            }
+            if let Some(w) = model.weights.get(module).filter(|w| w.shape.len() == 3) {
+                // A fused expert tensor (named without `.weight`).
+                let stored = stored_of
+                    .get(module)
+                    .cloned()
+                    .unwrap_or_else(|| module.clone());
+                if opts.scheme.is_block() && *scheme == crate::graph::QuantScheme::Dense {
+                    let (e, rows, cols) = (w.shape[0], w.shape[1], w.shape[2]);
+                    modules.push(QModule {
+                        stored,
+                        canonical: module.clone(),
+                        input_node: String::new(),
+                        rows,
+                        cols,
+                        experts: e,
+                        grid: scheme_grid(opts.scheme, rows, cols, opts.block),
+                        scales: Vec::new(),
+                    });
+                } else {
+                    ignored.push(stored);
+                }
+                continue;
+            }
+            if let Some(stored_w) = stored_of.get(&canonical) {
+                ignored.push(stored_w.trim_end_matches(".weight").to_string());
+            }
+        }
     }
 
     // Calibration.
@@ -727,7 +789,10 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
                 format!("element {i} is not finite ({})", w[i]),
             ));
         }
-        m.scales = weight_scales(&w, &m.grid, opts.scheme, opts.weight_calib, scale_dtype);
+        m.scales = w
+            .chunks(m.rows * m.cols)
+            .flat_map(|we| weight_scales(we, &m.grid, opts.scheme, opts.weight_calib, scale_dtype))
+            .collect();
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -744,12 +809,32 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
         match canonical.and_then(|c| quantized_weights.get(c)) {
             Some(&i) => {
                 let m = &modules[i];
+                let lead: Vec<usize> = if m.experts > 0 {
+                    vec![m.experts]
+                } else {
+                    vec![]
+                };
                 outs.push(Out {
                     name: stored.clone(),
                     dtype: DType::F8E4M3,
-                    shape: vec![m.rows, m.cols],
+                    shape: [lead.clone(), vec![m.rows, m.cols]].concat(),
                     src: Source::Codes(i),
                 });
+                if m.experts > 0 {
+                    // Fused experts: `{name}_scale` (C) / `{name}_scale_inv` (D), `[E, row blocks, col blocks]`.
+                    let suffix = if opts.scheme == Scheme::Fp8Block {
+                        "scale_inv"
+                    } else {
+                        "scale"
+                    };
+                    outs.push(Out {
+                        name: format!("{}_{suffix}", m.stored),
+                        dtype: scale_dtype,
+                        shape: vec![m.experts, m.grid.grid_rows(), m.grid.grid_cols()],
+                        src: Source::Scales(i),
+                    });
+                    continue;
+                }
                 let (name, shape) = match opts.scheme {
                     Scheme::Fp8Static => ("weight_scale", vec![]),
                     Scheme::Fp8Dynamic => ("weight_scale", vec![m.rows, 1]),
@@ -854,8 +939,15 @@ pub fn quantize(from: &Path, to: &Path, opts: &QuantizeOptions) -> Result<Quanti
             Source::Codes(i) => {
                 let m = &modules[*i];
                 let w = model.weights[&m.canonical].to_f32();
-                wr.write_all(&weight_codes(&w, &m.grid, &m.scales))
+                let per = m.grid.groups();
+                for (e, we) in w.chunks(m.rows * m.cols).enumerate() {
+                    wr.write_all(&weight_codes(
+                        we,
+                        &m.grid,
+                        &m.scales[e * per..(e + 1) * per],
+                    ))
                     .map_err(werr)?
+                }
             }
         }
         pb.inc(1);

@@ -30,14 +30,20 @@ use crate::quant_config::CheckpointQuant;
 use crate::quantize::{self, QuantizeOptions, Scheme};
 use crate::tensor::DType;
 
-/// The names `--synthetic` accepts (Gemma 3 text shapes, plus `tiny` for tests).
-pub const NAMES: [&str; 6] = [
+/// The names `--synthetic` accepts (Gemma 3 and Gemma 4 text shapes, plus `tiny` and `gemma-4-tiny` for
+/// tests).
+pub const NAMES: [&str; 11] = [
     "tiny",
     "gemma-3-270m",
     "gemma-3-1b",
     "gemma-3-4b",
     "gemma-3-12b",
     "gemma-3-27b",
+    "gemma-4-tiny",
+    "gemma-4-e2b",
+    "gemma-4-12b",
+    "gemma-4-26b-a4b",
+    "gemma-4-31b",
 ];
 
 /// The default seed of the random weights.
@@ -93,21 +99,101 @@ impl std::str::FromStr for SyntheticScheme {
 }
 
 fn unknown(name: &str) -> Error {
-    if name.starts_with("gemma-4") {
-        return Error::invalid(format!(
-            "synthetic model `{name}`: the Gemma 4 graph does not exist yet (issue #8); synthetic models \
-             have the Gemma 3 shapes: {}",
-            NAMES.join(", ")
-        ));
-    }
     Error::invalid(format!(
-        "unknown synthetic model `{name}` (expected one of {}, or gemma-4-31b once Gemma 4 exists)",
+        "unknown synthetic model `{name}` (expected one of {})",
         NAMES.join(", ")
     ))
 }
 
+/// The text config of a Gemma 4 model (Gemma4ForCausalLM layout, the hub's keys; gemma-architecture.md
+/// section 1.4).
+fn gemma4_config_json(name: &str) -> Option<Value> {
+    // (layers, hidden, intermediate, heads, kv heads sliding / full, window, full-layer period)
+    let base = |layers: usize,
+                hidden: usize,
+                inter: usize,
+                heads: usize,
+                kv: usize,
+                global_kv: usize,
+                window: usize,
+                period: usize| {
+        json!({
+            "architectures": ["Gemma4ForCausalLM"],
+            "model_type": "gemma4_text",
+            "vocab_size": 262144,
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "num_global_key_value_heads": global_kv,
+            "head_dim": 256,
+            "global_head_dim": 512,
+            "attention_k_eq_v": true,
+            "sliding_window": window,
+            "layer_types": (0..layers).map(|i| if (i + 1) % period == 0 {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            }).collect::<Vec<_>>(),
+            "final_logit_softcapping": 30.0,
+            "hidden_size_per_layer_input": 0,
+            "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": true,
+            "bos_token_id": 2,
+            "eos_token_id": 1,
+            "pad_token_id": 0,
+            "torch_dtype": "bfloat16",
+        })
+    };
+    Some(match name {
+        // Every Gemma 4 feature at once, small enough for tests.
+        "gemma-4-tiny" => {
+            let mut c = base(6, 64, 96, 4, 2, 1, 8, 3);
+            c["vocab_size"] = json!(1000);
+            c["head_dim"] = json!(32);
+            c["global_head_dim"] = json!(64);
+            c["max_position_embeddings"] = json!(4096);
+            c["num_kv_shared_layers"] = json!(2);
+            c["hidden_size_per_layer_input"] = json!(16);
+            c["vocab_size_per_layer_input"] = json!(1000);
+            c["use_double_wide_mlp"] = json!(true);
+            c["enable_moe_block"] = json!(true);
+            c["num_experts"] = json!(4);
+            c["top_k_experts"] = json!(2);
+            c["moe_intermediate_size"] = json!(40);
+            c
+        }
+        "gemma-4-e2b" => {
+            let mut c = base(35, 1536, 6144, 8, 1, 1, 512, 5);
+            c["attention_k_eq_v"] = json!(false);
+            c["num_kv_shared_layers"] = json!(20);
+            c["hidden_size_per_layer_input"] = json!(256);
+            c["vocab_size_per_layer_input"] = json!(262144);
+            c["use_double_wide_mlp"] = json!(true);
+            c["max_position_embeddings"] = json!(131072);
+            c
+        }
+        "gemma-4-12b" => base(48, 3840, 15360, 16, 8, 1, 1024, 6),
+        "gemma-4-26b-a4b" => {
+            let mut c = base(30, 2816, 2112, 16, 8, 2, 1024, 6);
+            c["enable_moe_block"] = json!(true);
+            c["num_experts"] = json!(128);
+            c["top_k_experts"] = json!(8);
+            c["moe_intermediate_size"] = json!(704);
+            c
+        }
+        "gemma-4-31b" => base(60, 5376, 21504, 32, 16, 4, 1024, 6),
+        _ => return None,
+    })
+}
+
 /// The `config.json` of a synthetic model: the released model's text config (Gemma3ForCausalLM layout).
 pub fn config_json(name: &str) -> Result<Value> {
+    if let Some(c) = gemma4_config_json(name) {
+        return Ok(c);
+    }
     // (vocab, hidden, intermediate, layers, heads, kv heads, head_dim, query_pre_attn_scalar, window,
     //  linear RoPE factor of the full layers, max positions)
     let base = |vocab: usize,
@@ -348,6 +434,9 @@ pub fn tensors(
         norm: bf16_table(NORM_AMPLITUDE),
         fp8: fp8_table(),
     };
+    if c.is_gemma4() {
+        return gemma4_tensors(json, &c, scheme, &gen);
+    }
     let (h, d, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
     let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
     let mut t: BTreeMap<String, Weight> = BTreeMap::new();
@@ -436,6 +525,134 @@ pub fn tensors(
         let mut opts = QuantizeOptions::new(s);
         opts.block = BLOCK;
         json["quantization_config"] = quantize::quantization_config(&opts, "lm_head", &[], &[]);
+    }
+    Ok((json, t))
+}
+
+/// The tensors of a synthetic Gemma 4 model: every tensor the loader expects (model.rs `expected_tensors`,
+/// fused experts included). Norm-like vectors (applied as `x * w`) are `1 + U(+-0.05)`, `layer_scalar` and
+/// `per_expert_scale` 1; the attention and MLP projections and (block schemes) the experts are FP8 as
+/// `quantize` writes them, the router and per-layer-embedding linears stay BF16 and are listed as excluded.
+fn gemma4_tensors(
+    mut json: Value,
+    c: &Gemma3Config,
+    scheme: SyntheticScheme,
+    gen: &Gen,
+) -> Result<(Value, BTreeMap<String, Weight>)> {
+    let one_norm: Vec<u16> = gen
+        .norm
+        .iter()
+        .map(|&b| half::bf16::from_f32(1.0 + half::bf16::from_bits(b).to_f32()).to_bits())
+        .collect();
+    let fp8_scale = WEIGHT_STD / fp8_table_std(&gen.fp8);
+    let (shapes, linears) = crate::model::expected_tensors(c);
+    let linear_weights: std::collections::BTreeSet<String> =
+        linears.iter().map(|(m, _)| format!("{m}.weight")).collect();
+    let mut t: BTreeMap<String, Weight> = BTreeMap::new();
+    let mut excluded: Vec<String> = Vec::new();
+    let fp8 = match scheme {
+        SyntheticScheme::Fp8(s) => Some(s),
+        SyntheticScheme::Bf16 => None,
+    };
+    let put_fp8 = |t: &mut BTreeMap<String, Weight>,
+                   name: &str,
+                   scale_name: String,
+                   s: Scheme,
+                   shape: Vec<usize>|
+     -> Result<()> {
+        let (lead, rc) = shape.split_at(shape.len() - 2);
+        let grid = quantize::scheme_grid(s, rc[0], rc[1], BLOCK);
+        let (gr, gc) = (grid.grid_rows(), grid.grid_cols());
+        t.insert(name.to_string(), gen.codes(name, shape.clone())?);
+        let (dtype, sshape) = match s {
+            Scheme::Fp8Static => (DType::F32, vec![]),
+            Scheme::Fp8Dynamic => (DType::BF16, vec![rc[0], 1]),
+            Scheme::Fp8BlockWo if lead.is_empty() => (DType::F32, vec![gr, 1, gc, 1]),
+            _ => (DType::F32, [lead.to_vec(), vec![gr, gc]].concat()),
+        };
+        t.insert(
+            scale_name.clone(),
+            constant(&scale_name, dtype, sshape, fp8_scale)?,
+        );
+        if s == Scheme::Fp8Static {
+            let n = scale_name.replace("weight_scale", "input_scale");
+            t.insert(
+                n.clone(),
+                constant(&n, DType::F32, vec![], STATIC_INPUT_SCALE)?,
+            );
+        }
+        Ok(())
+    };
+    for (name, shape) in shapes {
+        if name == "lm_head.weight" {
+            continue;
+        }
+        let stored = format!("model.{name}");
+        let projection = name.contains(".self_attn.") || name.contains(".mlp.");
+        if linear_weights.contains(&name) {
+            let module = stored.trim_end_matches(".weight").to_string();
+            match fp8 {
+                Some(s) if projection => {
+                    let suffix = if s == Scheme::Fp8Block {
+                        "weight_scale_inv"
+                    } else {
+                        "weight_scale"
+                    };
+                    put_fp8(&mut t, &stored, format!("{module}.{suffix}"), s, shape)?;
+                }
+                _ => {
+                    if fp8.is_some() {
+                        excluded.push(module);
+                    }
+                    t.insert(stored.clone(), gen.bf16(&stored, shape, &gen.weight)?);
+                }
+            }
+            continue;
+        }
+        let w = if name.ends_with("layer_scalar") || name.ends_with("per_expert_scale") {
+            constant(&stored, DType::BF16, shape, 1.0)?
+        } else if name.contains("norm") || name.ends_with("router.scale") {
+            gen.bf16(&stored, shape, &one_norm)?
+        } else {
+            gen.bf16(&stored, shape, &gen.weight)?
+        };
+        t.insert(stored, w);
+    }
+    for l in 0..c.num_hidden_layers {
+        for (name, shape) in crate::model::expert_tensors(c, l) {
+            let stored = format!("model.{name}");
+            match fp8 {
+                Some(s) if s.is_block() => {
+                    let suffix = if s == Scheme::Fp8Block {
+                        "scale_inv"
+                    } else {
+                        "scale"
+                    };
+                    put_fp8(
+                        &mut t,
+                        &stored,
+                        format!("{stored}_{suffix}"),
+                        s,
+                        shape.to_vec(),
+                    )?;
+                }
+                _ => {
+                    if fp8.is_some() {
+                        excluded.push(stored.clone());
+                    }
+                    t.insert(
+                        stored.clone(),
+                        gen.bf16(&stored, shape.to_vec(), &gen.weight)?,
+                    );
+                }
+            }
+        }
+    }
+    if let Some(s) = fp8 {
+        let mut opts = QuantizeOptions::new(s);
+        opts.block = BLOCK;
+        json["quantization_config"] =
+            quantize::quantization_config(&opts, "lm_head", &excluded, &[]);
     }
     Ok((json, t))
 }
@@ -638,6 +855,58 @@ mod tests {
     }
 
     #[test]
+    fn gemma4_tiny_runs_with_finite_logits_in_every_scheme() {
+        use crate::backend::Backend;
+        let ids = prompt_ids(1000, 11, 3);
+        for scheme in SyntheticScheme::ALL {
+            let m = build("gemma-4-tiny", scheme).unwrap_or_else(|e| panic!("{scheme:?}: {e}"));
+            let mut r = crate::cpu::CpuBackend
+                .load(
+                    &m.graph,
+                    &m.weights,
+                    crate::backend::CacheConfig::new(1, 16),
+                )
+                .unwrap();
+            let out = r
+                .step(
+                    &crate::backend::Batch::single(
+                        0,
+                        0,
+                        ids.clone(),
+                        crate::backend::LogitsFor::All,
+                    ),
+                    &[],
+                )
+                .unwrap();
+            assert!(out.logits.data.iter().all(|x| x.is_finite()), "{scheme:?}");
+            let spread = out
+                .logits
+                .data
+                .iter()
+                .cloned()
+                .fold(0f32, |a, x| a.max(x.abs()));
+            assert!(spread > 1e-3, "{scheme:?}: logits all near zero ({spread})");
+            let experts = m
+                .graph
+                .nodes
+                .iter()
+                .find_map(|n| match &n.op {
+                    crate::graph::Op::MoeExperts { gate_up_scheme, .. } => {
+                        Some(gate_up_scheme.clone())
+                    }
+                    _ => None,
+                })
+                .unwrap();
+            let block = matches!(scheme, SyntheticScheme::Fp8(s) if s.is_block());
+            assert_eq!(
+                experts != crate::graph::QuantScheme::Dense,
+                block,
+                "{scheme:?}"
+            );
+        }
+    }
+
+    #[test]
     fn same_seed_same_weights() {
         let a = build_seeded("tiny", SyntheticScheme::Fp8(Scheme::Fp8Block), 1).unwrap();
         let b = build_seeded("tiny", SyntheticScheme::Fp8(Scheme::Fp8Block), 1).unwrap();
@@ -687,14 +956,15 @@ mod tests {
                 .count(),
             10
         );
-        let e = build("gemma-4-31b", SyntheticScheme::Bf16)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            e.contains("Gemma 4 graph does not exist yet") && e.contains("#8"),
-            "{e}"
-        );
+        let c = config("gemma-4-31b").unwrap();
+        let g = c.gemma4.as_ref().unwrap();
+        assert_eq!((c.hidden_size, c.num_hidden_layers), (5376, 60));
+        assert_eq!((g.layer_head_dim[5], g.layer_kv_heads[5]), (512, 4));
+        assert_eq!((g.layer_head_dim[0], g.layer_kv_heads[0]), (256, 16));
+        let e2b = config("gemma-4-e2b").unwrap();
+        assert_eq!(e2b.kv_donor(15), Some(13));
+        assert_eq!(e2b.kv_donor(19), Some(14));
+        assert_eq!(e2b.layer_intermediate(15), 12288);
         let e = build("gemma-3-7b", SyntheticScheme::Bf16)
             .err()
             .unwrap()

@@ -247,6 +247,8 @@ impl KvLayer {
 }
 
 pub struct AttnGeom {
+    /// Write this step's k/v into the cache (false: the cache belongs to another node, KV sharing).
+    pub append: bool,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -321,6 +323,9 @@ pub fn attention(
                 }
             }
         });
+    if !g.append {
+        return;
+    }
     for p in (start + n).saturating_sub(cache.cap).max(start)..start + n {
         let r = row0 + p - start;
         cache.write(p, k.row(r), v.row(r));
@@ -382,6 +387,39 @@ pub fn softcap(a: &Mat, cap: f32) -> Mat {
     out.data
         .iter_mut()
         .for_each(|x| *x = cap * (*x / cap).tanh());
+    out
+}
+
+/// Columns `[start, start + cols)` of every row.
+pub fn slice_cols(a: &Mat, start: usize, cols: usize) -> Mat {
+    let mut out = Mat::zeros(a.rows, cols);
+    for r in 0..a.rows {
+        out.row_mut(r)
+            .copy_from_slice(&a.row(r)[start..start + cols]);
+    }
+    out
+}
+
+/// MoE routing weights (see `Op::RouterTopK`): softmax over every expert in f32, the `top_k` largest
+/// probabilities renormalised to sum 1, times `per_expert_scale`; 0 for the other experts.
+pub fn router_topk(logits: &Mat, top_k: usize, per_expert_scale: &[f32]) -> Mat {
+    let mut out = Mat::zeros(logits.rows, logits.cols);
+    for r in 0..logits.rows {
+        let l = logits.row(r);
+        let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = l.iter().map(|x| (x - max).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        let p: Vec<f32> = e.iter().map(|x| x / sum).collect();
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        // Stable sort: equal probabilities keep the lower expert first.
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+        let top = &order[..top_k.min(order.len())];
+        let kept: f32 = top.iter().map(|&i| p[i]).sum();
+        let o = out.row_mut(r);
+        for &i in top {
+            o[i] = p[i] / kept * per_expert_scale[i];
+        }
+    }
     out
 }
 
@@ -478,6 +516,31 @@ mod tests {
     }
 
     #[test]
+    fn router_topk_renormalises_the_kept_experts() {
+        let logits = mat(1, 4, |i| [0.0, 2.0, 1.0, 2.0][i]);
+        let out = router_topk(&logits, 2, &[1.0, 0.5, 1.0, 3.0]);
+        // Softmax then top-2 (experts 1 and 3, equal): each 1/2 of the kept mass, times its scale.
+        assert_eq!(out.data, vec![0.0, 0.25, 0.0, 1.5]);
+        let out = router_topk(&logits, 3, &[1.0; 4]);
+        let e2 = 1f32.exp();
+        let want = e2 / (2.0 * e2 + 1.0);
+        assert!(
+            (out.data[1] - want).abs() < 1e-6 && out.data[0] == 0.0,
+            "{:?}",
+            out.data
+        );
+    }
+
+    #[test]
+    fn slice_cols_takes_a_column_range() {
+        let x = mat(2, 5, |i| i as f32);
+        assert_eq!(
+            slice_cols(&x, 1, 3).data,
+            vec![1.0, 2.0, 3.0, 6.0, 7.0, 8.0]
+        );
+    }
+
+    #[test]
     fn gelu_tanh_known_values() {
         assert_eq!(gelu_tanh(0.0), 0.0);
         assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
@@ -490,6 +553,7 @@ mod tests {
     fn attention_incremental_equals_full_with_window_and_gqa() {
         for window in [None, Some(3)] {
             let g = AttnGeom {
+                append: true,
                 n_heads: 4,
                 n_kv_heads: 2,
                 head_dim: 4,

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use crate::backend::{
     check_supported, validate_batch, Backend, Batch, CacheConfig, KvCacheDtype, Runner, StepOutput,
 };
+use crate::checkpoint::Weight;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op, QuantScheme, WeightMap};
 use crate::tensor::{DType, Mat};
@@ -31,7 +32,11 @@ impl Backend for CpuBackend {
             | Op::Add
             | Op::Scale { .. }
             | Op::Softcap { .. }
-            | Op::SelectRows => true,
+            | Op::SelectRows
+            | Op::SliceCols { .. }
+            | Op::AttentionShared { .. }
+            | Op::RouterTopK { .. }
+            | Op::MoeExperts { .. } => true,
             // Dense, Fp8Static, Fp8Dynamic, Fp8BlockWeightOnly, Fp8Block (fp8_linear.rs).
             Op::Linear { .. } => true,
         }
@@ -70,6 +75,10 @@ impl Backend for CpuBackend {
                 fp8_tensors.extend(scheme.scale_tensors());
             }
         }
+        let experts = load_experts(graph, weights)?;
+        for e in experts.values() {
+            fp8_tensors.extend(e.fp8_tensors.iter().map(String::as_str));
+        }
         for name in graph.weight_names() {
             if fp8_tensors.contains(name) {
                 continue;
@@ -93,6 +102,23 @@ impl Backend for CpuBackend {
             {
                 norms.insert(w.clone(), weights[w].to_f32());
             }
+            if let Op::RouterTopK {
+                per_expert_scale, ..
+            } = &n.op
+            {
+                let v = weights[per_expert_scale].to_f32();
+                if v.len() != graph.node(n.inputs[0]).cols {
+                    return Err(Error::tensor(
+                        per_expert_scale,
+                        format!(
+                            "has {} values for {} experts",
+                            v.len(),
+                            graph.node(n.inputs[0]).cols
+                        ),
+                    ));
+                }
+                norms.insert(per_expert_scale.clone(), v);
+            }
         }
         let kv_round = graph
             .cache_layers
@@ -100,6 +126,7 @@ impl Backend for CpuBackend {
             .map(|l| kv_rounding(cache.kv_dtype, l, weights))
             .collect::<Result<Vec<_>>>()?;
         Ok(Box::new(CpuRunner {
+            experts,
             kv_round,
             graph: graph.clone(),
             weights: weights.clone(),
@@ -159,6 +186,8 @@ pub fn kv_rounding(
 }
 
 struct CpuRunner {
+    /// The experts of each `MoeExperts` node, by node index.
+    experts: BTreeMap<usize, Experts>,
     kv_round: Vec<KvRounding>,
     graph: Graph,
     weights: WeightMap,
@@ -263,6 +292,7 @@ impl Runner for CpuRunner {
                         let layer = &mut self.slots[slot].as_mut().expect("slot allocated").layers
                             [*cache_layer];
                         let geom = kernels::AttnGeom {
+                            append: true,
                             n_heads: *n_heads,
                             n_kv_heads: *n_kv_heads,
                             head_dim: *head_dim,
@@ -273,6 +303,49 @@ impl Runner for CpuRunner {
                         kernels::attention(&geom, q, k, v, row0, n, start, layer, &mut out);
                     }
                     out
+                }
+                Op::AttentionShared {
+                    cache_layer,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    scale,
+                    window,
+                    softcap,
+                } => {
+                    let q = input(0);
+                    let rounded;
+                    let (k, v) = match self.kv_round[*cache_layer] {
+                        KvRounding::Exact => (input(1), input(2)),
+                        r => {
+                            rounded = kernels::round_kv(input(1), input(2), r);
+                            (&rounded.0, &rounded.1)
+                        }
+                    };
+                    let mut out = Mat::zeros(q.rows, n_heads * head_dim);
+                    for &(row0, n, start, slot) in &spans {
+                        let layer = &mut self.slots[slot].as_mut().expect("slot allocated").layers
+                            [*cache_layer];
+                        let geom = kernels::AttnGeom {
+                            append: false,
+                            n_heads: *n_heads,
+                            n_kv_heads: *n_kv_heads,
+                            head_dim: *head_dim,
+                            scale: *scale,
+                            window: *window,
+                            softcap: *softcap,
+                        };
+                        kernels::attention(&geom, q, k, v, row0, n, start, layer, &mut out);
+                    }
+                    out
+                }
+                Op::SliceCols { start } => kernels::slice_cols(input(0), *start, node.cols),
+                Op::RouterTopK {
+                    top_k,
+                    per_expert_scale,
+                } => kernels::router_topk(input(0), *top_k, &self.norms[per_expert_scale]),
+                Op::MoeExperts { intermediate, .. } => {
+                    self.experts[&i].run(input(0), input(1), *intermediate)?
                 }
                 Op::GeluTanhMul => kernels::gelu_tanh_mul(input(0), input(1)),
                 Op::Add => kernels::add(input(0), input(1)),
@@ -316,4 +389,162 @@ impl Runner for CpuRunner {
             .and_then(|s| s.as_ref())
             .map_or(0, |c| c.len)
     }
+}
+
+/// The experts of one `MoeExperts` node, split into 2-D weights (views of the fused tensors) with their
+/// scale slices, so each runs as an ordinary linear.
+struct Experts {
+    /// Per expert: (gate_up `[2I, H]`, its scheme), (down `[H, I]`, its scheme).
+    experts: Vec<[(Weight, QuantScheme); 2]>,
+    /// The scale slices the per-expert schemes name.
+    scales: WeightMap,
+    /// The fused FP8 tensors and scales (checked here, not as dense weights).
+    fp8_tensors: Vec<String>,
+}
+
+impl Experts {
+    fn linear(&self, x: &Mat, w: &(Weight, QuantScheme)) -> Result<Mat> {
+        match &w.1 {
+            QuantScheme::Dense => Ok(kernels::linear(x, &w.0)),
+            scheme => fp8_linear::linear_fp8(x, &w.0, scheme, &self.scales),
+        }
+    }
+
+    fn run(&self, x: &Mat, route: &Mat, inter: usize) -> Result<Mat> {
+        let mut out = Mat::zeros(x.rows, x.cols);
+        for (e, [gate_up, down]) in self.experts.iter().enumerate() {
+            let rows: Vec<usize> = (0..x.rows).filter(|&t| route.row(t)[e] != 0.0).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let xe = kernels::select_rows(x, &rows);
+            let gu = self.linear(&xe, gate_up)?;
+            let h = kernels::gelu_tanh_mul(
+                &kernels::slice_cols(&gu, 0, inter),
+                &kernels::slice_cols(&gu, inter, inter),
+            );
+            let y = self.linear(&h, down)?;
+            for (i, &t) in rows.iter().enumerate() {
+                let w = route.row(t)[e];
+                for (o, v) in out.row_mut(t).iter_mut().zip(y.row(i)) {
+                    *o += w * v;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Split the fused expert tensors of every `MoeExperts` node and check their shapes and dtypes.
+fn load_experts(graph: &Graph, weights: &WeightMap) -> Result<BTreeMap<usize, Experts>> {
+    let mut out = BTreeMap::new();
+    for (i, n) in graph.nodes.iter().enumerate() {
+        let Op::MoeExperts {
+            gate_up,
+            down,
+            n_experts,
+            intermediate,
+            gate_up_scheme,
+            down_scheme,
+        } = &n.op
+        else {
+            continue;
+        };
+        let hidden = n.cols;
+        let mut ex = Experts {
+            experts: Vec::with_capacity(*n_experts),
+            scales: WeightMap::new(),
+            fp8_tensors: Vec::new(),
+        };
+        let split = |name: &str,
+                     scheme: &QuantScheme,
+                     shape: [usize; 3],
+                     ex: &mut Experts|
+         -> Result<Vec<(Weight, QuantScheme)>> {
+            let w = weights
+                .get(name)
+                .ok_or_else(|| Error::tensor(name, "referenced by the graph but not loaded"))?;
+            if w.shape != shape {
+                return Err(Error::tensor(
+                    name,
+                    format!(
+                        "expected shape {shape:?} for node `{}`, found {:?}",
+                        n.name, w.shape
+                    ),
+                ));
+            }
+            let dense = *scheme == QuantScheme::Dense;
+            if dense != matches!(w.dtype, DType::F32 | DType::BF16 | DType::F16) {
+                return Err(Error::tensor(
+                    name,
+                    format!("dtype {} does not fit scheme {}", w.dtype, scheme.name()),
+                ));
+            }
+            if !dense {
+                ex.fp8_tensors.push(name.to_string());
+                ex.fp8_tensors
+                    .extend(scheme.scale_tensors().iter().map(|s| s.to_string()));
+            }
+            let mut per = Vec::with_capacity(shape[0]);
+            for e in 0..shape[0] {
+                let we = w.slice_outer(e, &format!("{name}[{e}]"))?;
+                let mut se = scheme.clone();
+                let rename = |s: &mut String, ex: &mut Experts| -> Result<()> {
+                    let full = weights.get(s.as_str()).ok_or_else(|| {
+                        Error::tensor(s.as_str(), "referenced by the graph but not loaded")
+                    })?;
+                    if full.shape.first() != Some(&shape[0]) {
+                        return Err(Error::tensor(
+                            s.as_str(),
+                            format!(
+                                "expected one scale slice per expert ({}), found shape {:?}",
+                                shape[0], full.shape
+                            ),
+                        ));
+                    }
+                    let sn = format!("{s}[{e}]");
+                    ex.scales.insert(sn.clone(), full.slice_outer(e, &sn)?);
+                    *s = sn;
+                    Ok(())
+                };
+                match &mut se {
+                    QuantScheme::Dense => {}
+                    QuantScheme::Fp8Static {
+                        weight_scale,
+                        input_scale,
+                    } => {
+                        rename(weight_scale, ex)?;
+                        rename(input_scale, ex)?;
+                    }
+                    QuantScheme::Fp8Dynamic { weight_scale }
+                    | QuantScheme::Fp8BlockWeightOnly { weight_scale, .. } => {
+                        rename(weight_scale, ex)?
+                    }
+                    QuantScheme::Fp8Block {
+                        weight_scale_inv, ..
+                    } => rename(weight_scale_inv, ex)?,
+                }
+                if !dense {
+                    fp8_linear::prepare(&we, &se, &ex.scales)?;
+                }
+                per.push((we, se));
+            }
+            Ok(per)
+        };
+        let gu = split(
+            gate_up,
+            gate_up_scheme,
+            [*n_experts, 2 * intermediate, hidden],
+            &mut ex,
+        )?;
+        let dn = split(
+            down,
+            down_scheme,
+            [*n_experts, hidden, *intermediate],
+            &mut ex,
+        )?;
+        ex.experts = gu.into_iter().zip(dn).map(|(a, b)| [a, b]).collect();
+        out.insert(i, ex);
+    }
+    Ok(out)
 }
