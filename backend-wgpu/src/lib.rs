@@ -29,6 +29,14 @@ const GATHER: &str = include_str!("../../shaders/gather.wgsl");
 const LINEAR: &str = include_str!("../../shaders/linear.wgsl");
 const QUANT: &str = include_str!("../../shaders/quant.wgsl");
 const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
+/// The activations of linear.wgsl: a 64 KiB uniform window (one scalar load per element on lavapipe) or,
+/// for rows longer than that, a storage buffer.
+const LINEAR_X_UNIFORM: &str = "@group(0) @binding(1) var<uniform> xu: array<vec4<f32>, 4096>;
+fn xat(i: u32) -> f32 { return xu[i >> 2u][i & 3u]; }";
+const LINEAR_X_STORAGE: &str = "@group(0) @binding(1) var<storage, read> xv: array<f32>;
+fn xat(i: u32) -> f32 { return xv[i]; }";
+/// Bytes of the uniform window of linear.wgsl.
+const XU_BYTES: u64 = 65536;
 
 /// Largest head_dim the attention shader handles (4 values per thread of a 64-thread workgroup).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -145,11 +153,14 @@ enum Kind {
     Ro,
     Rw,
     Uniform,
+    Tex,
 }
 
 struct Pipes {
     el_layout: wgpu::BindGroupLayout,
+    /// Linear with the activations in a 64 KiB uniform window (`lin_layout_s`: in a storage buffer).
     lin_layout: wgpu::BindGroupLayout,
+    lin_layout_s: wgpu::BindGroupLayout,
     quant_layout: wgpu::BindGroupLayout,
     attn_layout: wgpu::BindGroupLayout,
     add: wgpu::ComputePipeline,
@@ -160,8 +171,8 @@ struct Pipes {
     rope: wgpu::ComputePipeline,
     embed: Vec<wgpu::ComputePipeline>,
     select_rows: wgpu::ComputePipeline,
-    /// (dtype code, scheme code) -> pipeline.
-    linear: BTreeMap<(u32, u32), wgpu::ComputePipeline>,
+    /// (dtype code, scheme code, activations in a uniform window) -> pipeline.
+    linear: BTreeMap<(u32, u32, bool), wgpu::ComputePipeline>,
     quant_static: wgpu::ComputePipeline,
     quant_group: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
@@ -193,14 +204,21 @@ fn layout(device: &wgpu::Device, kinds: &[Kind]) -> wgpu::BindGroupLayout {
         .map(|(i, k)| wgpu::BindGroupLayoutEntry {
             binding: i as u32,
             visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: match k {
-                    Kind::Ro => wgpu::BufferBindingType::Storage { read_only: true },
-                    Kind::Rw => wgpu::BufferBindingType::Storage { read_only: false },
-                    Kind::Uniform => wgpu::BufferBindingType::Uniform,
+            ty: match k {
+                Kind::Tex => wgpu::BindingType::Texture {
+                    sample_type: wgpu::TextureSampleType::Uint,
+                    view_dimension: wgpu::TextureViewDimension::D2,
+                    multisampled: false,
                 },
-                has_dynamic_offset: false,
-                min_binding_size: None,
+                _ => wgpu::BindingType::Buffer {
+                    ty: match k {
+                        Kind::Ro => wgpu::BufferBindingType::Storage { read_only: true },
+                        Kind::Rw => wgpu::BufferBindingType::Storage { read_only: false },
+                        _ => wgpu::BufferBindingType::Uniform,
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
             },
             count: None,
         })
@@ -247,28 +265,32 @@ impl Pipes {
     fn new(device: &wgpu::Device) -> Pipes {
         use Kind::*;
         let el_layout = layout(device, &[Ro, Ro, Rw, Uniform]);
-        let lin_layout = layout(device, &[Ro, Ro, Rw, Uniform, Ro, Ro]);
+        let lin_layout = layout(device, &[Tex, Uniform, Rw, Uniform, Ro, Ro]);
+        let lin_layout_s = layout(device, &[Tex, Ro, Rw, Uniform, Ro, Ro]);
         let quant_layout = layout(device, &[Ro, Rw, Uniform, Rw]);
         let attn_layout = layout(device, &[Ro, Ro, Ro, Rw, Uniform, Rw, Rw, Ro]);
         let el = module(device, "elementwise", ELEMENTWISE);
         let norm = module(device, "norm", NORM);
         let rope = module(device, "rope", ROPE);
         let gather = module(device, "gather", GATHER);
-        let lin = module(device, "linear", LINEAR);
+        let lin_u = module(device, "linear", &LINEAR.replace("//XDECL", LINEAR_X_UNIFORM));
+        let lin_s = module(device, "linear", &LINEAR.replace("//XDECL", LINEAR_X_STORAGE));
         let quant = module(device, "quant", QUANT);
         let attn = module(device, "attention", ATTENTION);
         let mut linear = BTreeMap::new();
         for (dt, scheme) in [(0, 0), (1, 0), (2, 0), (3, 1), (3, 2), (3, 3), (3, 4)] {
-            linear.insert(
-                (dt, scheme),
-                pipeline(
-                    device,
-                    &lin,
-                    &lin_layout,
-                    "linear",
-                    &[("DT", dt as f64), ("SCHEME", scheme as f64)],
-                ),
-            );
+            for (uni, module, bgl) in [(true, &lin_u, &lin_layout), (false, &lin_s, &lin_layout_s)] {
+                linear.insert(
+                    (dt, scheme, uni),
+                    pipeline(
+                        device,
+                        module,
+                        bgl,
+                        "linear",
+                        &[("DT", dt as f64), ("SCHEME", scheme as f64)],
+                    ),
+                );
+            }
         }
         Pipes {
             add: pipeline(device, &el, &el_layout, "add", &[]),
@@ -288,6 +310,7 @@ impl Pipes {
             kv_write: pipeline(device, &attn, &attn_layout, "kv_write", &[]),
             el_layout,
             lin_layout,
+            lin_layout_s,
             quant_layout,
             attn_layout,
         }
@@ -339,14 +362,6 @@ impl WgpuBackend {
     }
 }
 
-/// Bytes per element of a `dtype_code`.
-fn dsize(dt: u32) -> usize {
-    match dt {
-        0 => 4,
-        3 => 1,
-        _ => 2,
-    }
-}
 
 impl Backend for WgpuBackend {
     fn name(&self) -> String {
@@ -399,19 +414,100 @@ fn upload_f32(gpu: &Gpu, label: &str, v: &[f32]) -> wgpu::Buffer {
         })
 }
 
+/// Rows `[row0, row0 + rows)` of a linear weight in an Rgba32Uint texture for `linear.wgsl`: row-major,
+/// each row padded to `kt` whole 16-byte texels, `TEX_W` texels per texture row.
+struct TChunk {
+    view: wgpu::TextureView,
+    row0: usize,
+    rows: usize,
+    kt: usize,
+}
+
+/// Texels per texture row of a weight texture (`TW_SHIFT` in linear.wgsl).
+const TEX_W: usize = 4096;
+
+/// Upload a linear weight as textures split by rows, each within the device's texture size (and the
+/// binding limit, so tests that lower it exercise the split).
+fn upload_tex(gpu: &Gpu, w: &Weight) -> Result<Vec<TChunk>> {
+    let (rows, cols) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
+    let esz = w.dtype.size();
+    let bytes = w.bytes();
+    if bytes.len() != rows * cols * esz {
+        return Err(Error::tensor(
+            &w.name,
+            format!("holds {} bytes for shape {:?}", bytes.len(), w.shape),
+        ));
+    }
+    let row_bytes = cols * esz;
+    let kt = row_bytes.div_ceil(16).max(1);
+    let max_h = gpu.limits.max_texture_dimension_2d as usize;
+    let max_texels = (max_h * TEX_W).min((gpu.max_binding() / 16) as usize);
+    let per = max_texels / kt;
+    if per == 0 || max_h == 0 {
+        return Err(Error::tensor(
+            &w.name,
+            format!(
+                "one row of {row_bytes} bytes exceeds the adapter's texture limit of {} texels",
+                max_texels
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    let mut r0 = 0;
+    loop {
+        let n = per.min(rows - r0);
+        let height = (n * kt).div_ceil(TEX_W).max(1);
+        let mut data = vec![0u8; height * TEX_W * 16];
+        for r in 0..n {
+            let src = &bytes[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
+            data[r * kt * 16..r * kt * 16 + row_bytes].copy_from_slice(src);
+        }
+        let size = wgpu::Extent3d {
+            width: TEX_W as u32,
+            height: height as u32,
+            depth_or_array_layers: 1,
+        };
+        let tex = gpu.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some(&w.name),
+            size,
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Uint,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        });
+        gpu.queue.write_texture(
+            wgpu::TexelCopyTextureInfo {
+                texture: &tex,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
+            &data,
+            wgpu::TexelCopyBufferLayout {
+                offset: 0,
+                bytes_per_row: Some((TEX_W * 16) as u32),
+                rows_per_image: None,
+            },
+            size,
+        );
+        out.push(TChunk {
+            view: tex.create_view(&Default::default()),
+            row0: r0,
+            rows: n,
+            kt,
+        });
+        r0 += n;
+        if r0 >= rows {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 /// Upload a 2-D weight split by rows so that no buffer exceeds the binding limit.
 fn upload_rows(gpu: &Gpu, w: &Weight) -> Result<Vec<WChunk>> {
-    upload_rows_as(gpu, w, false)
-}
-
-/// Like `upload_rows`, but each chunk is stored column-major for `linear.wgsl`: for every `k`, the chunk's
-/// rows (padded to a whole word) follow each other, so one u32 word holds the same `k` of 1, 2 or 4
-/// consecutive rows and neighbouring invocations (neighbouring row groups) read neighbouring words.
-fn upload_rows_t(gpu: &Gpu, w: &Weight) -> Result<Vec<WChunk>> {
-    upload_rows_as(gpu, w, true)
-}
-
-fn upload_rows_as(gpu: &Gpu, w: &Weight, transpose: bool) -> Result<Vec<WChunk>> {
     let (rows, cols) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
     let esz = w.dtype.size();
     let row_bytes = (cols * esz) as u64;
@@ -437,26 +533,12 @@ fn upload_rows_as(gpu: &Gpu, w: &Weight, transpose: bool) -> Result<Vec<WChunk>>
     let mut r0 = 0;
     while r0 < rows.max(1) {
         let n = per.min(rows - r0.min(rows));
-        let mut data: std::borrow::Cow<'_, [u8]> =
-            (&bytes[r0 * cols * esz..(r0 + n) * cols * esz]).into();
-        if transpose {
-            let per_word = 4 / esz;
-            let np = n.div_ceil(per_word) * per_word;
-            let mut t = vec![0u8; np * cols * esz];
-            for r in 0..n {
-                let src = &data[r * cols * esz..(r + 1) * cols * esz];
-                for (k, e) in src.chunks_exact(esz).enumerate() {
-                    let d = (k * np + r) * esz;
-                    t[d..d + esz].copy_from_slice(e);
-                }
-            }
-            data = t.into();
-        }
+        let data = &bytes[r0 * cols * esz..(r0 + n) * cols * esz];
         let buf = gpu
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(&w.name),
-                contents: &padded(&data),
+                contents: &padded(data),
                 usage: wgpu::BufferUsages::STORAGE,
             });
         out.push(WChunk {
@@ -483,7 +565,7 @@ enum Plan {
         w: Option<wgpu::Buffer>,
     },
     Linear {
-        chunks: Vec<WChunk>,
+        chunks: Vec<TChunk>,
         dt: u32,
         scheme: u32,
         k: usize,
@@ -531,6 +613,21 @@ struct WgpuRunner {
     dummy: wgpu::Buffer,
     kv: Vec<KvBufs>,
     lens: Vec<Option<usize>>,
+    prof: BTreeMap<String, (usize, f64)>,
+}
+
+/// A buffer that linear.wgsl may also read through its uniform window: usable as a uniform, and
+/// `XU_BYTES` longer so that a window at any row's offset fits.
+fn storage_x(gpu: &Gpu, label: &str, bytes: u64) -> wgpu::Buffer {
+    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (bytes + XU_BYTES).div_ceil(4) * 4,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::UNIFORM
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
 }
 
 fn storage(gpu: &Gpu, label: &str, bytes: u64) -> wgpu::Buffer {
@@ -581,7 +678,7 @@ impl WgpuRunner {
                         max_groups = max_groups.max(ks.groups(kk));
                     }
                     Plan::Linear {
-                        chunks: upload_rows_t(&gpu, w)?,
+                        chunks: upload_tex(&gpu, w)?,
                         dt: dtype_code(w.dtype),
                         scheme: scheme_code(scheme),
                         k: kk,
@@ -664,6 +761,7 @@ impl WgpuRunner {
             max_groups,
             kv,
             lens: vec![None; cache.slots],
+            prof: BTreeMap::new(),
         };
         r.ensure_rows(cache.max_seq_len.clamp(1, 16))?;
         Ok(r)
@@ -688,7 +786,7 @@ impl WgpuRunner {
                     max_buf >> 20
                 )));
             }
-            self.pool.push(storage(&gpu, "activation", bytes));
+            self.pool.push(storage_x(&gpu, "activation", bytes));
         }
         self.ids = storage(&gpu, "ids", (cap * 4) as u64);
         self.sel = storage(&gpu, "select", (cap * 4) as u64);
@@ -696,7 +794,7 @@ impl WgpuRunner {
         for t in &mut self.rope {
             t.2 = storage(&gpu, "rope", (cap * t.1 * 4) as u64);
         }
-        self.xq = storage(&gpu, "xq", (cap * self.max_k * 4) as u64);
+        self.xq = storage_x(&gpu, "xq", (cap * self.max_k * 4) as u64);
         self.xs = storage(&gpu, "xs", (cap * self.max_groups * 4) as u64);
         self.cap_rows = cap;
         Ok(())
@@ -721,6 +819,8 @@ fn whole(buf: &wgpu::Buffer, bytes: u64) -> B {
 
 enum Cmd {
     Dispatch {
+        /// A texture bound at binding 0 before `binds` (the weights of a linear).
+        tex: Option<wgpu::TextureView>,
         pipe: wgpu::ComputePipeline,
         layout: wgpu::BindGroupLayout,
         binds: Vec<B>,
@@ -780,6 +880,7 @@ impl WgpuRunner {
             };
             let bb = b.map(win).unwrap_or_else(|| whole(&self.dummy, 16));
             cmds.push(Cmd::Dispatch {
+ tex: None,
                 pipe: pipe.clone(),
                 layout: self.gpu.pipes.el_layout.clone(),
                 binds: vec![win(a), bb, win(o)],
@@ -864,10 +965,14 @@ impl Runner for WgpuRunner {
         }
 
         let mut cmds: Vec<Cmd> = Vec::new();
+        let profile = std::env::var_os("E4M3_WGPU_PROFILE").is_some();
         let mut tap_bufs: Vec<(String, usize, usize, wgpu::Buffer)> = Vec::new();
         let el = || p.el_layout.clone();
         let maxb = gpu.max_binding();
         let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
+        let ualign = gpu.limits.min_uniform_buffer_offset_alignment as u64;
+        let max_ubo = gpu.limits.max_uniform_buffer_binding_size as u64;
+        let mut labels: Vec<String> = Vec::new();
         for (i, node) in self.graph.nodes.iter().enumerate() {
             let r = rows[i];
             let out = self.act(i, r);
@@ -877,6 +982,7 @@ impl Runner for WgpuRunner {
                     (Op::Embed { scale, .. }, Plan::Embed { chunks, dt, cols }) => {
                         for c in chunks {
                             cmds.push(Cmd::Dispatch {
+ tex: None,
                                 pipe: p.embed[*dt as usize].clone(),
                                 layout: el(),
                                 binds: vec![
@@ -906,6 +1012,7 @@ impl Runner for WgpuRunner {
                     ) => {
                         let ng = r * node.cols / group;
                         cmds.push(Cmd::Dispatch {
+ tex: None,
                             pipe: p.rms_norm.clone(),
                             layout: el(),
                             binds: vec![
@@ -948,6 +1055,7 @@ impl Runner for WgpuRunner {
                                 let xs = whole(&self.xs, (r * self.max_groups * 4) as u64);
                                 if *scheme == 1 {
                                     cmds.push(Cmd::Dispatch {
+ tex: None,
                                         pipe: p.quant_static.clone(),
                                         layout: p.quant_layout.clone(),
                                         binds: vec![x.clone(), xq.clone(), xs],
@@ -968,6 +1076,7 @@ impl Runner for WgpuRunner {
                                         (block[1], ib, 1)
                                     };
                                     cmds.push(Cmd::Dispatch {
+ tex: None,
                                         pipe: p.quant_group.clone(),
                                         layout: p.quant_layout.clone(),
                                         binds: vec![x.clone(), xq.clone(), xs],
@@ -985,12 +1094,21 @@ impl Runner for WgpuRunner {
                             }
                             _ => x,
                         };
-                        // Token windows so that x and y windows each fit one binding, at aligned offsets.
-                        let row_bytes = (k.max(n) * 4) as u64;
-                        let mut tc = ((maxb / row_bytes) as usize).max(1).min(r);
+                        // Token windows so that x and y windows each fit one binding (x: the 64 KiB
+                        // uniform window where a row fits it), at aligned offsets.
+                        let uni = (k * 4) as u64 <= XU_BYTES.min(max_ubo);
+                        let (xmax, xalign) = if uni {
+                            (XU_BYTES, ualign)
+                        } else {
+                            (maxb, align)
+                        };
+                        let mut tc = ((xmax / (k * 4) as u64).min(maxb / (n * 4) as u64) as usize)
+                            .clamp(1, 65535)
+                            .min(r);
                         if tc < r {
-                            let ra = |c: usize| align / gcd((c * 4) as u64, align);
-                            let step = (ra(k) * ra(n) / gcd(ra(k), ra(n))) as usize;
+                            let ra = |c: usize, a: u64| a / gcd((c * 4) as u64, a);
+                            let (sk, sn) = (ra(k, xalign), ra(n, align));
+                            let step = (sk * sn / gcd(sk, sn)) as usize;
                             tc = (tc / step * step).max(step);
                         }
                         let mut t0 = 0;
@@ -998,8 +1116,8 @@ impl Runner for WgpuRunner {
                             let tn = tc.min(r - t0);
                             let xw = B {
                                 buf: xin.buf.clone(),
-                                off: (t0 * k * 4) as u64,
-                                size: (tn * k * 4) as u64,
+                                off: xin.off + (t0 * k * 4) as u64,
+                                size: if uni { XU_BYTES } else { (tn * k * 4) as u64 },
                             };
                             let ow = B {
                                 buf: out.buf.clone(),
@@ -1012,12 +1130,16 @@ impl Runner for WgpuRunner {
                                     None => whole(&self.dummy, 16),
                                 };
                                 let xsb = whole(&self.xs, self.xs.size());
-                                let pipe = p.linear[&(*dt, *scheme)].clone();
+                                let pipe = p.linear[&(*dt, *scheme, uni)].clone();
                                 cmds.push(Cmd::Dispatch {
+                                    tex: Some(c.view.clone()),
                                     pipe,
-                                    layout: p.lin_layout.clone(),
+                                    layout: if uni {
+                                        p.lin_layout.clone()
+                                    } else {
+                                        p.lin_layout_s.clone()
+                                    },
                                     binds: vec![
-                                        whole(&c.buf, c.buf.size()),
                                         xw.clone(),
                                         ow.clone(),
                                         wsb,
@@ -1035,13 +1157,10 @@ impl Runner for WgpuRunner {
                                         f(*sw),
                                         f(*sx),
                                         t0 as u32,
+                                        c.kt as u32,
                                     ]),
-                                    // One thread per word of rows (1, 2 or 4 rows) and 4 token rows.
-                                    groups: [
-                                        c.rows.div_ceil(4 / dsize(*dt)).div_ceil(64).max(1) as u32,
-                                        tn.div_ceil(4) as u32,
-                                        1,
-                                    ],
+                                    // One invocation per output row and token row.
+                                    groups: [c.rows.div_ceil(64).max(1) as u32, tn as u32, 1],
                                 });
                             }
                             t0 += tn;
@@ -1051,6 +1170,7 @@ impl Runner for WgpuRunner {
                         let half = head_dim / 2;
                         let heads = node.cols / head_dim;
                         cmds.push(Cmd::Dispatch {
+ tex: None,
                             pipe: p.rope.clone(),
                             layout: el(),
                             binds: vec![
@@ -1107,6 +1227,7 @@ impl Runner for WgpuRunner {
                             r as u32,
                         ]);
                         cmds.push(Cmd::Dispatch {
+ tex: None,
                             pipe: p.attention.clone(),
                             layout: p.attn_layout.clone(),
                             binds: binds.clone(),
@@ -1114,6 +1235,7 @@ impl Runner for WgpuRunner {
                             groups: [r as u32, *n_heads as u32, 1],
                         });
                         cmds.push(Cmd::Dispatch {
+ tex: None,
                             pipe: p.kv_write.clone(),
                             layout: p.attn_layout.clone(),
                             binds,
@@ -1162,6 +1284,7 @@ impl Runner for WgpuRunner {
                     (Op::SelectRows, _) => {
                         let src = self.graph.nodes[node.inputs[0].0].cols;
                         cmds.push(Cmd::Dispatch {
+ tex: None,
                             pipe: p.select_rows.clone(),
                             layout: el(),
                             binds: vec![inp(0), whole(&self.sel, (r * 4) as u64), out.clone()],
@@ -1177,6 +1300,13 @@ impl Runner for WgpuRunner {
                         })
                     }
                 }
+            }
+            if profile {
+                let lab = match &self.plans[i] {
+                    Plan::Linear { k, n, dt, scheme, .. } => format!("linear {k}x{n} dt{dt} s{scheme} r{r}"),
+                    _ => format!("{} r{r} c{}", node.op.kind(), node.cols),
+                };
+                labels.resize(cmds.len(), lab);
             }
             if taps.iter().any(|x| *x == node.name) {
                 let size = (r * node.cols * 4) as u64;
@@ -1241,6 +1371,7 @@ impl Runner for WgpuRunner {
                 binds,
                 params,
                 pipe,
+                tex,
                 ..
             } = c
             {
@@ -1255,9 +1386,16 @@ impl Runner for WgpuRunner {
                 } else {
                     3
                 };
-                let mut entries = Vec::with_capacity(binds.len() + 1);
+                let mut entries = Vec::with_capacity(binds.len() + 2);
                 let mut it = binds.iter();
-                for bi in 0..=binds.len() as u32 {
+                if let Some(view) = tex {
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::TextureView(view),
+                    });
+                }
+                let first = tex.is_some() as u32;
+                for bi in first..=binds.len() as u32 + first {
                     let resource = if bi == uslot {
                         wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                             buffer: &self.uniform,
@@ -1305,6 +1443,9 @@ impl Runner for WgpuRunner {
                     pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
                     di += 1;
                     ci += 1;
+                    if profile {
+                        break;
+                    }
                 }
             }
             while let Some(Cmd::Copy {
@@ -1316,6 +1457,26 @@ impl Runner for WgpuRunner {
             {
                 enc.copy_buffer_to_buffer(src, 0, dst, *dst_off, *size);
                 ci += 1;
+            }
+            if profile {
+                let t0 = std::time::Instant::now();
+                q.submit([std::mem::replace(
+                    &mut enc,
+                    gpu.device
+                        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }),
+                )
+                .finish()]);
+                let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
+                let e = self.prof.entry(labels.get(ci - 1).cloned().unwrap_or_else(|| "copy".into())).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += t0.elapsed().as_secs_f64();
+            }
+        }
+        if profile {
+            let mut v: Vec<_> = self.prof.iter().collect();
+            v.sort_by(|a, b| b.1 .1.partial_cmp(&a.1 .1).unwrap());
+            for (k, (n, t)) in v.iter().take(25) {
+                eprintln!("prof {t:9.3}s {n:6} {k}");
             }
         }
         q.submit([enc.finish()]);
