@@ -5,12 +5,11 @@
 // uniform index is one scalar load. So the weights live in an Rgba32Uint texture, row-major, each row
 // padded to whole 16-byte texels (backend-wgpu upload_tex), TW texels per texture row; the activations
 // are read through a 64 KiB uniform window (the XDECL line below is replaced by the host: a uniform array, or a
-// storage array when one row of x does not fit 64 KiB). One invocation computes one output row for one
+// storage array when one row of x does not fit 64 KiB). One invocation computes two output rows for one
 // token row.
 //
-// Dense and per-tensor/per-row schemes accumulate in 16 lanes like the CPU's dot_lanes (lane j sums the
-// elements j, j+16, ...; lanes added pairwise; the tail of k % 16 elements added last), so BF16 results
-// match the CPU reference. DT: 0 = F32, 1 = BF16, 2 = F16, 3 = E4M3. SCHEME 0 dense, 1 fp8-static,
+// Dense and per-tensor/per-row schemes accumulate in 4 lanes (lane j sums the elements j, j+4, ...), then
+// the lanes pairwise, then the tail of k past the last whole texel. DT: 0 = F32, 1 = BF16, 2 = F16, 3 = E4M3. SCHEME 0 dense, 1 fp8-static,
 // 2 fp8-dynamic, 3 fp8-block-wo, 4 fp8-block; for 1, 2 and 4 `x` holds the E4M3-quantized activations
 // (already decoded to f32) and `xs` their scales.
 override DT: u32 = 1u;
@@ -66,23 +65,6 @@ fn ept() -> u32 {
     return 8u;
 }
 
-// Elements 16g .. 16g+15 of the row whose first texel is `tb`, as four columns of 4.
-fn group16(tb: u32, g: u32) -> mat4x4<f32> {
-    if (DT == 3u) {
-        let u = texel(tb + g);
-        return mat4x4<f32>(fp4(u.x), fp4(u.y), fp4(u.z), fp4(u.w));
-    } else if (DT == 0u) {
-        return mat4x4<f32>(bitcast<vec4<f32>>(texel(tb + 4u * g)), bitcast<vec4<f32>>(texel(tb + 4u * g + 1u)),
-                           bitcast<vec4<f32>>(texel(tb + 4u * g + 2u)), bitcast<vec4<f32>>(texel(tb + 4u * g + 3u)));
-    }
-    let u = texel(tb + 2u * g);
-    let v = texel(tb + 2u * g + 1u);
-    if (DT == 2u) {
-        return mat4x4<f32>(hf2(u.x, u.y), hf2(u.z, u.w), hf2(v.x, v.y), hf2(v.z, v.w));
-    }
-    return mat4x4<f32>(bf2(u.x, u.y), bf2(u.z, u.w), bf2(v.x, v.y), bf2(v.z, v.w));
-}
-
 // Element `i` of the row whose first texel is `tb`.
 fn elem(tb: u32, i: u32) -> f32 {
     let u = texel(tb + i / ept());
@@ -99,59 +81,101 @@ fn elem(tb: u32, i: u32) -> f32 {
     return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (e % 2u) == 1u));
 }
 
-@compute @workgroup_size(64)
-fn linear(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let c = gid.x;
-    let tr = wid.y;
-    if (c >= p.n || tr >= p.t) { return; }
-    let ng = p.row0 + c; // output column
-    let tb = c * p.kt;   // first texel of the weight row
-    let xb = tr * p.k;   // first element of the activation row
+// Block-scaled schemes (3, 4) for one output row: element by element in k order, the block's scale
+// applied as in the CPU kernels.
+fn dot_block(tb: u32, ng: u32, xb: u32, tr: u32) -> f32 {
+    let sb = (ng / p.bo) * p.ib;
     var acc = 0.0;
-    if (SCHEME == 3u || SCHEME == 4u) {
-        // Block scales: element by element in k order, the block's scale applied as in the CPU kernels.
-        let sb = (ng / p.bo) * p.ib;
-        var blk = 0.0;
-        for (var i = 0u; i < p.k; i++) {
-            let g = i / p.bi;
-            if (SCHEME == 3u) {
-                acc += (elem(tb, i) * ws[sb + g]) * xat(xb + i);
-            } else {
-                blk += elem(tb, i) * xat(xb + i);
-                if (i + 1u == p.k || (i + 1u) % p.bi == 0u) {
-                    acc += blk * xs[(tr + p.tbase) * p.ib + g] * ws[sb + g];
-                    blk = 0.0;
-                }
+    var blk = 0.0;
+    for (var i = 0u; i < p.k; i++) {
+        let g = i / p.bi;
+        if (SCHEME == 3u) {
+            acc += (elem(tb, i) * ws[sb + g]) * xat(xb + i);
+        } else {
+            blk += elem(tb, i) * xat(xb + i);
+            if (i + 1u == p.k || (i + 1u) % p.bi == 0u) {
+                acc += blk * xs[(tr + p.tbase) * p.ib + g] * ws[sb + g];
+                blk = 0.0;
             }
         }
-    } else {
-        var a0 = vec4<f32>(0.0);
-        var a1 = vec4<f32>(0.0);
-        var a2 = vec4<f32>(0.0);
-        var a3 = vec4<f32>(0.0);
-        let full = p.k / 16u;
-        for (var g = 0u; g < full; g++) {
-            let m = group16(tb, g);
-            let i = xb + 16u * g;
-            a0 += m[0] * x4(i);
-            a1 += m[1] * x4(i + 4u);
-            a2 += m[2] * x4(i + 8u);
-            a3 += m[3] * x4(i + 12u);
-        }
-        var tail = 0.0;
-        for (var i = full * 16u; i < p.k; i++) {
-            tail += elem(tb, i) * xat(xb + i);
-        }
-        a0 += a2;
-        a1 += a3;
-        a0 += a1;
-        let h = a0.xy + a0.zw;
-        acc = (h.x + h.y) + tail;
-        if (SCHEME == 1u) {
-            acc = p.sx * (p.sw * acc);
-        } else if (SCHEME == 2u) {
-            acc = xs[tr + p.tbase] * (ws[ng] * acc);
-        }
     }
-    o[tr * p.n_total + ng] = acc;
+    return acc;
+}
+
+// Per-tensor/per-row output scales of the W8A8 schemes.
+fn scaled(acc: f32, ng: u32, tr: u32) -> f32 {
+    if (SCHEME == 1u) {
+        return p.sx * (p.sw * acc);
+    } else if (SCHEME == 2u) {
+        return xs[tr + p.tbase] * (ws[ng] * acc);
+    }
+    return acc;
+}
+
+fn hsum(a: vec4<f32>) -> f32 {
+    let h = a.xy + a.zw;
+    return h.x + h.y;
+}
+
+// One invocation: output rows 2c and 2c+1 (sharing the activation loads, which cost as much as the
+// weight fetches on lavapipe), for token row `tr`.
+@compute @workgroup_size(64)
+fn linear(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c0 = 2u * gid.x;
+    let tr = wid.y;
+    if (c0 >= p.n || tr >= p.t) { return; }
+    let two = c0 + 1u < p.n;
+    let ng = p.row0 + c0; // output column of the first row
+    let ta = c0 * p.kt;   // first texel of each weight row
+    let tb = select(ta, ta + p.kt, two);
+    let xb = tr * p.k;    // first element of the activation row
+    var ra = 0.0;
+    var rb = 0.0;
+    if (SCHEME == 3u || SCHEME == 4u) {
+        ra = dot_block(ta, ng, xb, tr);
+        if (two) { rb = dot_block(tb, ng + 1u, xb, tr); }
+    } else {
+        // Whole texels, then the tail element by element (x past k is never read).
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        let full = p.k / ept();
+        for (var j = 0u; j < full; j++) {
+            let i = xb + j * ept();
+            let u = texel(ta + j);
+            let v = texel(tb + j);
+            if (DT == 3u) {
+                let x0 = x4(i);
+                let x1 = x4(i + 4u);
+                let x2 = x4(i + 8u);
+                let x3 = x4(i + 12u);
+                a += fp4(u.x) * x0; a += fp4(u.y) * x1; a += fp4(u.z) * x2; a += fp4(u.w) * x3;
+                b += fp4(v.x) * x0; b += fp4(v.y) * x1; b += fp4(v.z) * x2; b += fp4(v.w) * x3;
+            } else if (DT == 0u) {
+                let x0 = x4(i);
+                a += bitcast<vec4<f32>>(u) * x0;
+                b += bitcast<vec4<f32>>(v) * x0;
+            } else if (DT == 2u) {
+                let x0 = x4(i);
+                let x1 = x4(i + 4u);
+                a += hf2(u.x, u.y) * x0; a += hf2(u.z, u.w) * x1;
+                b += hf2(v.x, v.y) * x0; b += hf2(v.z, v.w) * x1;
+            } else {
+                let x0 = x4(i);
+                let x1 = x4(i + 4u);
+                a += bf2(u.x, u.y) * x0; a += bf2(u.z, u.w) * x1;
+                b += bf2(v.x, v.y) * x0; b += bf2(v.z, v.w) * x1;
+            }
+        }
+        var sa = 0.0;
+        var sb = 0.0;
+        for (var i = full * ept(); i < p.k; i++) {
+            let xi = xat(xb + i);
+            sa += elem(ta, i) * xi;
+            sb += elem(tb, i) * xi;
+        }
+        ra = scaled(hsum(a) + sa, ng, tr);
+        if (two) { rb = scaled(hsum(b) + sb, ng + 1u, tr); }
+    }
+    o[tr * p.n_total + ng] = ra;
+    if (two) { o[tr * p.n_total + ng + 1u] = rb; }
 }

@@ -902,6 +902,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 impl Runner for WgpuRunner {
     fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput> {
+        let tstep = std::time::Instant::now();
         validate_batch(batch, &self.cache, self.graph.vocab_size, |s| {
             self.lens[s].unwrap_or(0)
         })?;
@@ -1159,8 +1160,8 @@ impl Runner for WgpuRunner {
                                         t0 as u32,
                                         c.kt as u32,
                                     ]),
-                                    // One invocation per output row and token row.
-                                    groups: [c.rows.div_ceil(64).max(1) as u32, tn as u32, 1],
+                                    // One invocation per two output rows and one token row.
+                                    groups: [c.rows.div_ceil(128).max(1) as u32, tn as u32, 1],
                                 });
                             }
                             t0 += tn;
@@ -1479,7 +1480,12 @@ impl Runner for WgpuRunner {
                 eprintln!("prof {t:9.3}s {n:6} {k}");
             }
         }
+        let tp0 = std::time::Instant::now();
         q.submit([enc.finish()]);
+        if std::env::var_os("E4M3_WGPU_PHASES").is_some() {
+            let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
+            eprintln!("phase build {:?} gpu {:?}", tstep.elapsed() - tp0.elapsed(), tp0.elapsed());
+        }
 
         let read = |buf: &wgpu::Buffer, bytes: u64, rows: usize, cols: usize| -> Result<Mat> {
             if bytes == 0 {
@@ -1512,6 +1518,9 @@ impl Runner for WgpuRunner {
         }
         for s in &batch.seqs {
             self.lens[s.slot] = Some(s.start_pos + s.tokens.len());
+        }
+        if std::env::var_os("E4M3_WGPU_PHASES").is_some() {
+            eprintln!("phase total {:?}", tstep.elapsed());
         }
         Ok(StepOutput {
             logits,
