@@ -2,7 +2,9 @@
 //! every scheme. Each case builds a one-op graph (inputs come from F32 embedding tables, which every
 //! backend gathers exactly), runs it on the backend under test and on the CPU reference, and checks NaN
 //! positions first, then infinities by sign, then NMSE against a per-op threshold. "unsupported" is
-//! reported apart from "failed" and never counted as passed.
+//! reported apart from "failed" and never counted as passed. Runners that have guard regions
+//! (`Runner::enable_guards`, ggml-style sentinel words around device buffers) are checked after every
+//! step: an overwritten guard fails the case with the buffer and offset.
 //!
 //! It lives in the core crate so that the release binary can run it (`e4m3 conformance --backend ...`);
 //! the integration tests run it through [`run_suite`]. The printed case name reruns one case:
@@ -834,9 +836,29 @@ fn run_on(backend: &dyn Backend, case: &Case) -> Result<Vec<Mat>, Error> {
         &case.weights,
         CacheConfig::new(4, 64).with_kv_dtype(case.kv),
     )?;
+    let guarded = runner.enable_guards();
     case.steps
         .iter()
-        .map(|b| match case.top_k {
+        .enumerate()
+        .map(|(i, b)| {
+            let out = step_once(runner.as_mut(), b, case.top_k)?;
+            if guarded {
+                runner
+                    .check_guards()
+                    .map_err(|e| Error::invalid(format!("step {i}: {e}")))?;
+            }
+            Ok(out)
+        })
+        .collect()
+}
+
+/// One step's logits, or its top-k as a `[rows, 2k]` matrix of (id, value) pairs.
+fn step_once(
+    runner: &mut dyn crate::backend::Runner,
+    b: &Batch,
+    top_k: Option<usize>,
+) -> Result<Mat, Error> {
+    match top_k {
             None => runner.step(b, &[]).map(|o| o.logits),
             Some(k) => {
                 let rows = runner.step_top_k(b, k)?;
@@ -851,8 +873,7 @@ fn run_on(backend: &dyn Backend, case: &Case) -> Result<Vec<Mat>, Error> {
                 }
                 Ok(m)
             }
-        })
-        .collect()
+    }
 }
 
 /// Run one case on `backend` against the CPU reference.
@@ -1039,6 +1060,94 @@ mod tests {
         assert_eq!(v["cases"][0]["status"], "failed");
         assert_eq!(v["cases"][0]["threshold"], NMSE_ELEMENTWISE);
         assert!(v["cases"][0]["reason"].as_str().unwrap().contains("step 0"));
+    }
+
+    /// The CPU backend whose runner also copies each step's logits into a host buffer between guard
+    /// regions, one value too many: a backend with an out-of-bounds write.
+    struct Overflowing;
+    struct OverflowingRunner {
+        inner: Box<dyn crate::backend::Runner>,
+        guarded: bool,
+        buf: Vec<u8>,
+    }
+    const G: usize = 64;
+
+    impl Backend for Overflowing {
+        fn name(&self) -> String {
+            "overflowing".into()
+        }
+        fn supports(&self, _: &Op) -> bool {
+            true
+        }
+        fn load(
+            &self,
+            graph: &Graph,
+            weights: &WeightMap,
+            cache: CacheConfig,
+        ) -> crate::Result<Box<dyn crate::backend::Runner>> {
+            Ok(Box::new(OverflowingRunner {
+                inner: CpuBackend.load(graph, weights, cache)?,
+                guarded: false,
+                buf: Vec::new(),
+            }))
+        }
+    }
+
+    impl crate::backend::Runner for OverflowingRunner {
+        fn step(
+            &mut self,
+            batch: &Batch,
+            taps: &[String],
+        ) -> crate::Result<crate::backend::StepOutput> {
+            let out = self.inner.step(batch, taps)?;
+            let n = out.logits.data.len() * 4;
+            self.buf = crate::backend::guard_fill(G + n + G);
+            for (i, v) in out.logits.data.iter().chain([&1.0]).enumerate() {
+                self.buf[G + 4 * i..G + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            Ok(out)
+        }
+        fn enable_guards(&mut self) -> bool {
+            self.guarded = true;
+            true
+        }
+        fn check_guards(&mut self) -> crate::Result<()> {
+            let n = self.buf.len();
+            for (side, base) in [("front", 0), ("back", n - G)] {
+                if let Some((off, w)) = crate::backend::guard_damage(&self.buf[base..base + G]) {
+                    return Err(Error::invalid(format!(
+                        "{side} guard of the logits buffer overwritten at byte {} (0x{w:08x})",
+                        base + off
+                    )));
+                }
+            }
+            Ok(())
+        }
+        fn release(&mut self, slot: usize) -> crate::Result<()> {
+            self.inner.release(slot)
+        }
+        fn seq_len(&self, slot: usize) -> usize {
+            self.inner.seq_len(slot)
+        }
+    }
+
+    #[test]
+    fn an_overwritten_guard_fails_the_case() {
+        let report = run_cases(&Overflowing, Some("scale(cols=13,rows=7)"), |_| {});
+        assert_eq!(report.results.len(), 1);
+        let r = &report.results[0];
+        assert_eq!(report.failed(), 1, "{r:?}");
+        let reason = r.reason().unwrap();
+        // 7 rows x 13 columns: the extra value lands right after the data, at byte 64 + 7 * 13 * 4.
+        assert!(
+            reason.contains("step 0")
+                && reason.contains("back guard of the logits buffer overwritten at byte 428")
+                && reason.contains("0x3f800000"),
+            "{reason}"
+        );
+        // The same case without the overflow passes (the CPU reference has no guards to check).
+        let report = run_cases(&CpuBackend, Some("scale(cols=13,rows=7)"), |_| {});
+        assert_eq!(report.passed(), 1);
     }
 
     #[test]
