@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use e4m3_core::backend::{
-    check_supported, validate_batch, Backend, Batch, CacheConfig, Runner, StepOutput,
+    check_supported, guard_damage, guard_fill, validate_batch, Backend, Batch, CacheConfig, Runner,
+    StepOutput,
 };
 use e4m3_core::checkpoint::Weight;
 use e4m3_core::cpu::{kv_rounding, KvRounding};
@@ -614,20 +615,35 @@ struct WgpuRunner {
     kv: Vec<KvBufs>,
     lens: Vec<Option<usize>>,
     prof: BTreeMap<String, (usize, f64)>,
+    /// Bytes of the front guard of activation and scratch buffers (0: no guards).
+    front: u64,
+    /// The guarded buffers: name, buffer, bytes of data after the front guard.
+    guarded: Vec<(String, wgpu::Buffer, u64)>,
 }
 
 /// A buffer that linear.wgsl may also read through its uniform window: usable as a uniform, and
-/// `XU_BYTES` longer so that a window at any row's offset fits.
-fn storage_x(gpu: &Gpu, label: &str, bytes: u64) -> wgpu::Buffer {
-    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+/// `XU_BYTES` longer so that a window at any row's offset fits. With guards (`front` > 0) its data
+/// starts at `front` and everything around the data (front guard, tail) is filled with `GUARD_WORD`.
+fn storage_x(gpu: &Gpu, label: &str, bytes: u64, front: u64) -> wgpu::Buffer {
+    let bytes = bytes.div_ceil(4) * 4;
+    let buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
-        size: (bytes + XU_BYTES).div_ceil(4) * 4,
+        size: front + bytes + XU_BYTES + front,
         usage: wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::UNIFORM
             | wgpu::BufferUsages::COPY_DST
             | wgpu::BufferUsages::COPY_SRC,
         mapped_at_creation: false,
-    })
+    });
+    if front > 0 {
+        gpu.queue.write_buffer(&buf, 0, &guard_fill(front as usize));
+        gpu.queue.write_buffer(
+            &buf,
+            front + bytes,
+            &guard_fill((XU_BYTES + front) as usize),
+        );
+    }
+    buf
 }
 
 fn storage(gpu: &Gpu, label: &str, bytes: u64) -> wgpu::Buffer {
@@ -762,18 +778,26 @@ impl WgpuRunner {
             kv,
             lens: vec![None; cache.slots],
             prof: BTreeMap::new(),
+            front: 0,
+            guarded: Vec::new(),
         };
         r.ensure_rows(cache.max_seq_len.clamp(1, 16))?;
         Ok(r)
     }
 
     /// Grow every per-row buffer to hold `rows` rows (only when a step has more rows than any before).
+    /// With guards, buffers hold exactly the step's rows, so the guard follows the data directly.
     fn ensure_rows(&mut self, rows: usize) -> Result<()> {
-        if rows <= self.cap_rows {
+        let front = self.front;
+        if rows <= self.cap_rows && (front == 0 || rows == self.cap_rows) {
             return Ok(());
         }
         let limit = (self.cache.slots * self.cache.max_seq_len).max(1);
-        let cap = rows.next_power_of_two().min(limit).max(rows);
+        let cap = if front > 0 {
+            rows
+        } else {
+            rows.next_power_of_two().min(limit).max(rows)
+        };
         let gpu = self.gpu.clone();
         let max_buf = gpu.limits.max_buffer_size;
         self.pool = Vec::with_capacity(self.slot_cols.len());
@@ -786,7 +810,21 @@ impl WgpuRunner {
                     max_buf >> 20
                 )));
             }
-            self.pool.push(storage_x(&gpu, "activation", bytes));
+            self.pool.push(storage_x(&gpu, "activation", bytes, front));
+        }
+        self.guarded.clear();
+        if front > 0 {
+            for (i, (b, &c)) in self.pool.iter().zip(&self.slot_cols).enumerate() {
+                let users: Vec<&str> = (self.slot_of.iter().enumerate())
+                    .filter(|(_, &s)| s == i)
+                    .map(|(n, _)| self.graph.nodes[n].name.as_str())
+                    .collect();
+                self.guarded.push((
+                    format!("activation buffer {i} (`{}`)", users.join("`, `")),
+                    b.clone(),
+                    (cap * c * 4) as u64,
+                ));
+            }
         }
         self.ids = storage(&gpu, "ids", (cap * 4) as u64);
         self.sel = storage(&gpu, "select", (cap * 4) as u64);
@@ -794,8 +832,21 @@ impl WgpuRunner {
         for t in &mut self.rope {
             t.2 = storage(&gpu, "rope", (cap * t.1 * 4) as u64);
         }
-        self.xq = storage_x(&gpu, "xq", (cap * self.max_k * 4) as u64);
-        self.xs = storage(&gpu, "xs", (cap * self.max_groups * 4) as u64);
+        let (xq_bytes, xs_bytes) = (
+            (cap * self.max_k * 4) as u64,
+            (cap * self.max_groups * 4) as u64,
+        );
+        self.xq = storage_x(&gpu, "xq", xq_bytes, front);
+        self.xs = storage_x(&gpu, "xs", xs_bytes, front);
+        if front > 0 {
+            self.guarded.push((
+                "quantized activations (xq)".into(),
+                self.xq.clone(),
+                xq_bytes,
+            ));
+            self.guarded
+                .push(("activation scales (xs)".into(), self.xs.clone(), xs_bytes));
+        }
         self.cap_rows = cap;
         Ok(())
     }
@@ -829,6 +880,7 @@ enum Cmd {
     },
     Copy {
         src: wgpu::Buffer,
+        src_off: u64,
         dst: wgpu::Buffer,
         dst_off: u64,
         size: u64,
@@ -855,7 +907,49 @@ fn f(x: f32) -> u32 {
 impl WgpuRunner {
     fn act(&self, node: usize, rows: usize) -> B {
         let cols = self.graph.nodes[node].cols;
-        whole(&self.pool[self.slot_of[node]], (rows * cols * 4) as u64)
+        self.scratch(&self.pool[self.slot_of[node]], (rows * cols * 4) as u64)
+    }
+
+    /// `bytes` bytes of an activation or scratch buffer, after its front guard.
+    fn scratch(&self, buf: &wgpu::Buffer, bytes: u64) -> B {
+        B {
+            buf: buf.clone(),
+            off: self.front,
+            size: bytes.max(4).min(buf.size() - self.front),
+        }
+    }
+
+    /// `len` bytes of `buf` from `off`, read back.
+    fn read_back(&self, buf: &wgpu::Buffer, off: u64, len: u64) -> Result<Vec<u8>> {
+        let gpu = &self.gpu;
+        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("guard check"),
+            size: len.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(buf, off, &staging, 0, len);
+        gpu.queue.submit([enc.finish()]);
+        let slice = staging.slice(0..len);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        gpu.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::invalid(format!("wgpu: {e}")))?;
+        rx.recv()
+            .map_err(|e| Error::invalid(format!("wgpu: {e}")))?
+            .map_err(|e| Error::invalid(format!("wgpu: mapping a buffer failed: {e}")))?;
+        let data = slice
+            .get_mapped_range()
+            .map_err(|e| Error::invalid(format!("wgpu: {e:?}")))?
+            .to_vec();
+        staging.unmap();
+        Ok(data)
     }
 
     /// Elementwise op over `n` values, in windows no larger than one binding.
@@ -1052,8 +1146,9 @@ impl Runner for WgpuRunner {
                         // Activation quantization (W8A8 schemes) into the xq scratch buffer.
                         let xin = match scheme {
                             1 | 2 | 4 => {
-                                let xq = whole(&self.xq, (r * k * 4) as u64);
-                                let xs = whole(&self.xs, (r * self.max_groups * 4) as u64);
+                                let xq = self.scratch(&self.xq, (r * k * 4) as u64);
+                                let xs =
+                                    self.scratch(&self.xs, (r * self.max_groups * 4) as u64);
                                 if *scheme == 1 {
                                     cmds.push(Cmd::Dispatch {
  tex: None,
@@ -1122,7 +1217,7 @@ impl Runner for WgpuRunner {
                             };
                             let ow = B {
                                 buf: out.buf.clone(),
-                                off: (t0 * n * 4) as u64,
+                                off: out.off + (t0 * n * 4) as u64,
                                 size: (tn * n * 4) as u64,
                             };
                             for c in chunks {
@@ -1130,7 +1225,7 @@ impl Runner for WgpuRunner {
                                     Some(b) => whole(b, b.size()),
                                     None => whole(&self.dummy, 16),
                                 };
-                                let xsb = whole(&self.xs, self.xs.size());
+                                let xsb = self.scratch(&self.xs, self.xs.size());
                                 let pipe = p.linear[&(*dt, *scheme, uni)].clone();
                                 cmds.push(Cmd::Dispatch {
                                     tex: Some(c.view.clone()),
@@ -1320,6 +1415,7 @@ impl Runner for WgpuRunner {
                 if size > 0 {
                     cmds.push(Cmd::Copy {
                         src: out.buf.clone(),
+                        src_off: out.off,
                         dst: dst.clone(),
                         dst_off: 0,
                         size,
@@ -1343,6 +1439,7 @@ impl Runner for WgpuRunner {
         if obytes > 0 {
             cmds.push(Cmd::Copy {
                 src: self.pool[self.slot_of[out_id]].clone(),
+                src_off: self.front,
                 dst: self.staging.clone(),
                 dst_off: 0,
                 size: obytes,
@@ -1451,12 +1548,13 @@ impl Runner for WgpuRunner {
             }
             while let Some(Cmd::Copy {
                 src,
+                src_off,
                 dst,
                 dst_off,
                 size,
             }) = cmds.get(ci)
             {
-                enc.copy_buffer_to_buffer(src, 0, dst, *dst_off, *size);
+                enc.copy_buffer_to_buffer(src, *src_off, dst, *dst_off, *size);
                 ci += 1;
             }
             if profile {
@@ -1529,6 +1627,36 @@ impl Runner for WgpuRunner {
         })
     }
 
+    fn enable_guards(&mut self) -> bool {
+        let l = &self.gpu.limits;
+        self.front = 256
+            .max(l.min_storage_buffer_offset_alignment as u64)
+            .max(l.min_uniform_buffer_offset_alignment as u64);
+        // Reallocated with guards by the next step.
+        self.cap_rows = 0;
+        true
+    }
+
+    fn check_guards(&mut self) -> Result<()> {
+        for (name, buf, bytes) in &self.guarded {
+            let all = self.read_back(buf, 0, buf.size())?;
+            let tail = (self.front + bytes) as usize;
+            for (side, base, region) in [
+                ("front", 0, &all[..self.front as usize]),
+                ("back", tail, &all[tail..]),
+            ] {
+                if let Some((off, w)) = guard_damage(region) {
+                    return Err(Error::invalid(format!(
+                        "{side} guard of the {name} overwritten at byte {} of the buffer (data at bytes {}..{tail}): 0x{w:08x}",
+                        base + off,
+                        self.front
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn release(&mut self, slot: usize) -> Result<()> {
         let s = self
             .lens
@@ -1545,6 +1673,70 @@ impl Runner for WgpuRunner {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use e4m3_core::backend::LogitsFor;
+
+    /// Guards around activation buffers: intact after real steps, and a word written past a buffer's data
+    /// or before it (what a wrong binding offset or size in the host code would do) is reported with the
+    /// buffer's name and the byte offset.
+    #[test]
+    fn guard_regions_catch_writes_outside_the_data() {
+        let Some(adapter) = all_adapters().into_iter().next() else {
+            println!("skipped: no wgpu adapter");
+            assert_eq!(
+                std::env::var("E4M3_ALLOW_NO_GPU").as_deref(),
+                Ok("1"),
+                "no wgpu adapter (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
+            );
+            return;
+        };
+        let backend = WgpuBackend::new(adapter, None).unwrap();
+        let (vocab, cols) = (11, 13);
+        let table: Vec<f32> = (0..vocab * cols).map(|i| i as f32 * 0.25 - 7.0).collect();
+        let mut weights = WeightMap::new();
+        weights.insert("t".into(), Weight::from_f32("t", vec![vocab, cols], &table));
+        let mut g = Graph::new(vocab);
+        let x = g.add(
+            "x",
+            Op::Embed {
+                table: "t".into(),
+                scale: 1.0,
+            },
+            &[],
+            cols,
+        );
+        g.output = g.add("y", Op::Scale { factor: 2.0 }, &[x], cols);
+        let mut r = WgpuRunner::new(backend.gpu.clone(), &g, &weights, CacheConfig::new(1, 8))
+            .unwrap();
+        assert!(r.enable_guards());
+        let out = r
+            .step(&Batch::single(0, 0, vec![3, 5, 7], LogitsFor::All), &[])
+            .unwrap();
+        assert_eq!(out.logits.row(1)[2], 2.0 * table[5 * cols + 2]);
+        r.check_guards().unwrap();
+        assert!(!r.guarded.is_empty());
+        // One word right after the data of the buffer holding `y` (3 rows x 13 values).
+        let slot = r.slot_of[g.output.0];
+        let end = r.front + 3 * 13 * 4;
+        r.gpu.queue.write_buffer(&r.pool[slot], end, &1.0f32.to_le_bytes());
+        let e = r.check_guards().unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("back guard of the activation buffer {slot} (`"))
+                && e.contains("`y`")
+                && e.contains(&format!("overwritten at byte {end} "))
+                && e.contains("0x3f800000"),
+            "{e}"
+        );
+        // Restored, the guards pass again; then a word inside the front guard.
+        r.gpu
+            .queue
+            .write_buffer(&r.pool[slot], end, &guard_fill(4));
+        r.check_guards().unwrap();
+        r.gpu.queue.write_buffer(&r.pool[slot], 8, &[0u8; 4]);
+        let e = r.check_guards().unwrap_err().to_string();
+        assert!(e.contains("front guard") && e.contains("at byte 8 "), "{e}");
+    }
+
     #[test]
     fn open_answers_with_a_backend_or_a_clear_error() {
         match super::open(None) {
