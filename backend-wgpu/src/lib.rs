@@ -274,13 +274,22 @@ impl Pipes {
         let norm = module(device, "norm", NORM);
         let rope = module(device, "rope", ROPE);
         let gather = module(device, "gather", GATHER);
-        let lin_u = module(device, "linear", &LINEAR.replace("//XDECL", LINEAR_X_UNIFORM));
-        let lin_s = module(device, "linear", &LINEAR.replace("//XDECL", LINEAR_X_STORAGE));
+        let lin_u = module(
+            device,
+            "linear",
+            &LINEAR.replace("//XDECL", LINEAR_X_UNIFORM),
+        );
+        let lin_s = module(
+            device,
+            "linear",
+            &LINEAR.replace("//XDECL", LINEAR_X_STORAGE),
+        );
         let quant = module(device, "quant", QUANT);
         let attn = module(device, "attention", ATTENTION);
         let mut linear = BTreeMap::new();
         for (dt, scheme) in [(0, 0), (1, 0), (2, 0), (3, 1), (3, 2), (3, 3), (3, 4)] {
-            for (uni, module, bgl) in [(true, &lin_u, &lin_layout), (false, &lin_s, &lin_layout_s)] {
+            for (uni, module, bgl) in [(true, &lin_u, &lin_layout), (false, &lin_s, &lin_layout_s)]
+            {
                 linear.insert(
                     (dt, scheme, uni),
                     pipeline(
@@ -362,7 +371,6 @@ impl WgpuBackend {
         )
     }
 }
-
 
 impl Backend for WgpuBackend {
     fn name(&self) -> String {
@@ -614,6 +622,8 @@ struct WgpuRunner {
     dummy: wgpu::Buffer,
     kv: Vec<KvBufs>,
     lens: Vec<Option<usize>>,
+    /// `E4M3_WGPU_PROFILE`: (dispatches, seconds) by op and shape, each dispatch submitted and waited
+    /// for alone; printed when the runner is dropped.
     prof: BTreeMap<String, (usize, f64)>,
     /// Bytes of the front guard of activation and scratch buffers (0: no guards).
     front: u64,
@@ -852,6 +862,20 @@ impl WgpuRunner {
     }
 }
 
+impl Drop for WgpuRunner {
+    fn drop(&mut self) {
+        if self.prof.is_empty() {
+            return;
+        }
+        let mut v: Vec<_> = self.prof.iter().collect();
+        v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        eprintln!("wgpu profile (E4M3_WGPU_PROFILE): seconds, dispatches, op");
+        for (k, (n, t)) in v {
+            eprintln!("{t:10.4} {n:7} {k}");
+        }
+    }
+}
+
 /// A buffer range bound to one binding.
 #[derive(Clone)]
 struct B {
@@ -974,7 +998,7 @@ impl WgpuRunner {
             };
             let bb = b.map(win).unwrap_or_else(|| whole(&self.dummy, 16));
             cmds.push(Cmd::Dispatch {
- tex: None,
+                tex: None,
                 pipe: pipe.clone(),
                 layout: self.gpu.pipes.el_layout.clone(),
                 binds: vec![win(a), bb, win(o)],
@@ -996,7 +1020,6 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 impl Runner for WgpuRunner {
     fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput> {
-        let tstep = std::time::Instant::now();
         validate_batch(batch, &self.cache, self.graph.vocab_size, |s| {
             self.lens[s].unwrap_or(0)
         })?;
@@ -1077,7 +1100,7 @@ impl Runner for WgpuRunner {
                     (Op::Embed { scale, .. }, Plan::Embed { chunks, dt, cols }) => {
                         for c in chunks {
                             cmds.push(Cmd::Dispatch {
- tex: None,
+                                tex: None,
                                 pipe: p.embed[*dt as usize].clone(),
                                 layout: el(),
                                 binds: vec![
@@ -1107,7 +1130,7 @@ impl Runner for WgpuRunner {
                     ) => {
                         let ng = r * node.cols / group;
                         cmds.push(Cmd::Dispatch {
- tex: None,
+                            tex: None,
                             pipe: p.rms_norm.clone(),
                             layout: el(),
                             binds: vec![
@@ -1147,11 +1170,10 @@ impl Runner for WgpuRunner {
                         let xin = match scheme {
                             1 | 2 | 4 => {
                                 let xq = self.scratch(&self.xq, (r * k * 4) as u64);
-                                let xs =
-                                    self.scratch(&self.xs, (r * self.max_groups * 4) as u64);
+                                let xs = self.scratch(&self.xs, (r * self.max_groups * 4) as u64);
                                 if *scheme == 1 {
                                     cmds.push(Cmd::Dispatch {
- tex: None,
+                                        tex: None,
                                         pipe: p.quant_static.clone(),
                                         layout: p.quant_layout.clone(),
                                         binds: vec![x.clone(), xq.clone(), xs],
@@ -1172,7 +1194,7 @@ impl Runner for WgpuRunner {
                                         (block[1], ib, 1)
                                     };
                                     cmds.push(Cmd::Dispatch {
- tex: None,
+                                        tex: None,
                                         pipe: p.quant_group.clone(),
                                         layout: p.quant_layout.clone(),
                                         binds: vec![x.clone(), xq.clone(), xs],
@@ -1235,12 +1257,7 @@ impl Runner for WgpuRunner {
                                     } else {
                                         p.lin_layout_s.clone()
                                     },
-                                    binds: vec![
-                                        xw.clone(),
-                                        ow.clone(),
-                                        wsb,
-                                        xsb,
-                                    ],
+                                    binds: vec![xw.clone(), ow.clone(), wsb, xsb],
                                     params: params(&[
                                         c.rows as u32,
                                         k as u32,
@@ -1266,7 +1283,7 @@ impl Runner for WgpuRunner {
                         let half = head_dim / 2;
                         let heads = node.cols / head_dim;
                         cmds.push(Cmd::Dispatch {
- tex: None,
+                            tex: None,
                             pipe: p.rope.clone(),
                             layout: el(),
                             binds: vec![
@@ -1323,7 +1340,7 @@ impl Runner for WgpuRunner {
                             r as u32,
                         ]);
                         cmds.push(Cmd::Dispatch {
- tex: None,
+                            tex: None,
                             pipe: p.attention.clone(),
                             layout: p.attn_layout.clone(),
                             binds: binds.clone(),
@@ -1331,7 +1348,7 @@ impl Runner for WgpuRunner {
                             groups: [r as u32, *n_heads as u32, 1],
                         });
                         cmds.push(Cmd::Dispatch {
- tex: None,
+                            tex: None,
                             pipe: p.kv_write.clone(),
                             layout: p.attn_layout.clone(),
                             binds,
@@ -1380,7 +1397,7 @@ impl Runner for WgpuRunner {
                     (Op::SelectRows, _) => {
                         let src = self.graph.nodes[node.inputs[0].0].cols;
                         cmds.push(Cmd::Dispatch {
- tex: None,
+                            tex: None,
                             pipe: p.select_rows.clone(),
                             layout: el(),
                             binds: vec![inp(0), whole(&self.sel, (r * 4) as u64), out.clone()],
@@ -1399,8 +1416,10 @@ impl Runner for WgpuRunner {
             }
             if profile {
                 let lab = match &self.plans[i] {
-                    Plan::Linear { k, n, dt, scheme, .. } => format!("linear {k}x{n} dt{dt} s{scheme} r{r}"),
-                    _ => format!("{} r{r} c{}", node.op.kind(), node.cols),
+                    Plan::Linear {
+                        k, n, dt, scheme, ..
+                    } => format!("linear k={k} n={n} dtype={dt} scheme={scheme} rows={r}"),
+                    _ => format!("{} cols={} rows={r}", node.op.kind(), node.cols),
                 };
                 labels.resize(cmds.len(), lab);
             }
@@ -1530,6 +1549,7 @@ impl Runner for WgpuRunner {
         let mut di = 0;
         let mut ci = 0;
         while ci < cmds.len() {
+            let first = ci;
             {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: None,
@@ -1566,24 +1586,13 @@ impl Runner for WgpuRunner {
                 )
                 .finish()]);
                 let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
-                let e = self.prof.entry(labels.get(ci - 1).cloned().unwrap_or_else(|| "copy".into())).or_insert((0, 0.0));
+                let label = labels.get(first).map_or("copy", |l| l.as_str());
+                let e = self.prof.entry(label.to_string()).or_insert((0, 0.0));
                 e.0 += 1;
                 e.1 += t0.elapsed().as_secs_f64();
             }
         }
-        if profile {
-            let mut v: Vec<_> = self.prof.iter().collect();
-            v.sort_by(|a, b| b.1 .1.partial_cmp(&a.1 .1).unwrap());
-            for (k, (n, t)) in v.iter().take(25) {
-                eprintln!("prof {t:9.3}s {n:6} {k}");
-            }
-        }
-        let tp0 = std::time::Instant::now();
         q.submit([enc.finish()]);
-        if std::env::var_os("E4M3_WGPU_PHASES").is_some() {
-            let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
-            eprintln!("phase build {:?} gpu {:?}", tstep.elapsed() - tp0.elapsed(), tp0.elapsed());
-        }
 
         let read = |buf: &wgpu::Buffer, bytes: u64, rows: usize, cols: usize| -> Result<Mat> {
             if bytes == 0 {
@@ -1616,9 +1625,6 @@ impl Runner for WgpuRunner {
         }
         for s in &batch.seqs {
             self.lens[s.slot] = Some(s.start_pos + s.tokens.len());
-        }
-        if std::env::var_os("E4M3_WGPU_PHASES").is_some() {
-            eprintln!("phase total {:?}", tstep.elapsed());
         }
         Ok(StepOutput {
             logits,
@@ -1706,8 +1712,8 @@ mod tests {
             cols,
         );
         g.output = g.add("y", Op::Scale { factor: 2.0 }, &[x], cols);
-        let mut r = WgpuRunner::new(backend.gpu.clone(), &g, &weights, CacheConfig::new(1, 8))
-            .unwrap();
+        let mut r =
+            WgpuRunner::new(backend.gpu.clone(), &g, &weights, CacheConfig::new(1, 8)).unwrap();
         assert!(r.enable_guards());
         let out = r
             .step(&Batch::single(0, 0, vec![3, 5, 7], LogitsFor::All), &[])
@@ -1718,7 +1724,9 @@ mod tests {
         // One word right after the data of the buffer holding `y` (3 rows x 13 values).
         let slot = r.slot_of[g.output.0];
         let end = r.front + 3 * 13 * 4;
-        r.gpu.queue.write_buffer(&r.pool[slot], end, &1.0f32.to_le_bytes());
+        r.gpu
+            .queue
+            .write_buffer(&r.pool[slot], end, &1.0f32.to_le_bytes());
         let e = r.check_guards().unwrap_err().to_string();
         assert!(
             e.contains(&format!("back guard of the activation buffer {slot} (`"))
@@ -1728,9 +1736,7 @@ mod tests {
             "{e}"
         );
         // Restored, the guards pass again; then a word inside the front guard.
-        r.gpu
-            .queue
-            .write_buffer(&r.pool[slot], end, &guard_fill(4));
+        r.gpu.queue.write_buffer(&r.pool[slot], end, &guard_fill(4));
         r.check_guards().unwrap();
         r.gpu.queue.write_buffer(&r.pool[slot], 8, &[0u8; 4]);
         let e = r.check_guards().unwrap_err().to_string();

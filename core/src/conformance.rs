@@ -859,20 +859,20 @@ fn step_once(
     top_k: Option<usize>,
 ) -> Result<Mat, Error> {
     match top_k {
-            None => runner.step(b, &[]).map(|o| o.logits),
-            Some(k) => {
-                let rows = runner.step_top_k(b, k)?;
-                let mut m = Mat::zeros(rows.len(), 2 * k);
-                for (r, cands) in rows.iter().enumerate() {
-                    // Missing candidates (fewer than k values) stay (-1, -1).
-                    for j in 0..k {
-                        let (id, v) = cands.get(j).map_or((-1.0, -1.0), |c| (c.0 as f32, c.1));
-                        m.data[r * 2 * k + 2 * j] = id;
-                        m.data[r * 2 * k + 2 * j + 1] = v;
-                    }
+        None => runner.step(b, &[]).map(|o| o.logits),
+        Some(k) => {
+            let rows = runner.step_top_k(b, k)?;
+            let mut m = Mat::zeros(rows.len(), 2 * k);
+            for (r, cands) in rows.iter().enumerate() {
+                // Missing candidates (fewer than k values) stay (-1, -1).
+                for j in 0..k {
+                    let (id, v) = cands.get(j).map_or((-1.0, -1.0), |c| (c.0 as f32, c.1));
+                    m.data[r * 2 * k + 2 * j] = id;
+                    m.data[r * 2 * k + 2 * j + 1] = v;
                 }
-                Ok(m)
             }
+            Ok(m)
+        }
     }
 }
 
