@@ -1,11 +1,18 @@
 //! wgpu backend: the portable cross-check path (WGSL shaders in `shaders/`, FP8 decoded from bits).
 //!
-//! Weights are uploaded once, packed in u32 words as stored (F32 1, BF16/F16 2, E4M3 4 per word) and
-//! decoded in the shaders bit-exactly like the CPU; every product is accumulated in f32. A tensor larger
-//! than the device's `max_storage_buffer_binding_size` is split by rows across buffers; activations that
-//! outgrow one binding are bound by offset in windows. Activation buffers are pooled by liveness and
-//! reused across steps (they grow only when a step has more rows than any before). The KV cache lives on
-//! the GPU (f32, rounded to BF16 or E4M3 on the way in like the CPU's `round_kv`).
+//! Weights are uploaded once, packed as stored (F32 1, BF16/F16 2, E4M3 4 per u32 word) and decoded in
+//! the shaders bit-exactly like the CPU; every product is accumulated in f32. Linear weights live in
+//! Rgba32Uint textures, row-major, and linear.wgsl reads the activations through a 64 KiB uniform window:
+//! on lavapipe a storage-buffer load is a per-lane scalar loop, a texel fetch a vector gather and a
+//! uniform load at a uniform index one scalar load, which makes decode about 7x faster than storage
+//! buffers. Embedding tables stay in storage buffers. A tensor larger than the device's binding or
+//! texture limits is split by rows; activations that outgrow one binding are bound by offset in windows.
+//! Activation buffers are pooled by liveness and reused across steps (they grow only when a step has more
+//! rows than any before). The KV cache lives on the GPU (f32, rounded to BF16 or E4M3 on the way in like
+//! the CPU's `round_kv`). With `Runner::enable_guards` (the conformance suite) activation and scratch
+//! buffers get guard regions of `GUARD_WORD` before and after their data, checked after every step; the
+//! KV cache and the weights are not guarded. `E4M3_WGPU_PROFILE=1` times every dispatch alone and prints
+//! the time per op and shape when the runner is dropped.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

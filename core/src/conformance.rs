@@ -504,6 +504,8 @@ fn linear_cases(out: &mut Vec<Case>) {
         (640, 129),
         (257, 300),
         (640, 256),
+        // One activation row over 64 KiB (wgpu reads it from a storage buffer, not its uniform window).
+        (16411, 3),
     ];
     for &(k, n) in &shapes {
         // 40 rows: prefill-sized, where GPU backends switch to tensor-core GEMMs (k, n multiples of 16).
