@@ -781,7 +781,13 @@ impl WgpuRunner {
             xs: dummy.clone(),
             uniform: dummy.clone(),
             uniform_slots: 0,
-            staging: dummy.clone(),
+            // Mappable from the start: outputs of 16 bytes or less never grow it.
+            staging: gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("staging"),
+                size: 16,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
             dummy,
             gpu,
             graph: graph.clone(),
