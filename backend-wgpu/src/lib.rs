@@ -1102,7 +1102,7 @@ impl Runner for WgpuRunner {
         let maxb = gpu.max_binding();
         let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
         let ualign = gpu.limits.min_uniform_buffer_offset_alignment as u64;
-        let max_ubo = gpu.limits.max_uniform_buffer_binding_size as u64;
+        let max_ubo = gpu.limits.max_uniform_buffer_binding_size;
         let mut labels: Vec<String> = Vec::new();
         for (i, node) in self.graph.nodes.iter().enumerate() {
             let r = rows[i];
