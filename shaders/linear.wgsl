@@ -81,21 +81,27 @@ fn elem(tb: u32, i: u32) -> f32 {
     return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (e % 2u) == 1u));
 }
 
-// Block-scaled schemes (3, 4) for one output row: element by element in k order, the block's scale
-// applied as in the CPU kernels.
+// Block-scaled schemes (3, 4; E4M3 weights) for one output row: element by element in k order, the
+// block's scale applied as in the CPU kernels; each texel (16 elements) is fetched once.
 fn dot_block(tb: u32, ng: u32, xb: u32, tr: u32) -> f32 {
     let sb = (ng / p.bo) * p.ib;
     var acc = 0.0;
     var blk = 0.0;
-    for (var i = 0u; i < p.k; i++) {
-        let g = i / p.bi;
-        if (SCHEME == 3u) {
-            acc += (elem(tb, i) * ws[sb + g]) * xat(xb + i);
-        } else {
-            blk += elem(tb, i) * xat(xb + i);
-            if (i + 1u == p.k || (i + 1u) % p.bi == 0u) {
-                acc += blk * xs[(tr + p.tbase) * p.ib + g] * ws[sb + g];
-                blk = 0.0;
+    for (var j = 0u; j < p.kt; j++) {
+        let u = texel(tb + j);
+        for (var e = 0u; e < 16u; e++) {
+            let i = j * 16u + e;
+            if (i >= p.k) { break; }
+            let wv = fp8_decode((u[e / 4u] >> (8u * (e % 4u))) & 0xffu);
+            let g = i / p.bi;
+            if (SCHEME == 3u) {
+                acc += (wv * ws[sb + g]) * xat(xb + i);
+            } else {
+                blk += wv * xat(xb + i);
+                if (i + 1u == p.k || (i + 1u) % p.bi == 0u) {
+                    acc += blk * xs[(tr + p.tbase) * p.ib + g] * ws[sb + g];
+                    blk = 0.0;
+                }
             }
         }
     }
