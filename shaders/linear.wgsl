@@ -1,13 +1,20 @@
 // y = x W^T for every scheme (core/src/cpu/kernels.rs linear, core/src/cpu/fp8_linear.rs), f32 accumulation.
-// W is stored column-major per chunk (backend-wgpu upload_rows_t): word `i * nw + c` holds element `i` of
-// chunk rows c*E .. c*E+E-1, E = 1 (DT 0 = F32), 2 (1 = BF16, 2 = F16) or 4 (3 = E4M3), rows padded with 0.
-// One thread computes those E output columns for up to 4 token rows; neighbouring threads read
-// neighbouring words (contiguous loads on lavapipe, which vectorizes across invocations; coalesced on GPUs)
-// and the activations are uniform. Per column the accumulation order over `i` matches the CPU kernels.
-// SCHEME 0 dense, 1 fp8-static, 2 fp8-dynamic, 3 fp8-block-wo, 4 fp8-block; for 1, 2 and 4 `x` holds the
-// E4M3-quantized activations (already decoded to f32) and `xs` their scales.
+//
+// Written for lavapipe (llvmpipe runs 8 invocations in SIMD lanes): a storage-buffer load there is a
+// per-lane scalar loop, while a texel fetch is a real vector gather and a uniform-buffer load at a
+// uniform index is one scalar load. So the weights live in an Rgba32Uint texture, row-major, each row
+// padded to whole 16-byte texels (backend-wgpu upload_tex), TW texels per texture row; the activations
+// are read through a 64 KiB uniform window (the XDECL line below is replaced by the host: a uniform array, or a
+// storage array when one row of x does not fit 64 KiB). One invocation computes two output rows for one
+// token row.
+//
+// Dense and per-tensor/per-row schemes accumulate in 4 lanes (lane j sums the elements j, j+4, ...), then
+// the lanes pairwise, then the tail of k past the last whole texel. DT: 0 = F32, 1 = BF16, 2 = F16, 3 = E4M3. SCHEME 0 dense, 1 fp8-static,
+// 2 fp8-dynamic, 3 fp8-block-wo, 4 fp8-block; for 1, 2 and 4 `x` holds the E4M3-quantized activations
+// (already decoded to f32) and `xs` their scales.
 override DT: u32 = 1u;
 override SCHEME: u32 = 0u;
+const TW_SHIFT: u32 = 12u; // 4096 texels per texture row
 struct P {
     n: u32,       // output columns in this weight chunk
     k: u32,
@@ -20,126 +27,161 @@ struct P {
     sw: f32,
     sx: f32,
     tbase: u32,   // first token row of this window (indexes xs)
+    kt: u32,      // texels per weight row
 }
-@group(0) @binding(0) var<storage, read> w: array<u32>;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(0) var w: texture_2d<u32>;
+//XDECL
 @group(0) @binding(2) var<storage, read_write> o: array<f32>;
 @group(0) @binding(3) var<uniform> p: P;
 @group(0) @binding(4) var<storage, read> ws: array<f32>;
 @group(0) @binding(5) var<storage, read> xs: array<f32>;
 
-fn epw() -> u32 {
-    if (DT == 0u) { return 1u; }
-    if (DT == 3u) { return 4u; }
-    return 2u;
+fn texel(t: u32) -> vec4<u32> {
+    return textureLoad(w, vec2<u32>(t & ((1u << TW_SHIFT) - 1u), t >> TW_SHIFT), 0);
 }
 
-// One word: element i of the thread's E rows (lanes past E are 0).
-fn wword(j: u32) -> vec4<f32> {
-    let word = w[j];
+fn x4(i: u32) -> vec4<f32> {
+    return vec4<f32>(xat(i), xat(i + 1u), xat(i + 2u), xat(i + 3u));
+}
+
+fn bf2(a: u32, b: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<f32>(a << 16u), bitcast<f32>(a & 0xffff0000u),
+                     bitcast<f32>(b << 16u), bitcast<f32>(b & 0xffff0000u));
+}
+
+fn hf2(a: u32, b: u32) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(a), unpack2x16float(b));
+}
+
+fn fp4(a: u32) -> vec4<f32> {
+    return vec4<f32>(fp8_decode(a & 0xffu), fp8_decode((a >> 8u) & 0xffu),
+                     fp8_decode((a >> 16u) & 0xffu), fp8_decode(a >> 24u));
+}
+
+// Elements per texel.
+fn ept() -> u32 {
+    if (DT == 0u) { return 4u; }
+    if (DT == 3u) { return 16u; }
+    return 8u;
+}
+
+// Element `i` of the row whose first texel is `tb`.
+fn elem(tb: u32, i: u32) -> f32 {
+    let u = texel(tb + i / ept());
+    let e = i % ept();
     if (DT == 0u) {
-        return vec4<f32>(bitcast<f32>(word), 0.0, 0.0, 0.0);
-    } else if (DT == 1u) {
-        return vec4<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u), 0.0, 0.0);
-    } else if (DT == 2u) {
-        let h = unpack2x16float(word);
-        return vec4<f32>(h.x, h.y, 0.0, 0.0);
+        return bitcast<f32>(u[e]);
+    } else if (DT == 3u) {
+        return fp8_decode((u[e / 4u] >> (8u * (e % 4u))) & 0xffu);
     }
-    return vec4<f32>(fp8_decode(word & 0xffu), fp8_decode((word >> 8u) & 0xffu),
-                     fp8_decode((word >> 16u) & 0xffu), fp8_decode(word >> 24u));
+    let word = u[e / 2u];
+    if (DT == 2u) {
+        return unpack2x16float(word)[e % 2u];
+    }
+    return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (e % 2u) == 1u));
 }
 
-fn xv(r: vec4<u32>, i: u32) -> vec4<f32> {
-    return vec4<f32>(x[r.x + i], x[r.y + i], x[r.z + i], x[r.w + i]);
-}
-
-@compute @workgroup_size(64)
-fn linear(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let e = epw();
-    let c = gid.x;
-    let nw = (p.n + e - 1u) / e;
-    let t0 = gid.y * 4u;
-    if (c >= nw || t0 >= p.t) { return; }
-    let n0 = c * e;                 // first chunk row of this thread
-    let g0 = p.row0 + n0;           // its output column
-    let last = p.t - 1u;
-    let trow = vec4<u32>(t0, min(t0 + 1u, last), min(t0 + 2u, last), min(t0 + 3u, last));
-    let r = trow * p.k;
-    // Accumulators: a0..a3 = output columns g0..g0+3, each over the 4 token rows.
-    var a0 = vec4<f32>(0.0);
-    var a1 = vec4<f32>(0.0);
-    var a2 = vec4<f32>(0.0);
-    var a3 = vec4<f32>(0.0);
-    if (SCHEME == 4u) {
-        // Clamp padding columns to a valid scale row; their results are never written.
-        let gl = p.row0 + p.n - 1u;
-        let sb = vec4<u32>(min(g0, gl) / p.bo, min(g0 + 1u, gl) / p.bo, min(g0 + 2u, gl) / p.bo,
-                           min(g0 + 3u, gl) / p.bo) * p.ib;
-        let tr = trow + p.tbase;
-        for (var g = 0u; g < p.ib; g++) {
-            let i0 = g * p.bi;
-            let i1 = min(i0 + p.bi, p.k);
-            var b0 = vec4<f32>(0.0);
-            var b1 = vec4<f32>(0.0);
-            var b2 = vec4<f32>(0.0);
-            var b3 = vec4<f32>(0.0);
-            for (var i = i0; i < i1; i++) {
-                let wv = wword(i * nw + c);
-                let xr = xv(r, i);
-                b0 += wv.x * xr;
-                if (e > 1u) { b1 += wv.y * xr; }
-                if (e > 2u) { b2 += wv.z * xr; b3 += wv.w * xr; }
+// Block-scaled schemes (3, 4; E4M3 weights) for one output row: element by element in k order, the
+// block's scale applied as in the CPU kernels; each texel (16 elements) is fetched once.
+fn dot_block(tb: u32, ng: u32, xb: u32, tr: u32) -> f32 {
+    let sb = (ng / p.bo) * p.ib;
+    var acc = 0.0;
+    var blk = 0.0;
+    for (var j = 0u; j < p.kt; j++) {
+        let u = texel(tb + j);
+        for (var e = 0u; e < 16u; e++) {
+            let i = j * 16u + e;
+            if (i >= p.k) { break; }
+            let wv = fp8_decode((u[e / 4u] >> (8u * (e % 4u))) & 0xffu);
+            let g = i / p.bi;
+            if (SCHEME == 3u) {
+                acc += (wv * ws[sb + g]) * xat(xb + i);
+            } else {
+                blk += wv * xat(xb + i);
+                if (i + 1u == p.k || (i + 1u) % p.bi == 0u) {
+                    acc += blk * xs[(tr + p.tbase) * p.ib + g] * ws[sb + g];
+                    blk = 0.0;
+                }
             }
-            let s = vec4<f32>(xs[tr.x * p.ib + g], xs[tr.y * p.ib + g], xs[tr.z * p.ib + g], xs[tr.w * p.ib + g]);
-            a0 += b0 * s * ws[sb.x + g];
-            if (e > 1u) { a1 += b1 * s * ws[sb.y + g]; }
-            if (e > 2u) { a2 += b2 * s * ws[sb.z + g]; a3 += b3 * s * ws[sb.w + g]; }
         }
-    } else if (SCHEME == 3u) {
-        let gl = p.row0 + p.n - 1u;
-        let sb = vec4<u32>(min(g0, gl) / p.bo, min(g0 + 1u, gl) / p.bo, min(g0 + 2u, gl) / p.bo,
-                           min(g0 + 3u, gl) / p.bo) * p.ib;
-        for (var i = 0u; i < p.k; i++) {
-            let gi = i / p.bi;
-            let wv = wword(i * nw + c) * vec4<f32>(ws[sb.x + gi], ws[sb.y + gi], ws[sb.z + gi], ws[sb.w + gi]);
-            let xr = xv(r, i);
-            a0 += wv.x * xr;
-            if (e > 1u) { a1 += wv.y * xr; }
-            if (e > 2u) { a2 += wv.z * xr; a3 += wv.w * xr; }
-        }
-    } else if (p.t == 1u) {
-        // Decode (one token row): one activation load per element, all columns in one vector.
-        var acc = vec4<f32>(0.0);
-        for (var i = 0u; i < p.k; i++) {
-            acc += wword(i * nw + c) * x[i];
-        }
-        a0 = vec4<f32>(acc.x);
-        a1 = vec4<f32>(acc.y);
-        a2 = vec4<f32>(acc.z);
-        a3 = vec4<f32>(acc.w);
+    }
+    return acc;
+}
+
+// Per-tensor/per-row output scales of the W8A8 schemes.
+fn scaled(acc: f32, ng: u32, tr: u32) -> f32 {
+    if (SCHEME == 1u) {
+        return p.sx * (p.sw * acc);
+    } else if (SCHEME == 2u) {
+        return xs[tr + p.tbase] * (ws[ng] * acc);
+    }
+    return acc;
+}
+
+fn hsum(a: vec4<f32>) -> f32 {
+    let h = a.xy + a.zw;
+    return h.x + h.y;
+}
+
+// One invocation: output rows 2c and 2c+1 (sharing the activation loads, which cost as much as the
+// weight fetches on lavapipe), for token row `tr`.
+@compute @workgroup_size(64)
+fn linear(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c0 = 2u * gid.x;
+    let tr = wid.y;
+    if (c0 >= p.n || tr >= p.t) { return; }
+    let two = c0 + 1u < p.n;
+    let ng = p.row0 + c0; // output column of the first row
+    let ta = c0 * p.kt;   // first texel of each weight row
+    let tb = select(ta, ta + p.kt, two);
+    let xb = tr * p.k;    // first element of the activation row
+    var ra = 0.0;
+    var rb = 0.0;
+    if (SCHEME == 3u || SCHEME == 4u) {
+        ra = dot_block(ta, ng, xb, tr);
+        if (two) { rb = dot_block(tb, ng + 1u, xb, tr); }
     } else {
-        for (var i = 0u; i < p.k; i++) {
-            let wv = wword(i * nw + c);
-            let xr = xv(r, i);
-            a0 += wv.x * xr;
-            if (e > 1u) { a1 += wv.y * xr; }
-            if (e > 2u) { a2 += wv.z * xr; a3 += wv.w * xr; }
+        // Whole texels, then the tail element by element (x past k is never read).
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        let full = p.k / ept();
+        for (var j = 0u; j < full; j++) {
+            let i = xb + j * ept();
+            let u = texel(ta + j);
+            let v = texel(tb + j);
+            if (DT == 3u) {
+                let x0 = x4(i);
+                let x1 = x4(i + 4u);
+                let x2 = x4(i + 8u);
+                let x3 = x4(i + 12u);
+                a += fp4(u.x) * x0; a += fp4(u.y) * x1; a += fp4(u.z) * x2; a += fp4(u.w) * x3;
+                b += fp4(v.x) * x0; b += fp4(v.y) * x1; b += fp4(v.z) * x2; b += fp4(v.w) * x3;
+            } else if (DT == 0u) {
+                let x0 = x4(i);
+                a += bitcast<vec4<f32>>(u) * x0;
+                b += bitcast<vec4<f32>>(v) * x0;
+            } else if (DT == 2u) {
+                let x0 = x4(i);
+                let x1 = x4(i + 4u);
+                a += hf2(u.x, u.y) * x0; a += hf2(u.z, u.w) * x1;
+                b += hf2(v.x, v.y) * x0; b += hf2(v.z, v.w) * x1;
+            } else {
+                let x0 = x4(i);
+                let x1 = x4(i + 4u);
+                a += bf2(u.x, u.y) * x0; a += bf2(u.z, u.w) * x1;
+                b += bf2(v.x, v.y) * x0; b += bf2(v.z, v.w) * x1;
+            }
         }
+        var sa = 0.0;
+        var sb = 0.0;
+        for (var i = full * ept(); i < p.k; i++) {
+            let xi = xat(xb + i);
+            sa += elem(ta, i) * xi;
+            sb += elem(tb, i) * xi;
+        }
+        ra = scaled(hsum(a) + sa, ng, tr);
+        if (two) { rb = scaled(hsum(b) + sb, ng + 1u, tr); }
     }
-    let nt = min(4u, p.t - t0);
-    for (var q = 0u; q < e; q++) {
-        if (n0 + q >= p.n) { break; }
-        let ng = g0 + q;
-        var acc = a0;
-        if (q == 1u) { acc = a1; } else if (q == 2u) { acc = a2; } else if (q == 3u) { acc = a3; }
-        if (SCHEME == 1u) {
-            acc = p.sx * (p.sw * acc);
-        } else if (SCHEME == 2u) {
-            let tr = trow + p.tbase;
-            acc = vec4<f32>(xs[tr.x], xs[tr.y], xs[tr.z], xs[tr.w]) * (ws[ng] * acc);
-        }
-        for (var j = 0u; j < nt; j++) {
-            o[(t0 + j) * p.n_total + ng] = acc[j];
-        }
-    }
+    o[tr * p.n_total + ng] = ra;
+    if (two) { o[tr * p.n_total + ng + 1u] = rb; }
 }

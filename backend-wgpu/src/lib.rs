@@ -1,17 +1,25 @@
 //! wgpu backend: the portable cross-check path (WGSL shaders in `shaders/`, FP8 decoded from bits).
 //!
-//! Weights are uploaded once, packed in u32 words as stored (F32 1, BF16/F16 2, E4M3 4 per word) and
-//! decoded in the shaders bit-exactly like the CPU; every product is accumulated in f32. A tensor larger
-//! than the device's `max_storage_buffer_binding_size` is split by rows across buffers; activations that
-//! outgrow one binding are bound by offset in windows. Activation buffers are pooled by liveness and
-//! reused across steps (they grow only when a step has more rows than any before). The KV cache lives on
-//! the GPU (f32, rounded to BF16 or E4M3 on the way in like the CPU's `round_kv`).
+//! Weights are uploaded once, packed as stored (F32 1, BF16/F16 2, E4M3 4 per u32 word) and decoded in
+//! the shaders bit-exactly like the CPU; every product is accumulated in f32. Linear weights live in
+//! Rgba32Uint textures, row-major, and linear.wgsl reads the activations through a 64 KiB uniform window:
+//! on lavapipe a storage-buffer load is a per-lane scalar loop, a texel fetch a vector gather and a
+//! uniform load at a uniform index one scalar load, which makes decode about 7x faster than storage
+//! buffers. Embedding tables stay in storage buffers. A tensor larger than the device's binding or
+//! texture limits is split by rows; activations that outgrow one binding are bound by offset in windows.
+//! Activation buffers are pooled by liveness and reused across steps (they grow only when a step has more
+//! rows than any before). The KV cache lives on the GPU (f32, rounded to BF16 or E4M3 on the way in like
+//! the CPU's `round_kv`). With `Runner::enable_guards` (the conformance suite) activation and scratch
+//! buffers get guard regions of `GUARD_WORD` before and after their data, checked after every step; the
+//! KV cache and the weights are not guarded. `E4M3_WGPU_PROFILE=1` times every dispatch alone and prints
+//! the time per op and shape when the runner is dropped.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use e4m3_core::backend::{
-    check_supported, validate_batch, Backend, Batch, CacheConfig, Runner, StepOutput,
+    check_supported, guard_damage, guard_fill, validate_batch, Backend, Batch, CacheConfig, Runner,
+    StepOutput,
 };
 use e4m3_core::checkpoint::Weight;
 use e4m3_core::cpu::{kv_rounding, KvRounding};
@@ -29,6 +37,14 @@ const GATHER: &str = include_str!("../../shaders/gather.wgsl");
 const LINEAR: &str = include_str!("../../shaders/linear.wgsl");
 const QUANT: &str = include_str!("../../shaders/quant.wgsl");
 const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
+/// The activations of linear.wgsl: a 64 KiB uniform window (one scalar load per element on lavapipe) or,
+/// for rows longer than that, a storage buffer.
+const LINEAR_X_UNIFORM: &str = "@group(0) @binding(1) var<uniform> xu: array<vec4<f32>, 4096>;
+fn xat(i: u32) -> f32 { return xu[i >> 2u][i & 3u]; }";
+const LINEAR_X_STORAGE: &str = "@group(0) @binding(1) var<storage, read> xv: array<f32>;
+fn xat(i: u32) -> f32 { return xv[i]; }";
+/// Bytes of the uniform window of linear.wgsl.
+const XU_BYTES: u64 = 65536;
 
 /// Largest head_dim the attention shader handles (4 values per thread of a 64-thread workgroup).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -145,11 +161,14 @@ enum Kind {
     Ro,
     Rw,
     Uniform,
+    Tex,
 }
 
 struct Pipes {
     el_layout: wgpu::BindGroupLayout,
+    /// Linear with the activations in a 64 KiB uniform window (`lin_layout_s`: in a storage buffer).
     lin_layout: wgpu::BindGroupLayout,
+    lin_layout_s: wgpu::BindGroupLayout,
     quant_layout: wgpu::BindGroupLayout,
     attn_layout: wgpu::BindGroupLayout,
     add: wgpu::ComputePipeline,
@@ -160,8 +179,8 @@ struct Pipes {
     rope: wgpu::ComputePipeline,
     embed: Vec<wgpu::ComputePipeline>,
     select_rows: wgpu::ComputePipeline,
-    /// (dtype code, scheme code) -> pipeline.
-    linear: BTreeMap<(u32, u32), wgpu::ComputePipeline>,
+    /// (dtype code, scheme code, activations in a uniform window) -> pipeline.
+    linear: BTreeMap<(u32, u32, bool), wgpu::ComputePipeline>,
     quant_static: wgpu::ComputePipeline,
     quant_group: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
@@ -193,14 +212,21 @@ fn layout(device: &wgpu::Device, kinds: &[Kind]) -> wgpu::BindGroupLayout {
         .map(|(i, k)| wgpu::BindGroupLayoutEntry {
             binding: i as u32,
             visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: match k {
-                    Kind::Ro => wgpu::BufferBindingType::Storage { read_only: true },
-                    Kind::Rw => wgpu::BufferBindingType::Storage { read_only: false },
-                    Kind::Uniform => wgpu::BufferBindingType::Uniform,
+            ty: match k {
+                Kind::Tex => wgpu::BindingType::Texture {
+                    sample_type: wgpu::TextureSampleType::Uint,
+                    view_dimension: wgpu::TextureViewDimension::D2,
+                    multisampled: false,
                 },
-                has_dynamic_offset: false,
-                min_binding_size: None,
+                _ => wgpu::BindingType::Buffer {
+                    ty: match k {
+                        Kind::Ro => wgpu::BufferBindingType::Storage { read_only: true },
+                        Kind::Rw => wgpu::BufferBindingType::Storage { read_only: false },
+                        _ => wgpu::BufferBindingType::Uniform,
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
             },
             count: None,
         })
@@ -247,28 +273,41 @@ impl Pipes {
     fn new(device: &wgpu::Device) -> Pipes {
         use Kind::*;
         let el_layout = layout(device, &[Ro, Ro, Rw, Uniform]);
-        let lin_layout = layout(device, &[Ro, Ro, Rw, Uniform, Ro, Ro]);
+        let lin_layout = layout(device, &[Tex, Uniform, Rw, Uniform, Ro, Ro]);
+        let lin_layout_s = layout(device, &[Tex, Ro, Rw, Uniform, Ro, Ro]);
         let quant_layout = layout(device, &[Ro, Rw, Uniform, Rw]);
         let attn_layout = layout(device, &[Ro, Ro, Ro, Rw, Uniform, Rw, Rw, Ro]);
         let el = module(device, "elementwise", ELEMENTWISE);
         let norm = module(device, "norm", NORM);
         let rope = module(device, "rope", ROPE);
         let gather = module(device, "gather", GATHER);
-        let lin = module(device, "linear", LINEAR);
+        let lin_u = module(
+            device,
+            "linear",
+            &LINEAR.replace("//XDECL", LINEAR_X_UNIFORM),
+        );
+        let lin_s = module(
+            device,
+            "linear",
+            &LINEAR.replace("//XDECL", LINEAR_X_STORAGE),
+        );
         let quant = module(device, "quant", QUANT);
         let attn = module(device, "attention", ATTENTION);
         let mut linear = BTreeMap::new();
         for (dt, scheme) in [(0, 0), (1, 0), (2, 0), (3, 1), (3, 2), (3, 3), (3, 4)] {
-            linear.insert(
-                (dt, scheme),
-                pipeline(
-                    device,
-                    &lin,
-                    &lin_layout,
-                    "linear",
-                    &[("DT", dt as f64), ("SCHEME", scheme as f64)],
-                ),
-            );
+            for (uni, module, bgl) in [(true, &lin_u, &lin_layout), (false, &lin_s, &lin_layout_s)]
+            {
+                linear.insert(
+                    (dt, scheme, uni),
+                    pipeline(
+                        device,
+                        module,
+                        bgl,
+                        "linear",
+                        &[("DT", dt as f64), ("SCHEME", scheme as f64)],
+                    ),
+                );
+            }
         }
         Pipes {
             add: pipeline(device, &el, &el_layout, "add", &[]),
@@ -288,6 +327,7 @@ impl Pipes {
             kv_write: pipeline(device, &attn, &attn_layout, "kv_write", &[]),
             el_layout,
             lin_layout,
+            lin_layout_s,
             quant_layout,
             attn_layout,
         }
@@ -336,15 +376,6 @@ impl WgpuBackend {
             self.gpu.info.device_type,
             self.gpu.limits.max_storage_buffer_binding_size >> 20
         )
-    }
-}
-
-/// Bytes per element of a `dtype_code`.
-fn dsize(dt: u32) -> usize {
-    match dt {
-        0 => 4,
-        3 => 1,
-        _ => 2,
     }
 }
 
@@ -399,19 +430,100 @@ fn upload_f32(gpu: &Gpu, label: &str, v: &[f32]) -> wgpu::Buffer {
         })
 }
 
+/// Rows `[row0, row0 + rows)` of a linear weight in an Rgba32Uint texture for `linear.wgsl`: row-major,
+/// each row padded to `kt` whole 16-byte texels, `TEX_W` texels per texture row.
+struct TChunk {
+    view: wgpu::TextureView,
+    row0: usize,
+    rows: usize,
+    kt: usize,
+}
+
+/// Texels per texture row of a weight texture (`TW_SHIFT` in linear.wgsl).
+const TEX_W: usize = 4096;
+
+/// Upload a linear weight as textures split by rows, each within the device's texture size (and the
+/// binding limit, so tests that lower it exercise the split).
+fn upload_tex(gpu: &Gpu, w: &Weight) -> Result<Vec<TChunk>> {
+    let (rows, cols) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
+    let esz = w.dtype.size();
+    let bytes = w.bytes();
+    if bytes.len() != rows * cols * esz {
+        return Err(Error::tensor(
+            &w.name,
+            format!("holds {} bytes for shape {:?}", bytes.len(), w.shape),
+        ));
+    }
+    let row_bytes = cols * esz;
+    let kt = row_bytes.div_ceil(16).max(1);
+    let max_h = gpu.limits.max_texture_dimension_2d as usize;
+    let max_texels = (max_h * TEX_W).min((gpu.max_binding() / 16) as usize);
+    let per = max_texels / kt;
+    if per == 0 || max_h == 0 {
+        return Err(Error::tensor(
+            &w.name,
+            format!(
+                "one row of {row_bytes} bytes exceeds the adapter's texture limit of {} texels",
+                max_texels
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    let mut r0 = 0;
+    loop {
+        let n = per.min(rows - r0);
+        let height = (n * kt).div_ceil(TEX_W).max(1);
+        let mut data = vec![0u8; height * TEX_W * 16];
+        for r in 0..n {
+            let src = &bytes[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
+            data[r * kt * 16..r * kt * 16 + row_bytes].copy_from_slice(src);
+        }
+        let size = wgpu::Extent3d {
+            width: TEX_W as u32,
+            height: height as u32,
+            depth_or_array_layers: 1,
+        };
+        let tex = gpu.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some(&w.name),
+            size,
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Uint,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        });
+        gpu.queue.write_texture(
+            wgpu::TexelCopyTextureInfo {
+                texture: &tex,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
+            &data,
+            wgpu::TexelCopyBufferLayout {
+                offset: 0,
+                bytes_per_row: Some((TEX_W * 16) as u32),
+                rows_per_image: None,
+            },
+            size,
+        );
+        out.push(TChunk {
+            view: tex.create_view(&Default::default()),
+            row0: r0,
+            rows: n,
+            kt,
+        });
+        r0 += n;
+        if r0 >= rows {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 /// Upload a 2-D weight split by rows so that no buffer exceeds the binding limit.
 fn upload_rows(gpu: &Gpu, w: &Weight) -> Result<Vec<WChunk>> {
-    upload_rows_as(gpu, w, false)
-}
-
-/// Like `upload_rows`, but each chunk is stored column-major for `linear.wgsl`: for every `k`, the chunk's
-/// rows (padded to a whole word) follow each other, so one u32 word holds the same `k` of 1, 2 or 4
-/// consecutive rows and neighbouring invocations (neighbouring row groups) read neighbouring words.
-fn upload_rows_t(gpu: &Gpu, w: &Weight) -> Result<Vec<WChunk>> {
-    upload_rows_as(gpu, w, true)
-}
-
-fn upload_rows_as(gpu: &Gpu, w: &Weight, transpose: bool) -> Result<Vec<WChunk>> {
     let (rows, cols) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
     let esz = w.dtype.size();
     let row_bytes = (cols * esz) as u64;
@@ -437,26 +549,12 @@ fn upload_rows_as(gpu: &Gpu, w: &Weight, transpose: bool) -> Result<Vec<WChunk>>
     let mut r0 = 0;
     while r0 < rows.max(1) {
         let n = per.min(rows - r0.min(rows));
-        let mut data: std::borrow::Cow<'_, [u8]> =
-            (&bytes[r0 * cols * esz..(r0 + n) * cols * esz]).into();
-        if transpose {
-            let per_word = 4 / esz;
-            let np = n.div_ceil(per_word) * per_word;
-            let mut t = vec![0u8; np * cols * esz];
-            for r in 0..n {
-                let src = &data[r * cols * esz..(r + 1) * cols * esz];
-                for (k, e) in src.chunks_exact(esz).enumerate() {
-                    let d = (k * np + r) * esz;
-                    t[d..d + esz].copy_from_slice(e);
-                }
-            }
-            data = t.into();
-        }
+        let data = &bytes[r0 * cols * esz..(r0 + n) * cols * esz];
         let buf = gpu
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(&w.name),
-                contents: &padded(&data),
+                contents: &padded(data),
                 usage: wgpu::BufferUsages::STORAGE,
             });
         out.push(WChunk {
@@ -483,7 +581,7 @@ enum Plan {
         w: Option<wgpu::Buffer>,
     },
     Linear {
-        chunks: Vec<WChunk>,
+        chunks: Vec<TChunk>,
         dt: u32,
         scheme: u32,
         k: usize,
@@ -531,6 +629,38 @@ struct WgpuRunner {
     dummy: wgpu::Buffer,
     kv: Vec<KvBufs>,
     lens: Vec<Option<usize>>,
+    /// `E4M3_WGPU_PROFILE`: (dispatches, seconds) by op and shape, each dispatch submitted and waited
+    /// for alone; printed when the runner is dropped.
+    prof: BTreeMap<String, (usize, f64)>,
+    /// Bytes of the front guard of activation and scratch buffers (0: no guards).
+    front: u64,
+    /// The guarded buffers: name, buffer, bytes of data after the front guard.
+    guarded: Vec<(String, wgpu::Buffer, u64)>,
+}
+
+/// A buffer that linear.wgsl may also read through its uniform window: usable as a uniform, and
+/// `XU_BYTES` longer so that a window at any row's offset fits. With guards (`front` > 0) its data
+/// starts at `front` and everything around the data (front guard, tail) is filled with `GUARD_WORD`.
+fn storage_x(gpu: &Gpu, label: &str, bytes: u64, front: u64) -> wgpu::Buffer {
+    let bytes = bytes.div_ceil(4) * 4;
+    let buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: front + bytes + XU_BYTES + front,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::UNIFORM
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    if front > 0 {
+        gpu.queue.write_buffer(&buf, 0, &guard_fill(front as usize));
+        gpu.queue.write_buffer(
+            &buf,
+            front + bytes,
+            &guard_fill((XU_BYTES + front) as usize),
+        );
+    }
+    buf
 }
 
 fn storage(gpu: &Gpu, label: &str, bytes: u64) -> wgpu::Buffer {
@@ -581,7 +711,7 @@ impl WgpuRunner {
                         max_groups = max_groups.max(ks.groups(kk));
                     }
                     Plan::Linear {
-                        chunks: upload_rows_t(&gpu, w)?,
+                        chunks: upload_tex(&gpu, w)?,
                         dt: dtype_code(w.dtype),
                         scheme: scheme_code(scheme),
                         k: kk,
@@ -651,7 +781,13 @@ impl WgpuRunner {
             xs: dummy.clone(),
             uniform: dummy.clone(),
             uniform_slots: 0,
-            staging: dummy.clone(),
+            // Mappable from the start: outputs of 16 bytes or less never grow it.
+            staging: gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("staging"),
+                size: 16,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
             dummy,
             gpu,
             graph: graph.clone(),
@@ -664,18 +800,27 @@ impl WgpuRunner {
             max_groups,
             kv,
             lens: vec![None; cache.slots],
+            prof: BTreeMap::new(),
+            front: 0,
+            guarded: Vec::new(),
         };
         r.ensure_rows(cache.max_seq_len.clamp(1, 16))?;
         Ok(r)
     }
 
     /// Grow every per-row buffer to hold `rows` rows (only when a step has more rows than any before).
+    /// With guards, buffers hold exactly the step's rows, so the guard follows the data directly.
     fn ensure_rows(&mut self, rows: usize) -> Result<()> {
-        if rows <= self.cap_rows {
+        let front = self.front;
+        if rows <= self.cap_rows && (front == 0 || rows == self.cap_rows) {
             return Ok(());
         }
         let limit = (self.cache.slots * self.cache.max_seq_len).max(1);
-        let cap = rows.next_power_of_two().min(limit).max(rows);
+        let cap = if front > 0 {
+            rows
+        } else {
+            rows.next_power_of_two().min(limit).max(rows)
+        };
         let gpu = self.gpu.clone();
         let max_buf = gpu.limits.max_buffer_size;
         self.pool = Vec::with_capacity(self.slot_cols.len());
@@ -688,7 +833,21 @@ impl WgpuRunner {
                     max_buf >> 20
                 )));
             }
-            self.pool.push(storage(&gpu, "activation", bytes));
+            self.pool.push(storage_x(&gpu, "activation", bytes, front));
+        }
+        self.guarded.clear();
+        if front > 0 {
+            for (i, (b, &c)) in self.pool.iter().zip(&self.slot_cols).enumerate() {
+                let users: Vec<&str> = (self.slot_of.iter().enumerate())
+                    .filter(|(_, &s)| s == i)
+                    .map(|(n, _)| self.graph.nodes[n].name.as_str())
+                    .collect();
+                self.guarded.push((
+                    format!("activation buffer {i} (`{}`)", users.join("`, `")),
+                    b.clone(),
+                    (cap * c * 4) as u64,
+                ));
+            }
         }
         self.ids = storage(&gpu, "ids", (cap * 4) as u64);
         self.sel = storage(&gpu, "select", (cap * 4) as u64);
@@ -696,10 +855,37 @@ impl WgpuRunner {
         for t in &mut self.rope {
             t.2 = storage(&gpu, "rope", (cap * t.1 * 4) as u64);
         }
-        self.xq = storage(&gpu, "xq", (cap * self.max_k * 4) as u64);
-        self.xs = storage(&gpu, "xs", (cap * self.max_groups * 4) as u64);
+        let (xq_bytes, xs_bytes) = (
+            (cap * self.max_k * 4) as u64,
+            (cap * self.max_groups * 4) as u64,
+        );
+        self.xq = storage_x(&gpu, "xq", xq_bytes, front);
+        self.xs = storage_x(&gpu, "xs", xs_bytes, front);
+        if front > 0 {
+            self.guarded.push((
+                "quantized activations (xq)".into(),
+                self.xq.clone(),
+                xq_bytes,
+            ));
+            self.guarded
+                .push(("activation scales (xs)".into(), self.xs.clone(), xs_bytes));
+        }
         self.cap_rows = cap;
         Ok(())
+    }
+}
+
+impl Drop for WgpuRunner {
+    fn drop(&mut self) {
+        if self.prof.is_empty() {
+            return;
+        }
+        let mut v: Vec<_> = self.prof.iter().collect();
+        v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        eprintln!("wgpu profile (E4M3_WGPU_PROFILE): seconds, dispatches, op");
+        for (k, (n, t)) in v {
+            eprintln!("{t:10.4} {n:7} {k}");
+        }
     }
 }
 
@@ -721,6 +907,8 @@ fn whole(buf: &wgpu::Buffer, bytes: u64) -> B {
 
 enum Cmd {
     Dispatch {
+        /// A texture bound at binding 0 before `binds` (the weights of a linear).
+        tex: Option<wgpu::TextureView>,
         pipe: wgpu::ComputePipeline,
         layout: wgpu::BindGroupLayout,
         binds: Vec<B>,
@@ -729,6 +917,7 @@ enum Cmd {
     },
     Copy {
         src: wgpu::Buffer,
+        src_off: u64,
         dst: wgpu::Buffer,
         dst_off: u64,
         size: u64,
@@ -755,7 +944,49 @@ fn f(x: f32) -> u32 {
 impl WgpuRunner {
     fn act(&self, node: usize, rows: usize) -> B {
         let cols = self.graph.nodes[node].cols;
-        whole(&self.pool[self.slot_of[node]], (rows * cols * 4) as u64)
+        self.scratch(&self.pool[self.slot_of[node]], (rows * cols * 4) as u64)
+    }
+
+    /// `bytes` bytes of an activation or scratch buffer, after its front guard.
+    fn scratch(&self, buf: &wgpu::Buffer, bytes: u64) -> B {
+        B {
+            buf: buf.clone(),
+            off: self.front,
+            size: bytes.max(4).min(buf.size() - self.front),
+        }
+    }
+
+    /// `len` bytes of `buf` from `off`, read back.
+    fn read_back(&self, buf: &wgpu::Buffer, off: u64, len: u64) -> Result<Vec<u8>> {
+        let gpu = &self.gpu;
+        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("guard check"),
+            size: len.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(buf, off, &staging, 0, len);
+        gpu.queue.submit([enc.finish()]);
+        let slice = staging.slice(0..len);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        gpu.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::invalid(format!("wgpu: {e}")))?;
+        rx.recv()
+            .map_err(|e| Error::invalid(format!("wgpu: {e}")))?
+            .map_err(|e| Error::invalid(format!("wgpu: mapping a buffer failed: {e}")))?;
+        let data = slice
+            .get_mapped_range()
+            .map_err(|e| Error::invalid(format!("wgpu: {e:?}")))?
+            .to_vec();
+        staging.unmap();
+        Ok(data)
     }
 
     /// Elementwise op over `n` values, in windows no larger than one binding.
@@ -780,6 +1011,7 @@ impl WgpuRunner {
             };
             let bb = b.map(win).unwrap_or_else(|| whole(&self.dummy, 16));
             cmds.push(Cmd::Dispatch {
+                tex: None,
                 pipe: pipe.clone(),
                 layout: self.gpu.pipes.el_layout.clone(),
                 binds: vec![win(a), bb, win(o)],
@@ -864,10 +1096,14 @@ impl Runner for WgpuRunner {
         }
 
         let mut cmds: Vec<Cmd> = Vec::new();
+        let profile = std::env::var_os("E4M3_WGPU_PROFILE").is_some();
         let mut tap_bufs: Vec<(String, usize, usize, wgpu::Buffer)> = Vec::new();
         let el = || p.el_layout.clone();
         let maxb = gpu.max_binding();
         let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
+        let ualign = gpu.limits.min_uniform_buffer_offset_alignment as u64;
+        let max_ubo = gpu.limits.max_uniform_buffer_binding_size;
+        let mut labels: Vec<String> = Vec::new();
         for (i, node) in self.graph.nodes.iter().enumerate() {
             let r = rows[i];
             let out = self.act(i, r);
@@ -877,6 +1113,7 @@ impl Runner for WgpuRunner {
                     (Op::Embed { scale, .. }, Plan::Embed { chunks, dt, cols }) => {
                         for c in chunks {
                             cmds.push(Cmd::Dispatch {
+                                tex: None,
                                 pipe: p.embed[*dt as usize].clone(),
                                 layout: el(),
                                 binds: vec![
@@ -906,6 +1143,7 @@ impl Runner for WgpuRunner {
                     ) => {
                         let ng = r * node.cols / group;
                         cmds.push(Cmd::Dispatch {
+                            tex: None,
                             pipe: p.rms_norm.clone(),
                             layout: el(),
                             binds: vec![
@@ -944,10 +1182,11 @@ impl Runner for WgpuRunner {
                         // Activation quantization (W8A8 schemes) into the xq scratch buffer.
                         let xin = match scheme {
                             1 | 2 | 4 => {
-                                let xq = whole(&self.xq, (r * k * 4) as u64);
-                                let xs = whole(&self.xs, (r * self.max_groups * 4) as u64);
+                                let xq = self.scratch(&self.xq, (r * k * 4) as u64);
+                                let xs = self.scratch(&self.xs, (r * self.max_groups * 4) as u64);
                                 if *scheme == 1 {
                                     cmds.push(Cmd::Dispatch {
+                                        tex: None,
                                         pipe: p.quant_static.clone(),
                                         layout: p.quant_layout.clone(),
                                         binds: vec![x.clone(), xq.clone(), xs],
@@ -968,6 +1207,7 @@ impl Runner for WgpuRunner {
                                         (block[1], ib, 1)
                                     };
                                     cmds.push(Cmd::Dispatch {
+                                        tex: None,
                                         pipe: p.quant_group.clone(),
                                         layout: p.quant_layout.clone(),
                                         binds: vec![x.clone(), xq.clone(), xs],
@@ -985,12 +1225,21 @@ impl Runner for WgpuRunner {
                             }
                             _ => x,
                         };
-                        // Token windows so that x and y windows each fit one binding, at aligned offsets.
-                        let row_bytes = (k.max(n) * 4) as u64;
-                        let mut tc = ((maxb / row_bytes) as usize).max(1).min(r);
+                        // Token windows so that x and y windows each fit one binding (x: the 64 KiB
+                        // uniform window where a row fits it), at aligned offsets.
+                        let uni = (k * 4) as u64 <= XU_BYTES.min(max_ubo);
+                        let (xmax, xalign) = if uni {
+                            (XU_BYTES, ualign)
+                        } else {
+                            (maxb, align)
+                        };
+                        let mut tc = ((xmax / (k * 4) as u64).min(maxb / (n * 4) as u64) as usize)
+                            .clamp(1, 65535)
+                            .min(r);
                         if tc < r {
-                            let ra = |c: usize| align / gcd((c * 4) as u64, align);
-                            let step = (ra(k) * ra(n) / gcd(ra(k), ra(n))) as usize;
+                            let ra = |c: usize, a: u64| a / gcd((c * 4) as u64, a);
+                            let (sk, sn) = (ra(k, xalign), ra(n, align));
+                            let step = (sk * sn / gcd(sk, sn)) as usize;
                             tc = (tc / step * step).max(step);
                         }
                         let mut t0 = 0;
@@ -998,12 +1247,12 @@ impl Runner for WgpuRunner {
                             let tn = tc.min(r - t0);
                             let xw = B {
                                 buf: xin.buf.clone(),
-                                off: (t0 * k * 4) as u64,
-                                size: (tn * k * 4) as u64,
+                                off: xin.off + (t0 * k * 4) as u64,
+                                size: if uni { XU_BYTES } else { (tn * k * 4) as u64 },
                             };
                             let ow = B {
                                 buf: out.buf.clone(),
-                                off: (t0 * n * 4) as u64,
+                                off: out.off + (t0 * n * 4) as u64,
                                 size: (tn * n * 4) as u64,
                             };
                             for c in chunks {
@@ -1011,18 +1260,17 @@ impl Runner for WgpuRunner {
                                     Some(b) => whole(b, b.size()),
                                     None => whole(&self.dummy, 16),
                                 };
-                                let xsb = whole(&self.xs, self.xs.size());
-                                let pipe = p.linear[&(*dt, *scheme)].clone();
+                                let xsb = self.scratch(&self.xs, self.xs.size());
+                                let pipe = p.linear[&(*dt, *scheme, uni)].clone();
                                 cmds.push(Cmd::Dispatch {
+                                    tex: Some(c.view.clone()),
                                     pipe,
-                                    layout: p.lin_layout.clone(),
-                                    binds: vec![
-                                        whole(&c.buf, c.buf.size()),
-                                        xw.clone(),
-                                        ow.clone(),
-                                        wsb,
-                                        xsb,
-                                    ],
+                                    layout: if uni {
+                                        p.lin_layout.clone()
+                                    } else {
+                                        p.lin_layout_s.clone()
+                                    },
+                                    binds: vec![xw.clone(), ow.clone(), wsb, xsb],
                                     params: params(&[
                                         c.rows as u32,
                                         k as u32,
@@ -1035,13 +1283,10 @@ impl Runner for WgpuRunner {
                                         f(*sw),
                                         f(*sx),
                                         t0 as u32,
+                                        c.kt as u32,
                                     ]),
-                                    // One thread per word of rows (1, 2 or 4 rows) and 4 token rows.
-                                    groups: [
-                                        c.rows.div_ceil(4 / dsize(*dt)).div_ceil(64).max(1) as u32,
-                                        tn.div_ceil(4) as u32,
-                                        1,
-                                    ],
+                                    // One invocation per two output rows and one token row.
+                                    groups: [c.rows.div_ceil(128).max(1) as u32, tn as u32, 1],
                                 });
                             }
                             t0 += tn;
@@ -1051,6 +1296,7 @@ impl Runner for WgpuRunner {
                         let half = head_dim / 2;
                         let heads = node.cols / head_dim;
                         cmds.push(Cmd::Dispatch {
+                            tex: None,
                             pipe: p.rope.clone(),
                             layout: el(),
                             binds: vec![
@@ -1107,6 +1353,7 @@ impl Runner for WgpuRunner {
                             r as u32,
                         ]);
                         cmds.push(Cmd::Dispatch {
+                            tex: None,
                             pipe: p.attention.clone(),
                             layout: p.attn_layout.clone(),
                             binds: binds.clone(),
@@ -1114,6 +1361,7 @@ impl Runner for WgpuRunner {
                             groups: [r as u32, *n_heads as u32, 1],
                         });
                         cmds.push(Cmd::Dispatch {
+                            tex: None,
                             pipe: p.kv_write.clone(),
                             layout: p.attn_layout.clone(),
                             binds,
@@ -1162,6 +1410,7 @@ impl Runner for WgpuRunner {
                     (Op::SelectRows, _) => {
                         let src = self.graph.nodes[node.inputs[0].0].cols;
                         cmds.push(Cmd::Dispatch {
+                            tex: None,
                             pipe: p.select_rows.clone(),
                             layout: el(),
                             binds: vec![inp(0), whole(&self.sel, (r * 4) as u64), out.clone()],
@@ -1178,6 +1427,15 @@ impl Runner for WgpuRunner {
                     }
                 }
             }
+            if profile {
+                let lab = match &self.plans[i] {
+                    Plan::Linear {
+                        k, n, dt, scheme, ..
+                    } => format!("linear k={k} n={n} dtype={dt} scheme={scheme} rows={r}"),
+                    _ => format!("{} cols={} rows={r}", node.op.kind(), node.cols),
+                };
+                labels.resize(cmds.len(), lab);
+            }
             if taps.iter().any(|x| *x == node.name) {
                 let size = (r * node.cols * 4) as u64;
                 let dst = gpu.device.create_buffer(&wgpu::BufferDescriptor {
@@ -1189,6 +1447,7 @@ impl Runner for WgpuRunner {
                 if size > 0 {
                     cmds.push(Cmd::Copy {
                         src: out.buf.clone(),
+                        src_off: out.off,
                         dst: dst.clone(),
                         dst_off: 0,
                         size,
@@ -1212,6 +1471,7 @@ impl Runner for WgpuRunner {
         if obytes > 0 {
             cmds.push(Cmd::Copy {
                 src: self.pool[self.slot_of[out_id]].clone(),
+                src_off: self.front,
                 dst: self.staging.clone(),
                 dst_off: 0,
                 size: obytes,
@@ -1241,6 +1501,7 @@ impl Runner for WgpuRunner {
                 binds,
                 params,
                 pipe,
+                tex,
                 ..
             } = c
             {
@@ -1255,9 +1516,16 @@ impl Runner for WgpuRunner {
                 } else {
                     3
                 };
-                let mut entries = Vec::with_capacity(binds.len() + 1);
+                let mut entries = Vec::with_capacity(binds.len() + 2);
                 let mut it = binds.iter();
-                for bi in 0..=binds.len() as u32 {
+                if let Some(view) = tex {
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::TextureView(view),
+                    });
+                }
+                let first = tex.is_some() as u32;
+                for bi in first..=binds.len() as u32 + first {
                     let resource = if bi == uslot {
                         wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                             buffer: &self.uniform,
@@ -1294,6 +1562,7 @@ impl Runner for WgpuRunner {
         let mut di = 0;
         let mut ci = 0;
         while ci < cmds.len() {
+            let first = ci;
             {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: None,
@@ -1305,17 +1574,35 @@ impl Runner for WgpuRunner {
                     pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
                     di += 1;
                     ci += 1;
+                    if profile {
+                        break;
+                    }
                 }
             }
             while let Some(Cmd::Copy {
                 src,
+                src_off,
                 dst,
                 dst_off,
                 size,
             }) = cmds.get(ci)
             {
-                enc.copy_buffer_to_buffer(src, 0, dst, *dst_off, *size);
+                enc.copy_buffer_to_buffer(src, *src_off, dst, *dst_off, *size);
                 ci += 1;
+            }
+            if profile {
+                let t0 = std::time::Instant::now();
+                q.submit([std::mem::replace(
+                    &mut enc,
+                    gpu.device
+                        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }),
+                )
+                .finish()]);
+                let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
+                let label = labels.get(first).map_or("copy", |l| l.as_str());
+                let e = self.prof.entry(label.to_string()).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += t0.elapsed().as_secs_f64();
             }
         }
         q.submit([enc.finish()]);
@@ -1359,6 +1646,36 @@ impl Runner for WgpuRunner {
         })
     }
 
+    fn enable_guards(&mut self) -> bool {
+        let l = &self.gpu.limits;
+        self.front = 256
+            .max(l.min_storage_buffer_offset_alignment as u64)
+            .max(l.min_uniform_buffer_offset_alignment as u64);
+        // Reallocated with guards by the next step.
+        self.cap_rows = 0;
+        true
+    }
+
+    fn check_guards(&mut self) -> Result<()> {
+        for (name, buf, bytes) in &self.guarded {
+            let all = self.read_back(buf, 0, buf.size())?;
+            let tail = (self.front + bytes) as usize;
+            for (side, base, region) in [
+                ("front", 0, &all[..self.front as usize]),
+                ("back", tail, &all[tail..]),
+            ] {
+                if let Some((off, w)) = guard_damage(region) {
+                    return Err(Error::invalid(format!(
+                        "{side} guard of the {name} overwritten at byte {} of the buffer (data at bytes {}..{tail}): 0x{w:08x}",
+                        base + off,
+                        self.front
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn release(&mut self, slot: usize) -> Result<()> {
         let s = self
             .lens
@@ -1375,6 +1692,70 @@ impl Runner for WgpuRunner {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use e4m3_core::backend::LogitsFor;
+
+    /// Guards around activation buffers: intact after real steps, and a word written past a buffer's data
+    /// or before it (what a wrong binding offset or size in the host code would do) is reported with the
+    /// buffer's name and the byte offset.
+    #[test]
+    fn guard_regions_catch_writes_outside_the_data() {
+        let Some(adapter) = all_adapters().into_iter().next() else {
+            println!("skipped: no wgpu adapter");
+            assert_eq!(
+                std::env::var("E4M3_ALLOW_NO_GPU").as_deref(),
+                Ok("1"),
+                "no wgpu adapter (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
+            );
+            return;
+        };
+        let backend = WgpuBackend::new(adapter, None).unwrap();
+        let (vocab, cols) = (11, 13);
+        let table: Vec<f32> = (0..vocab * cols).map(|i| i as f32 * 0.25 - 7.0).collect();
+        let mut weights = WeightMap::new();
+        weights.insert("t".into(), Weight::from_f32("t", vec![vocab, cols], &table));
+        let mut g = Graph::new(vocab);
+        let x = g.add(
+            "x",
+            Op::Embed {
+                table: "t".into(),
+                scale: 1.0,
+            },
+            &[],
+            cols,
+        );
+        g.output = g.add("y", Op::Scale { factor: 2.0 }, &[x], cols);
+        let mut r =
+            WgpuRunner::new(backend.gpu.clone(), &g, &weights, CacheConfig::new(1, 8)).unwrap();
+        assert!(r.enable_guards());
+        let out = r
+            .step(&Batch::single(0, 0, vec![3, 5, 7], LogitsFor::All), &[])
+            .unwrap();
+        assert_eq!(out.logits.row(1)[2], 2.0 * table[5 * cols + 2]);
+        r.check_guards().unwrap();
+        assert!(!r.guarded.is_empty());
+        // One word right after the data of the buffer holding `y` (3 rows x 13 values).
+        let slot = r.slot_of[g.output.0];
+        let end = r.front + 3 * 13 * 4;
+        r.gpu
+            .queue
+            .write_buffer(&r.pool[slot], end, &1.0f32.to_le_bytes());
+        let e = r.check_guards().unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("back guard of the activation buffer {slot} (`"))
+                && e.contains("`y`")
+                && e.contains(&format!("overwritten at byte {end} "))
+                && e.contains("0x3f800000"),
+            "{e}"
+        );
+        // Restored, the guards pass again; then a word inside the front guard.
+        r.gpu.queue.write_buffer(&r.pool[slot], end, &guard_fill(4));
+        r.check_guards().unwrap();
+        r.gpu.queue.write_buffer(&r.pool[slot], 8, &[0u8; 4]);
+        let e = r.check_guards().unwrap_err().to_string();
+        assert!(e.contains("front guard") && e.contains("at byte 8 "), "{e}");
+    }
+
     #[test]
     fn open_answers_with_a_backend_or_a_clear_error() {
         match super::open(None) {

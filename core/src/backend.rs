@@ -181,10 +181,41 @@ pub trait Runner: Send {
             .map(|r| crate::generate::top_k(out.logits.row(r), k))
             .collect())
     }
+    /// Surround the runner's device buffers (activations and scratch) with guard regions filled with
+    /// [`GUARD_WORD`] from now on, for the conformance suite, so that a write past a buffer's data is
+    /// caught by [`Runner::check_guards`]. Returns false where the runner has no guards (the CPU reference,
+    /// whose slices are bounds-checked).
+    fn enable_guards(&mut self) -> bool {
+        false
+    }
+    /// Check that every guard region still holds its sentinel; the error names the buffer and the byte
+    /// offset of the first overwritten word.
+    fn check_guards(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Forget a slot's cached tokens.
     fn release(&mut self, slot: usize) -> Result<()>;
     /// Tokens currently cached in a slot.
     fn seq_len(&self, slot: usize) -> usize;
+}
+
+/// The sentinel of guard regions (a quiet NaN, so a guard word read as data shows up as NaN too).
+pub const GUARD_WORD: u32 = 0x7fc0_dead;
+
+/// `bytes` bytes of guard words (`bytes` a multiple of 4).
+pub fn guard_fill(bytes: usize) -> Vec<u8> {
+    GUARD_WORD.to_le_bytes().repeat(bytes / 4)
+}
+
+/// Byte offset (within `guard`) and value of the first word of a guard region that is not
+/// [`GUARD_WORD`]; None when the region is intact.
+pub fn guard_damage(guard: &[u8]) -> Option<(usize, u32)> {
+    guard
+        .chunks_exact(4)
+        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+        .enumerate()
+        .find(|(_, w)| *w != GUARD_WORD)
+        .map(|(i, w)| (i * 4, w))
 }
 
 /// The first op of `graph` that `backend` does not support, as an error.
@@ -244,4 +275,21 @@ pub fn validate_batch(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_damage_finds_the_first_overwritten_word() {
+        let mut g = guard_fill(64);
+        assert_eq!(g.len(), 64);
+        assert_eq!(guard_damage(&g), None);
+        g[41] = 0; // inside word 10
+        g[60..64].copy_from_slice(&1.5f32.to_le_bytes());
+        assert_eq!(guard_damage(&g), Some((40, GUARD_WORD & 0xffff00ff)));
+        assert_eq!(guard_damage(&g[44..]), Some((16, 1.5f32.to_bits())));
+        assert!(f32::from_bits(GUARD_WORD).is_nan());
+    }
 }

@@ -2,7 +2,9 @@
 //! every scheme. Each case builds a one-op graph (inputs come from F32 embedding tables, which every
 //! backend gathers exactly), runs it on the backend under test and on the CPU reference, and checks NaN
 //! positions first, then infinities by sign, then NMSE against a per-op threshold. "unsupported" is
-//! reported apart from "failed" and never counted as passed.
+//! reported apart from "failed" and never counted as passed. Runners that have guard regions
+//! (`Runner::enable_guards`, ggml-style sentinel words around device buffers) are checked after every
+//! step: an overwritten guard fails the case with the buffer and offset.
 //!
 //! It lives in the core crate so that the release binary can run it (`e4m3 conformance --backend ...`);
 //! the integration tests run it through [`run_suite`]. The printed case name reruns one case:
@@ -502,6 +504,8 @@ fn linear_cases(out: &mut Vec<Case>) {
         (640, 129),
         (257, 300),
         (640, 256),
+        // One activation row over 64 KiB (wgpu reads it from a storage buffer, not its uniform window).
+        (16411, 3),
     ];
     for &(k, n) in &shapes {
         // 40 rows: prefill-sized, where GPU backends switch to tensor-core GEMMs (k, n multiples of 16).
@@ -1033,25 +1037,44 @@ fn run_on(backend: &dyn Backend, case: &Case) -> Result<Vec<Mat>, Error> {
         &case.weights,
         CacheConfig::new(4, 64).with_kv_dtype(case.kv),
     )?;
+    let guarded = runner.enable_guards();
     case.steps
         .iter()
-        .map(|b| match case.top_k {
-            None => runner.step(b, &[]).map(|o| o.logits),
-            Some(k) => {
-                let rows = runner.step_top_k(b, k)?;
-                let mut m = Mat::zeros(rows.len(), 2 * k);
-                for (r, cands) in rows.iter().enumerate() {
-                    // Missing candidates (fewer than k values) stay (-1, -1).
-                    for j in 0..k {
-                        let (id, v) = cands.get(j).map_or((-1.0, -1.0), |c| (c.0 as f32, c.1));
-                        m.data[r * 2 * k + 2 * j] = id;
-                        m.data[r * 2 * k + 2 * j + 1] = v;
-                    }
-                }
-                Ok(m)
+        .enumerate()
+        .map(|(i, b)| {
+            let out = step_once(runner.as_mut(), b, case.top_k)?;
+            if guarded {
+                runner
+                    .check_guards()
+                    .map_err(|e| Error::invalid(format!("step {i}: {e}")))?;
             }
+            Ok(out)
         })
         .collect()
+}
+
+/// One step's logits, or its top-k as a `[rows, 2k]` matrix of (id, value) pairs.
+fn step_once(
+    runner: &mut dyn crate::backend::Runner,
+    b: &Batch,
+    top_k: Option<usize>,
+) -> Result<Mat, Error> {
+    match top_k {
+        None => runner.step(b, &[]).map(|o| o.logits),
+        Some(k) => {
+            let rows = runner.step_top_k(b, k)?;
+            let mut m = Mat::zeros(rows.len(), 2 * k);
+            for (r, cands) in rows.iter().enumerate() {
+                // Missing candidates (fewer than k values) stay (-1, -1).
+                for j in 0..k {
+                    let (id, v) = cands.get(j).map_or((-1.0, -1.0), |c| (c.0 as f32, c.1));
+                    m.data[r * 2 * k + 2 * j] = id;
+                    m.data[r * 2 * k + 2 * j + 1] = v;
+                }
+            }
+            Ok(m)
+        }
+    }
 }
 
 /// Run one case on `backend` against the CPU reference.
@@ -1263,6 +1286,94 @@ mod tests {
         assert_eq!(v["cases"][0]["status"], "failed");
         assert_eq!(v["cases"][0]["threshold"], NMSE_ELEMENTWISE);
         assert!(v["cases"][0]["reason"].as_str().unwrap().contains("step 0"));
+    }
+
+    /// The CPU backend whose runner also copies each step's logits into a host buffer between guard
+    /// regions, one value too many: a backend with an out-of-bounds write.
+    struct Overflowing;
+    struct OverflowingRunner {
+        inner: Box<dyn crate::backend::Runner>,
+        guarded: bool,
+        buf: Vec<u8>,
+    }
+    const G: usize = 64;
+
+    impl Backend for Overflowing {
+        fn name(&self) -> String {
+            "overflowing".into()
+        }
+        fn supports(&self, _: &Op) -> bool {
+            true
+        }
+        fn load(
+            &self,
+            graph: &Graph,
+            weights: &WeightMap,
+            cache: CacheConfig,
+        ) -> crate::Result<Box<dyn crate::backend::Runner>> {
+            Ok(Box::new(OverflowingRunner {
+                inner: CpuBackend.load(graph, weights, cache)?,
+                guarded: false,
+                buf: Vec::new(),
+            }))
+        }
+    }
+
+    impl crate::backend::Runner for OverflowingRunner {
+        fn step(
+            &mut self,
+            batch: &Batch,
+            taps: &[String],
+        ) -> crate::Result<crate::backend::StepOutput> {
+            let out = self.inner.step(batch, taps)?;
+            let n = out.logits.data.len() * 4;
+            self.buf = crate::backend::guard_fill(G + n + G);
+            for (i, v) in out.logits.data.iter().chain([&1.0]).enumerate() {
+                self.buf[G + 4 * i..G + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            Ok(out)
+        }
+        fn enable_guards(&mut self) -> bool {
+            self.guarded = true;
+            true
+        }
+        fn check_guards(&mut self) -> crate::Result<()> {
+            let n = self.buf.len();
+            for (side, base) in [("front", 0), ("back", n - G)] {
+                if let Some((off, w)) = crate::backend::guard_damage(&self.buf[base..base + G]) {
+                    return Err(Error::invalid(format!(
+                        "{side} guard of the logits buffer overwritten at byte {} (0x{w:08x})",
+                        base + off
+                    )));
+                }
+            }
+            Ok(())
+        }
+        fn release(&mut self, slot: usize) -> crate::Result<()> {
+            self.inner.release(slot)
+        }
+        fn seq_len(&self, slot: usize) -> usize {
+            self.inner.seq_len(slot)
+        }
+    }
+
+    #[test]
+    fn an_overwritten_guard_fails_the_case() {
+        let report = run_cases(&Overflowing, Some("scale(cols=13,rows=7)"), |_| {});
+        assert_eq!(report.results.len(), 1);
+        let r = &report.results[0];
+        assert_eq!(report.failed(), 1, "{r:?}");
+        let reason = r.reason().unwrap();
+        // 7 rows x 13 columns: the extra value lands right after the data, at byte 64 + 7 * 13 * 4.
+        assert!(
+            reason.contains("step 0")
+                && reason.contains("back guard of the logits buffer overwritten at byte 428")
+                && reason.contains("0x3f800000"),
+            "{reason}"
+        );
+        // The same case without the overflow passes (the CPU reference has no guards to check).
+        let report = run_cases(&CpuBackend, Some("scale(cols=13,rows=7)"), |_| {});
+        assert_eq!(report.passed(), 1);
     }
 
     #[test]

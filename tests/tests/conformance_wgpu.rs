@@ -39,12 +39,19 @@ fn wgpu_splits_tensors_larger_than_one_binding() {
     };
     for filter in ["linear(dense", "linear(fp8", "embed("] {
         let report = run_suite(backend.as_ref(), Some(filter));
-        assert_eq!(
-            report.failed(),
-            0,
-            "{filter}: {} cases failed",
-            report.failed()
-        );
+        // Cases whose input rows are longer than the lowered limit must fail with that reason, not
+        // compute anything; every other case must pass.
+        for r in &report.results {
+            if let Some(reason) = r.reason() {
+                assert!(
+                    r.name.contains("k=16411")
+                        && reason.contains("exceeds the adapter's storage binding limit"),
+                    "{}: {reason}",
+                    r.name
+                );
+            }
+        }
         assert!(report.passed() > 0, "no case ran");
+        assert_eq!(report.unsupported(), 0);
     }
 }
