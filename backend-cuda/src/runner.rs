@@ -14,8 +14,8 @@ use e4m3_core::graph::{Graph, Op, WeightMap};
 use e4m3_core::prepare::{dtype_code, node_weights, scheme_code, KernelScales, NodeWeights};
 use e4m3_core::tensor::Mat;
 
-use e4m3_core::kv_pages::{PageTable, KV_BLOCK as PAGE};
 use crate::{Dev, Mem, A};
+use e4m3_core::kv_pages::{PageTable, KV_BLOCK as PAGE};
 
 /// Rows from which fp8-static/fp8-dynamic linears go through cuBLASLt (tensor cores) instead of the GEMV.
 const LT_MIN_ROWS: usize = 16;
@@ -297,7 +297,9 @@ impl CudaRunner {
                     // the engine's budget `num_blocks` where that is less (a window's ring never takes
                     // more pages than the full-length table of the same positions).
                     let pps = cap.div_ceil(PAGE);
-                    let pool = cache.num_blocks.map_or(cache.slots * pps, |n| n.min(cache.slots * pps));
+                    let pool = cache
+                        .num_blocks
+                        .map_or(cache.slots * pps, |n| n.min(cache.slots * pps));
                     let pages = PageTable::new(cache.slots, cap, pool);
                     classes.push(PageClass {
                         dev: dev.upload(&pages.table)?,

@@ -197,7 +197,9 @@ fn budget_blocks(
     let (total, used, what) = match backend.memory() {
         Some(m) => (m.total, m.in_use, "device"),
         None => (
-            system_memory().context("cannot read the machine's memory size from /proc/meminfo; give --num-kv-blocks")?,
+            system_memory().context(
+                "cannot read the machine's memory size from /proc/meminfo; give --num-kv-blocks",
+            )?,
             0,
             "system",
         ),
@@ -224,13 +226,16 @@ fn budget_blocks(
     );
     if n < per_seq {
         bail!(
-            "{detail}, fewer than the {per_seq} one sequence of --max-model-len {} needs; raise --gpu-memory-utilization, lower --max-model-len or give --num-kv-blocks",
+            "{detail}, but one sequence of --max-model-len {} needs {per_seq}; raise --gpu-memory-utilization, lower --max-model-len or give --num-kv-blocks",
             cfg.max_model_len
         );
     }
     let most = cfg.max_num_seqs * per_seq;
     if n > most {
-        eprintln!("{detail}; using {most}, what --max-num-seqs {} sequences of {} positions can hold", cfg.max_num_seqs, cfg.max_model_len);
+        eprintln!(
+            "{detail}; using {most}, what --max-num-seqs {} sequences of {} positions can hold",
+            cfg.max_num_seqs, cfg.max_model_len
+        );
         Ok(most)
     } else {
         eprintln!("{detail}");

@@ -198,7 +198,10 @@ mod tests {
         assert_eq!(t.pages_per_slot, 7);
         assert_eq!(t.missing(0, 0, 20), 2);
         assert!(t.map(0, 0, 20).unwrap()); // positions 0..20: pages 0 and 1
-        assert_eq!((t.free_pages(), t.used_pages(), t.total_pages()), (12, 2, 14));
+        assert_eq!(
+            (t.free_pages(), t.used_pages(), t.total_pages()),
+            (12, 2, 14)
+        );
         assert_eq!(&t.table[..3], &[0, 1, UNMAPPED]);
         assert_eq!(t.missing(0, 20, 21), 0);
         assert!(!t.map(0, 20, 21).unwrap()); // still page 1
@@ -250,7 +253,9 @@ mod tests {
         // over the last `cap` positions, for rings that are and are not whole pages, over random steps.
         let mut seed = 12345u64;
         let mut rnd = |n: usize| {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (seed >> 33) as usize % n
         };
         for cap in [1, 15, 16, 17, 40, 48, 100] {
@@ -263,7 +268,12 @@ mod tests {
                     want[(p % cap) / KV_BLOCK] = true;
                 }
                 let new = want.iter().filter(|&&w| w).count() - t.used_pages();
-                assert_eq!(t.missing(0, len, len + n), new, "cap {cap}, {len}..{}", len + n);
+                assert_eq!(
+                    t.missing(0, len, len + n),
+                    new,
+                    "cap {cap}, {len}..{}",
+                    len + n
+                );
                 t.map(0, len, len + n).unwrap();
                 len += n;
                 let got: Vec<bool> = t.slot_table(0).iter().map(|&p| p != UNMAPPED).collect();
@@ -332,13 +342,21 @@ mod tests {
         // rounded to 32, f32: 32 * 18 * 4 = 2304 bytes.
         let x = graph.add(
             "embed",
-            crate::graph::Op::Embed { table: "e".into(), scale: 1.0 },
+            crate::graph::Op::Embed {
+                table: "e".into(),
+                scale: 1.0,
+            },
             &[],
             8,
         );
         let n = graph.add(
             "norm",
-            crate::graph::Op::RmsNorm { weight: None, group: 8, eps: 1e-6, add_one: false },
+            crate::graph::Op::RmsNorm {
+                weight: None,
+                group: 8,
+                eps: 1e-6,
+                add_one: false,
+            },
             &[x],
             8,
         );
