@@ -7,7 +7,6 @@
 
 mod compile;
 mod lt;
-pub mod pages;
 mod runner;
 
 use std::collections::HashMap;
@@ -17,7 +16,9 @@ use std::sync::Arc;
 use cudarc::driver::{
     result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaModule, CudaStream,
 };
-use e4m3_core::backend::{check_supported, Backend, CacheConfig, DeviceMemory, Runner};
+use e4m3_core::backend::{
+    check_supported, Backend, CacheConfig, DeviceMemory, KvCacheDtype, Runner,
+};
 use e4m3_core::error::{Error, Result};
 use e4m3_core::graph::{Graph, Op, WeightMap};
 
@@ -539,6 +540,15 @@ impl Backend for CudaBackend {
             peak: self.dev.used.peak.load(Ordering::Relaxed),
             total: self.dev.total_mem,
         })
+    }
+
+    fn kv_bytes_per_element(&self, dtype: KvCacheDtype) -> usize {
+        // As runner.rs stores them: f32, BF16 or E4M3 codes.
+        match dtype {
+            KvCacheDtype::Auto => 4,
+            KvCacheDtype::Bf16 => 2,
+            KvCacheDtype::Fp8 => 1,
+        }
     }
 
     fn copy_bandwidth(&self, bytes: usize) -> Option<f64> {

@@ -14,8 +14,8 @@ use e4m3_core::graph::{Graph, Op, WeightMap};
 use e4m3_core::prepare::{dtype_code, node_weights, scheme_code, KernelScales, NodeWeights};
 use e4m3_core::tensor::Mat;
 
-use crate::pages::{PageTable, PAGE};
 use crate::{Dev, Mem, A};
+use e4m3_core::kv_pages::{PageTable, KV_BLOCK as PAGE};
 
 /// Rows from which fp8-static/fp8-dynamic linears go through cuBLASLt (tensor cores) instead of the GEMV.
 const LT_MIN_ROWS: usize = 16;
@@ -293,9 +293,14 @@ impl CudaRunner {
             let class = match classes.iter().position(|c| c.pages.cap == cap) {
                 Some(c) => c,
                 None => {
-                    // Every slot can reach its full length: the pool holds slots x pages per slot.
+                    // Every slot can reach its full length: the pool holds slots x pages per slot, or
+                    // the engine's budget `num_blocks` where that is less (a window's ring never takes
+                    // more pages than the full-length table of the same positions).
                     let pps = cap.div_ceil(PAGE);
-                    let pages = PageTable::new(cache.slots, cap, cache.slots * pps);
+                    let pool = cache
+                        .num_blocks
+                        .map_or(cache.slots * pps, |n| n.min(cache.slots * pps));
+                    let pages = PageTable::new(cache.slots, cap, pool);
                     classes.push(PageClass {
                         dev: dev.upload(&pages.table)?,
                         pages,
@@ -304,7 +309,7 @@ impl CudaRunner {
                     classes.len() - 1
                 }
             };
-            let pages = cache.slots * classes[class].pages.pages_per_slot;
+            let pages = classes[class].pages.total_pages();
             let width = l.n_kv_heads * l.head_dim;
             let (kt, esize, k_scale, v_scale) = match kv_rounding(cache.kv_dtype, l, weights)? {
                 KvRounding::Exact => (0, 4, 1.0, 1.0),

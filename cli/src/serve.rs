@@ -24,7 +24,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use e4m3_core::backend::CacheConfig;
+use e4m3_core::backend::{Backend, CacheConfig, KvCacheDtype};
 use e4m3_core::chat::{
     render_chat_with, ChatMessage, ChatOptions, ToolCall, RESERVED_TEMPLATE_VARS,
 };
@@ -37,6 +37,9 @@ use e4m3_core::engine::{
     LATENCY_BUCKETS,
 };
 use e4m3_core::generation_config::GenerationConfig;
+use e4m3_core::kv_pages::{
+    activation_bytes, blocks_for, bytes_per_block, system_memory, weight_bytes, KvBudget, KV_BLOCK,
+};
 use e4m3_core::sampling::SamplingParams;
 use e4m3_core::tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
@@ -75,9 +78,14 @@ pub struct ServeArgs {
     max_num_seqs: usize,
     #[arg(long, value_enum, default_value = "auto")]
     kv_cache_dtype: KvDtypeArg,
-    /// KV blocks of 16 positions shared by all sequences (default: every slot at full length).
+    /// KV blocks of 16 positions shared by all sequences (default: from --gpu-memory-utilization).
     #[arg(long)]
     num_kv_blocks: Option<usize>,
+    /// Fraction of memory the engine may use (weights, activations and KV cache), in (0, 1]: of the
+    /// device's memory on CUDA, of the machine's (MemTotal) on the CPU and wgpu backends. Sizes the KV
+    /// cache unless --num-kv-blocks is given; never more blocks than --max-num-seqs full-length sequences.
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
     #[command(flatten)]
     parsers: ParserArgs,
 }
@@ -173,8 +181,17 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
     if args.max_num_seqs == 0 {
         bail!("--max-num-seqs must be at least 1");
     }
-    if args.num_kv_blocks == Some(0) {
-        bail!("--num-kv-blocks must be at least 1");
+    let f = args.gpu_memory_utilization;
+    if !(f > 0.0 && f <= 1.0) {
+        bail!("--gpu-memory-utilization must be in (0, 1], not {f}");
+    }
+    let per_seq = blocks_for(max_model_len);
+    if let Some(n) = args.num_kv_blocks {
+        if n < per_seq {
+            bail!(
+                "--num-kv-blocks {n} cannot hold one sequence of --max-model-len {max_model_len} ({per_seq} blocks of {KV_BLOCK} positions)"
+            );
+        }
     }
     let mut eos_ids = gen.eos_token_ids.clone();
     if eos_ids.is_empty() {
@@ -186,12 +203,21 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
     let backend = open_backend(args.backend)?;
     let pb = spinner(&format!("preparing the {} backend", backend.name()));
     let kv = resolve_kv(&model, args.kv_cache_dtype);
-    let cache = CacheConfig::new(args.max_num_seqs, max_model_len).with_kv_dtype(kv);
+    let mut cfg = EngineConfig::new(args.max_num_seqs, max_model_len, model.config.vocab_size);
+    let blocks = match args.num_kv_blocks {
+        Some(n) => n,
+        None => budget_blocks(&args, &model, backend.as_ref(), kv, &cfg)?,
+    };
+    cfg.kv_blocks = Some(blocks);
+    let cache = CacheConfig::new(args.max_num_seqs, max_model_len)
+        .with_kv_dtype(kv)
+        .with_num_blocks(Some(blocks));
     let runner = backend.load(&model.graph, &model.weights, cache)?;
     pb.finish_and_clear();
-    let mut cfg = EngineConfig::new(args.max_num_seqs, max_model_len, model.config.vocab_size);
-    cfg.kv_blocks = args.num_kv_blocks;
-    let blocks = cfg.total_blocks();
+    println!(
+        "# KV blocks: {blocks}, maximum concurrency for {max_model_len} tokens per request: {:.2}x",
+        blocks as f64 / per_seq as f64
+    );
     let engine = Engine::start(runner, cfg)?;
     drop(model);
     let model_name = args
@@ -225,6 +251,66 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
     drop(rt);
     drop(backend);
     Ok(())
+}
+
+/// KV blocks from `--gpu-memory-utilization`: that fraction of the memory, less what the backend
+/// already holds, the weights and the activations of the largest step, over the bytes of one block;
+/// at most `--max-num-seqs` full-length sequences' worth. An error when not even one sequence fits.
+fn budget_blocks(
+    args: &ServeArgs,
+    model: &e4m3_core::model::Model,
+    backend: &dyn Backend,
+    kv: KvCacheDtype,
+    cfg: &EngineConfig,
+) -> Result<usize> {
+    let f = args.gpu_memory_utilization;
+    let (total, used, what) = match backend.memory() {
+        Some(m) => (m.total, m.in_use, "device"),
+        None => (
+            system_memory().context(
+                "cannot read the machine's memory size from /proc/meminfo; give --num-kv-blocks",
+            )?,
+            0,
+            "system",
+        ),
+    };
+    let budget = KvBudget {
+        total,
+        utilization: f,
+        used,
+        weights: weight_bytes(&model.graph, &model.weights),
+        workspace: activation_bytes(&model.graph, cfg.prefill_chunk + cfg.max_num_seqs),
+        bytes_per_block: bytes_per_block(&model.graph, backend.kv_bytes_per_element(kv)),
+    };
+    let per_seq = blocks_for(cfg.max_model_len);
+    let n = budget.blocks();
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let detail = format!(
+        "--gpu-memory-utilization {f} of {:.1} MiB of {what} memory, less {:.1} MiB in use, {:.1} MiB of weights and {:.1} MiB of activations, leaves {:.1} MiB: {n} KV blocks of {} bytes",
+        mib(total),
+        mib(used),
+        mib(budget.weights),
+        mib(budget.workspace),
+        mib(budget.kv_bytes()),
+        budget.bytes_per_block
+    );
+    if n < per_seq {
+        bail!(
+            "{detail}, but one sequence of --max-model-len {} needs {per_seq}; raise --gpu-memory-utilization, lower --max-model-len or give --num-kv-blocks",
+            cfg.max_model_len
+        );
+    }
+    let most = cfg.max_num_seqs * per_seq;
+    if n > most {
+        eprintln!(
+            "{detail}; using {most}, what --max-num-seqs {} sequences of {} positions can hold",
+            cfg.max_num_seqs, cfg.max_model_len
+        );
+        Ok(most)
+    } else {
+        eprintln!("{detail}");
+        Ok(n)
+    }
 }
 
 fn now_secs() -> u64 {
@@ -458,6 +544,12 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         "gauge",
         "KV blocks free.",
         &[("", m.kv_blocks_free.to_string())],
+    );
+    metric(
+        "e4m3_kv_blocks_total",
+        "gauge",
+        "KV blocks in the pool.",
+        &[("", m.kv_blocks_total.to_string())],
     );
     metric(
         "e4m3_prompt_tokens_total",

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{root, tiny_gemma4_chat_model};
+use common::{fails_with, root, tiny_gemma4_chat_model};
 use e4m3_tests::{write_tiny, write_word_tokenizer, Tiny};
 use serde_json::{json, Value};
 
@@ -37,6 +37,8 @@ fn tiny_model(dir: &Path) {
 struct Server {
     child: Child,
     addr: String,
+    /// What the server printed to stdout before the address line (the KV-cache line).
+    banner: Vec<String>,
 }
 
 impl Server {
@@ -55,17 +57,24 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("e4m3 serve starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .trim()
-            .to_string();
-        Server { child, addr }
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut banner = Vec::new();
+        let addr = loop {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            if line.is_empty() {
+                panic!("no address line; the server printed {banner:?}");
+            }
+            match line.split_once("http://") {
+                Some((_, a)) => break a.trim().to_string(),
+                None => banner.push(line.trim_end().to_string()),
+            }
+        };
+        Server {
+            child,
+            addr,
+            banner,
+        }
     }
 
     fn request(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> (u16, String) {
@@ -989,5 +998,74 @@ fn serve_gemma4_chat_fields() {
     assert!(
         r["choices"][0]["message"].get("tool_calls").is_none(),
         "{r}"
+
+/// The KV pool's size: `--num-kv-blocks` as given; by default `--gpu-memory-utilization` of the
+/// machine's memory, which holds far more than 4 sequences of the tiny model, so capped at
+/// `--max-num-seqs` full-length sequences. Startup line and /metrics agree; bad values fail clearly.
+#[test]
+fn serve_kv_blocks_from_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path());
+    let d = dir.path().to_str().unwrap();
+    // 64 positions: 4 blocks a sequence.
+    let base = ["--max-model-len", "64", "--max-num-seqs", "4"];
+    for (extra, blocks, line) in [
+        (
+            &["--num-kv-blocks", "10"][..],
+            10.0,
+            "# KV blocks: 10, maximum concurrency for 64 tokens per request: 2.50x",
+        ),
+        (
+            &["--gpu-memory-utilization", "0.5"][..],
+            16.0,
+            "# KV blocks: 16, maximum concurrency for 64 tokens per request: 4.00x",
+        ),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let srv = Server::start(dir.path(), &args);
+        assert_eq!(srv.banner, [line], "{args:?}");
+        let (status, m) = srv.get("/metrics");
+        assert_eq!(status, 200);
+        assert_eq!(metric(&m, "e4m3_kv_blocks_total"), blocks, "{m}");
+        assert_eq!(metric(&m, "e4m3_kv_blocks_free"), blocks, "{m}");
+        assert_eq!(metric(&m, "e4m3_kv_blocks_used"), 0.0, "{m}");
+        // A request that needs blocks runs and gives them back.
+        let (status, v) = srv.post(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "w9 w10 w11", "max_tokens": 20, "temperature": 0}),
+        );
+        assert_eq!(status, 200, "{v}");
+        let (_, m) = srv.get("/metrics");
+        assert_eq!(metric(&m, "e4m3_kv_blocks_free"), blocks, "{m}");
+    }
+    let serve = |extra: &[&'static str]| -> Vec<&str> {
+        ["serve", "--model", d, "--backend", "cpu", "--port", "0"]
+            .iter()
+            .chain(&base)
+            .chain(extra)
+            .copied()
+            .collect()
+    };
+    fails_with(
+        &serve(&["--gpu-memory-utilization", "1.5"]),
+        &["--gpu-memory-utilization must be in (0, 1], not 1.5"],
+    );
+    fails_with(
+        &serve(&["--gpu-memory-utilization", "0"]),
+        &["--gpu-memory-utilization must be in (0, 1], not 0"],
+    );
+    // A billionth of the memory holds no weights: not one sequence fits.
+    fails_with(
+        &serve(&["--gpu-memory-utilization", "0.000000001"]),
+        &[
+            "--gpu-memory-utilization 0.000000001",
+            "MiB of system memory",
+            "0 KV blocks",
+            "but one sequence of --max-model-len 64 needs 4",
+        ],
+    );
+    fails_with(
+        &serve(&["--num-kv-blocks", "3"]),
+        &["--num-kv-blocks 3 cannot hold one sequence of --max-model-len 64 (4 blocks of 16 positions)"],
     );
 }

@@ -117,6 +117,10 @@ pub struct CacheConfig {
     /// Longest sequence (prompt + generated) a slot can hold.
     pub max_seq_len: usize,
     pub kv_dtype: KvCacheDtype,
+    /// Blocks of [`crate::kv_pages::KV_BLOCK`] positions in a paged cache's pool (the serving engine's
+    /// budget). `None`: enough for every slot at full length. Backends with slot-contiguous caches
+    /// (CPU, wgpu) ignore it.
+    pub num_blocks: Option<usize>,
 }
 
 impl CacheConfig {
@@ -125,10 +129,14 @@ impl CacheConfig {
             slots,
             max_seq_len,
             kv_dtype: KvCacheDtype::Auto,
+            num_blocks: None,
         }
     }
     pub fn with_kv_dtype(self, kv_dtype: KvCacheDtype) -> CacheConfig {
         CacheConfig { kv_dtype, ..self }
+    }
+    pub fn with_num_blocks(self, num_blocks: Option<usize>) -> CacheConfig {
+        CacheConfig { num_blocks, ..self }
     }
 }
 
@@ -153,6 +161,12 @@ pub trait Backend {
     /// Device memory accounting, where the backend has a device of its own (`None` on the CPU).
     fn memory(&self) -> Option<DeviceMemory> {
         None
+    }
+    /// Bytes one key or value element of the KV cache takes for `dtype`. The default is f32 storage
+    /// whatever the dtype (values rounded on the way in), as the CPU and wgpu backends keep it.
+    fn kv_bytes_per_element(&self, dtype: KvCacheDtype) -> usize {
+        let _ = dtype;
+        4
     }
     /// Device-to-device copy bandwidth in bytes per second (bytes read plus bytes written), measured now
     /// over `bytes` bytes, the bandwidth floor of a memory-bound kernel. `None` where it does not apply.

@@ -4,8 +4,11 @@
 //! at a time: waiting requests join as slots free up, every running sequence contributes either its next
 //! prompt chunk (chunked prefill, at most `prefill_chunk` prompt tokens a step in total) or its last token,
 //! and finished or cancelled sequences leave at once. KV memory is accounted in blocks of [`KV_BLOCK`]
-//! positions ([`BlockAllocator`]); when a step needs more blocks than are free, the newest running sequence
-//! is preempted (its slot released) and later recomputed from its prompt plus what it already generated.
+//! positions by core's paged-cache allocator ([`PageTable`], the one the CUDA backend maps its cache
+//! with): each slot's block table gets a physical block as its sequence reaches it, and gives them all
+//! back when the sequence leaves. When a step needs more blocks than are free, the newest running
+//! sequence is preempted (its slot released) and later recomputed from its prompt plus what it already
+//! generated.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -17,10 +20,9 @@ use std::time::Instant;
 use crate::backend::{Batch, LogitsFor, Runner, SeqStep};
 use crate::error::{Error, Result};
 use crate::generate::top_k;
+pub use crate::kv_pages::KV_BLOCK;
+use crate::kv_pages::{blocks_for, PageTable};
 use crate::sampling::{Sampler, SamplingParams};
-
-/// Positions per KV block.
-pub const KV_BLOCK: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -49,7 +51,7 @@ impl EngineConfig {
 
     pub fn total_blocks(&self) -> usize {
         self.kv_blocks
-            .unwrap_or(self.max_num_seqs * self.max_model_len.div_ceil(KV_BLOCK))
+            .unwrap_or(self.max_num_seqs * blocks_for(self.max_model_len))
     }
 }
 
@@ -160,6 +162,8 @@ pub struct MetricsSnapshot {
     pub waiting: usize,
     pub kv_blocks_used: usize,
     pub kv_blocks_free: usize,
+    /// Blocks in the pool (used + free).
+    pub kv_blocks_total: usize,
     pub finished_stop: u64,
     pub finished_length: u64,
     pub finished_cancelled: u64,
@@ -196,40 +200,6 @@ impl Histogram {
     }
 }
 
-/// KV blocks handed to sequences as they grow and returned when they leave.
-#[derive(Debug, Clone)]
-pub struct BlockAllocator {
-    total: usize,
-    used: usize,
-}
-
-impl BlockAllocator {
-    pub fn new(total: usize) -> BlockAllocator {
-        BlockAllocator { total, used: 0 }
-    }
-    pub fn free(&self) -> usize {
-        self.total - self.used
-    }
-    pub fn used(&self) -> usize {
-        self.used
-    }
-    /// Blocks a sequence of `len` positions holds.
-    pub fn blocks_for(len: usize) -> usize {
-        len.div_ceil(KV_BLOCK)
-    }
-    fn take(&mut self, n: usize) -> bool {
-        if n <= self.free() {
-            self.used += n;
-            true
-        } else {
-            false
-        }
-    }
-    fn give_back(&mut self, n: usize) {
-        self.used -= n.min(self.used);
-    }
-}
-
 struct Pending {
     req: EngineRequest,
     /// The prompt, plus what was generated before a preemption.
@@ -248,7 +218,6 @@ struct Seq {
     tokens: Vec<u32>,
     /// Tokens already in the cache.
     computed: usize,
-    blocks: usize,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
 }
@@ -284,6 +253,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let metrics = Arc::new(Mutex::new(MetricsSnapshot {
             kv_blocks_free: config.total_blocks(),
+            kv_blocks_total: config.total_blocks(),
             ..Default::default()
         }));
         let mut core = Core {
@@ -293,7 +263,11 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             free_slots: (0..config.max_num_seqs).rev().collect(),
-            blocks: BlockAllocator::new(config.total_blocks()),
+            blocks: PageTable::new(
+                config.max_num_seqs,
+                config.max_model_len,
+                config.total_blocks(),
+            ),
             metrics: metrics.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -337,7 +311,7 @@ impl Engine {
                 c.vocab_size
             )));
         }
-        let need = BlockAllocator::blocks_for(req.prompt_ids.len() + req.max_tokens);
+        let need = blocks_for(req.prompt_ids.len() + req.max_tokens);
         if need > c.total_blocks() {
             return Err(Error::invalid(format!(
                 "the request needs {need} KV blocks of {KV_BLOCK} positions; the cache has {}",
@@ -383,7 +357,8 @@ struct Core {
     waiting: VecDeque<Pending>,
     running: Vec<Seq>,
     free_slots: Vec<usize>,
-    blocks: BlockAllocator,
+    /// Block tables of the slots, `max_model_len` positions each (no ring: every position is kept).
+    blocks: PageTable,
     metrics: Arc<Mutex<MetricsSnapshot>>,
 }
 
@@ -440,7 +415,7 @@ impl Core {
         let s = self.running.remove(idx);
         let _ = self.runner.release(s.slot);
         self.free_slots.push(s.slot);
-        self.blocks.give_back(s.blocks);
+        self.blocks.release(s.slot);
         let _ = s.p.tx.send(Event::Finished {
             reason,
             prompt_tokens: s.p.req.prompt_ids.len(),
@@ -510,7 +485,6 @@ impl Core {
                 slot,
                 tokens,
                 computed: 0,
-                blocks: 0,
                 first_token: None,
                 last_token: None,
             });
@@ -524,7 +498,7 @@ impl Core {
         };
         let _ = self.runner.release(s.slot);
         self.free_slots.push(s.slot);
-        self.blocks.give_back(s.blocks);
+        self.blocks.release(s.slot);
         s.p.tokens = s.tokens;
         self.waiting.push_front(s.p);
         if let Ok(mut m) = self.metrics.lock() {
@@ -546,8 +520,7 @@ impl Core {
                 i += 1;
                 continue;
             }
-            let need = BlockAllocator::blocks_for(s.computed + n).saturating_sub(s.blocks);
-            if !self.blocks.take(need) {
+            if self.blocks.map(s.slot, s.computed, s.computed + n).is_err() {
                 // Out of blocks: preempt the newest sequence (maybe this one) and plan again.
                 // Blocks taken so far stay with their sequences; planning starts over.
                 plan.clear();
@@ -558,7 +531,6 @@ impl Core {
                 i = 0;
                 continue;
             }
-            self.running[i].blocks += need;
             if left > 1 {
                 budget -= n;
             }
@@ -622,7 +594,7 @@ impl Core {
                     let s = self.running.remove(i);
                     let _ = self.runner.release(s.slot);
                     self.free_slots.push(s.slot);
-                    self.blocks.give_back(s.blocks);
+                    self.blocks.release(s.slot);
                     let _ = s.p.tx.send(Event::Error(msg.clone()));
                     if let Ok(mut m) = self.metrics.lock() {
                         m.failed += 1;
@@ -720,8 +692,8 @@ impl Core {
         if let Ok(mut m) = self.metrics.lock() {
             m.running = self.running.len();
             m.waiting = self.waiting.len();
-            m.kv_blocks_used = self.blocks.used();
-            m.kv_blocks_free = self.blocks.free();
+            m.kv_blocks_used = self.blocks.used_pages();
+            m.kv_blocks_free = self.blocks.free_pages();
         }
     }
 }

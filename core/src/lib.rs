@@ -17,6 +17,7 @@ pub mod generation_config;
 pub mod gguf;
 pub mod graph;
 pub mod import_gguf;
+pub mod kv_pages;
 pub mod model;
 pub mod prepare;
 pub mod quant_config;

@@ -80,6 +80,9 @@ fn check_all_equal_alone(e: &Engine, m: &Model, t: &Tiny) {
     }
     let mt = wait_idle(e);
     assert_eq!((mt.running, mt.waiting, mt.kv_blocks_used), (0, 0, 0));
+    // Every block is back in the pool.
+    assert_eq!(mt.kv_blocks_total, e.config().total_blocks());
+    assert_eq!(mt.kv_blocks_free, mt.kv_blocks_total);
     assert_eq!(mt.finished_length, work.len() as u64);
     assert_eq!(
         mt.generated_tokens,
@@ -132,6 +135,7 @@ fn preemption_when_blocks_run_out_still_completes_every_request() {
     // 4 slots but 5 blocks of 16 positions: the longer requests cannot all hold their blocks at once.
     let e = engine(&m, &t, 4, 8, Some(5));
     check_all_equal_alone(&e, &m, &t);
+    assert_eq!(e.metrics().kv_blocks_total, 5);
     assert!(e.metrics().preemptions > 0, "this workload must preempt");
 }
 
