@@ -998,6 +998,8 @@ fn serve_gemma4_chat_fields() {
     assert!(
         r["choices"][0]["message"].get("tool_calls").is_none(),
         "{r}"
+    );
+}
 
 /// The KV pool's size: `--num-kv-blocks` as given; by default `--gpu-memory-utilization` of the
 /// machine's memory, which holds far more than 4 sequences of the tiny model, so capped at
@@ -1035,7 +1037,15 @@ fn serve_kv_blocks_from_flags() {
             &json!({"model": "tiny", "prompt": "w9 w10 w11", "max_tokens": 20, "temperature": 0}),
         );
         assert_eq!(status, 200, "{v}");
-        let (_, m) = srv.get("/metrics");
+        // The response is sent before the engine's step loop releases the sequence: wait for it.
+        let mut m = String::new();
+        for _ in 0..100 {
+            m = srv.get("/metrics").1;
+            if metric(&m, "e4m3_kv_blocks_free") == blocks {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         assert_eq!(metric(&m, "e4m3_kv_blocks_free"), blocks, "{m}");
     }
     let serve = |extra: &[&'static str]| -> Vec<&str> {
