@@ -15,6 +15,7 @@ pub mod generate;
 pub mod generation_config;
 pub mod gguf;
 pub mod graph;
+pub mod image;
 pub mod import_gguf;
 pub mod model;
 pub mod prepare;
