@@ -25,5 +25,6 @@ pub mod sampling;
 pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;
+pub mod vision;
 
 pub use error::{Error, Result};

@@ -73,3 +73,133 @@ fn bad_image_files_are_errors_naming_the_file() {
     let err = load_gemma3_pixels(&missing, SIZE).unwrap_err().to_string();
     assert!(err.contains("missing.jpg"), "{err}");
 }
+
+mod tiny {
+    use e4m3_core::backend::{Batch, LogitsFor};
+    use e4m3_core::cpu::CpuBackend;
+    use e4m3_core::generate::{generate_with_inputs, GenerateRequest};
+    use e4m3_core::image::{gemma3_pixels, load_rgb8};
+    use e4m3_core::model::Model;
+    use e4m3_core::sampling::SamplingParams;
+    use e4m3_core::tensor::Mat;
+    use e4m3_core::vision::{prompt_inputs, VisionModel};
+    use e4m3_tests::*;
+    use serde_json::Value;
+
+    struct Fixture {
+        reference: Value,
+        model: Model,
+        vision: VisionModel,
+    }
+
+    fn load() -> Fixture {
+        let dir = fixture("tiny-gemma3-vision");
+        let model = Model::load(&dir).unwrap();
+        let vision = VisionModel::load(&dir, model.config.hidden_size)
+            .unwrap()
+            .expect("the config has a vision_config");
+        Fixture {
+            reference: read_json(&dir.join("reference.json")),
+            model,
+            vision,
+        }
+    }
+
+    /// max |a - b| relative to the range (max - min) of `want`.
+    fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        let (lo, hi) = want
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+        max_abs_diff(got, want) / (hi - lo)
+    }
+
+    fn pixels(f: &Fixture) -> Vec<Vec<f32>> {
+        let all = json_f32s(&f.reference["pixel_values"]);
+        all.chunks(3 * 32 * 32).map(|c| c.to_vec()).collect()
+    }
+
+    fn features(f: &Fixture) -> Mat {
+        let mut r = f.vision.runner(&CpuBackend, 2).unwrap();
+        f.vision.encode(r.as_mut(), &pixels(f), &[]).unwrap().0
+    }
+
+    fn prompt_logits(f: &Fixture, bidirectional: bool) -> Mat {
+        let ids = json_u32s(&f.reference["input_ids"]);
+        let inputs = prompt_inputs(&ids, 60, &features(f), bidirectional).unwrap();
+        let mut runner = cpu_runner(&f.model, 1, 64);
+        runner
+            .step_with_inputs(&Batch::single(0, 0, ids, LogitsFor::All), &inputs, &[])
+            .unwrap()
+            .logits
+    }
+
+    #[test]
+    fn preprocessing_at_the_tiny_image_size_matches() {
+        let f = load();
+        let px = pixels(&f);
+        for (i, file) in ["grad_160x120.png", "alpha_96x64.png"].iter().enumerate() {
+            let ours = gemma3_pixels(&load_rgb8(&fixture("images").join(file)).unwrap(), 32);
+            assert!(max_abs_diff(&ours, &px[i]) < 1e-5, "{file}");
+        }
+    }
+
+    #[test]
+    fn tower_and_projector_match_transformers() {
+        let f = load();
+        let mut r = f.vision.runner(&CpuBackend, 2).unwrap();
+        let (feats, taps) = f
+            .vision
+            .encode(r.as_mut(), &pixels(&f), &["vision_last_hidden".into()])
+            .unwrap();
+        assert_eq!((feats.rows, feats.cols), (8, 32));
+        let e = rel_err(&feats.data, &json_f32s(&f.reference["image_features"]));
+        assert!(e < 1e-3, "image features: {e}");
+        let last = &taps["vision_last_hidden"];
+        assert_eq!((last.rows, last.cols), (32, 16));
+        let e = rel_err(&last.data, &json_f32s(&f.reference["vision_last_hidden"]));
+        assert!(e < 1e-3, "tower output: {e}");
+        // One image at a time gives the same rows as both together.
+        let one = f
+            .vision
+            .encode(r.as_mut(), &pixels(&f)[1..], &[])
+            .unwrap()
+            .0;
+        assert!(max_abs_diff(&one.data, &feats.data[4 * 32..]) < 1e-5);
+    }
+
+    #[test]
+    fn image_prompt_logits_match_and_need_the_bidirectional_mask() {
+        let f = load();
+        let want = json_f32s(&f.reference["logits"]);
+        let got = prompt_logits(&f, true);
+        let e = rel_err(&got.data, &want);
+        assert!(e < 1e-3, "logits: {e}");
+        // Without the image mask the logits are transformers' causal ones, not the reference.
+        let causal = prompt_logits(&f, false);
+        let e_off = rel_err(&causal.data, &want);
+        assert!(
+            e_off > 1e-2,
+            "turning the mask off must fail the comparison: {e_off}"
+        );
+        let e_causal = rel_err(&causal.data, &json_f32s(&f.reference["logits_causal"]));
+        assert!(e_causal < 1e-3, "causal logits: {e_causal}");
+    }
+
+    #[test]
+    fn greedy_generation_with_images_matches() {
+        let f = load();
+        let ids = json_u32s(&f.reference["input_ids"]);
+        let inputs = prompt_inputs(&ids, 60, &features(&f), true).unwrap();
+        let mut runner = cpu_runner(&f.model, 1, 64);
+        let req = GenerateRequest {
+            prompt_ids: ids,
+            max_new_tokens: 8,
+            sampling: SamplingParams::greedy(),
+            stop_ids: vec![],
+            top_logits: 0,
+        };
+        let out = generate_with_inputs(runner.as_mut(), 0, &req, Some(&inputs), |_| true).unwrap();
+        assert_eq!(out.generated, json_u32s(&f.reference["greedy"]));
+    }
+}

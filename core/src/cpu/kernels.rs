@@ -269,6 +269,34 @@ pub fn attention(
     cache: &mut KvLayer,
     out: &mut Mat,
 ) {
+    attention_grouped(g, q, k, v, row0, n, start, cache, out, &[])
+}
+
+/// [`attention`] where `groups[i]` (one per new row, or empty) is the bidirectional group of row i: a row
+/// of a group also sees the later rows of the same contiguous group in this step (Gemma 3's image mask:
+/// causal OR same image, then the sliding window, which only bounds the past).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_grouped(
+    g: &AttnGeom,
+    q: &Mat,
+    k: &Mat,
+    v: &Mat,
+    row0: usize,
+    n: usize,
+    start: usize,
+    cache: &mut KvLayer,
+    out: &mut Mat,
+    groups: &[Option<u32>],
+) {
+    // Last row (within the step) each row sees: itself, or the end of its group.
+    let mut last = (0..n).collect::<Vec<usize>>();
+    if !groups.is_empty() {
+        for i in (0..n.saturating_sub(1)).rev() {
+            if groups[i].is_some() && groups[i] == groups[i + 1] {
+                last[i] = last[i + 1];
+            }
+        }
+    }
     let d = g.head_dim;
     let group = g.n_heads / g.n_kv_heads;
     let cache_ref = &*cache;
@@ -293,12 +321,13 @@ pub fn attention(
         .for_each(|(i, orow)| {
             let p = start + i;
             let lo = g.window.map_or(0, |w| (p + 1).saturating_sub(w));
-            let mut scores = vec![0f32; p + 1 - lo];
+            let hi = start + last[i];
+            let mut scores = vec![0f32; hi + 1 - lo];
             for h in 0..g.n_heads {
                 let kvh = h / group;
                 let qh = &q.row(row0 + i)[h * d..(h + 1) * d];
                 let mut max = f32::NEG_INFINITY;
-                for (s, j) in scores.iter_mut().zip(lo..=p) {
+                for (s, j) in scores.iter_mut().zip(lo..=hi) {
                     let mut x = dot(qh, key(j, kvh)) * g.scale;
                     if let Some(c) = g.softcap {
                         x = c * (x / c).tanh();
@@ -313,7 +342,7 @@ pub fn attention(
                 }
                 let o = &mut orow[h * d..(h + 1) * d];
                 o.fill(0.0);
-                for (s, j) in scores.iter().zip(lo..=p) {
+                for (s, j) in scores.iter().zip(lo..=hi) {
                     let pw = s / sum;
                     for (oi, vi) in o.iter_mut().zip(value(j, kvh)) {
                         *oi += pw * vi;
