@@ -143,5 +143,28 @@ def main():
     print("processor:", out["processor"])
 
 
+def prompt_cases():
+    """prompt_ids.json: Gemma3Processor's input_ids and token_type_ids for two prompts with two images each,
+    with the real Gemma 3 tokenizer (models/gemma-3-270m, fetched by scripts/setup.sh)."""
+    from transformers import AutoTokenizer
+    from transformers.models.gemma3.image_processing_gemma3 import Gemma3ImageProcessor
+    from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "models", "gemma-3-270m"))
+    kw = {k: v for k, v in PREPROCESSOR_CONFIG.items() if k not in ("image_processor_type", "processor_class")}
+    proc = Gemma3Processor(image_processor=Gemma3ImageProcessor(**kw), tokenizer=tok, image_seq_length=256)
+    img = Image.open(os.path.join(OUT, "grad_160x120.png"))
+    cases = []
+    for text in ["<start_of_turn>user\n<start_of_image><start_of_image>Describe both.<end_of_turn>\n"
+                 "<start_of_turn>model\n",
+                 "Look:<start_of_image>\n\nand\n<start_of_image> done"]:
+        out = proc(text=text, images=[img, img], return_tensors="np")
+        cases.append({"text": text, "ids": out["input_ids"][0].tolist(),
+                      "token_type_ids": out["token_type_ids"][0].tolist()})
+    with open(os.path.join(OUT, "prompt_ids.json"), "w") as f:
+        json.dump({"tokenizer": "gemma-3-270m", "cases": cases}, f, separators=(",", ":"))
+
+
 if __name__ == "__main__":
     main()
+    prompt_cases()

@@ -14,16 +14,18 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use e4m3_core::backend::{Backend, CacheConfig, KvCacheDtype, Runner};
+use e4m3_core::backend::{Backend, CacheConfig, KvCacheDtype, Runner, StepInputs};
 use e4m3_core::chat::{render_chat, ChatMessage};
 use e4m3_core::cpu::CpuBackend;
-use e4m3_core::generate::{generate, prompt_logits, top_k, GenerateRequest};
+use e4m3_core::generate::{generate_with_inputs, prompt_logits, top_k, GenerateRequest};
 use e4m3_core::generation_config::GenerationConfig;
+use e4m3_core::image::load_gemma3_pixels;
 use e4m3_core::import_gguf::{import_gguf, ImportOptions};
 use e4m3_core::model::Model;
 use e4m3_core::sampling::SamplingParams;
 use e4m3_core::tensor::DType;
 use e4m3_core::tokenizer::Tokenizer;
+use e4m3_core::vision::{expand_image_placeholders, prompt_inputs, VisionModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -103,6 +105,10 @@ enum Cmd {
         /// System message for --chat.
         #[arg(long, requires = "chat")]
         system: Option<String>,
+        /// An image (PNG, JPEG, WebP) for a Gemma 3 multimodal checkpoint; repeatable. With --chat the
+        /// images come before the text; with --prompt each needs a `<start_of_image>` in the prompt.
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendKind,
         #[arg(long, default_value_t = 256)]
@@ -191,6 +197,7 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             chat,
             system,
+            images,
             backend,
             max_tokens,
             kv_cache_dtype,
@@ -211,6 +218,7 @@ fn run(cli: Cli) -> Result<()> {
                 stats,
                 json,
                 top_logits,
+                images,
             };
             cmd_run(&model, input, &sampling, &opts)
         }
@@ -345,6 +353,7 @@ pub fn load_runner(
     Ok(r)
 }
 
+#[derive(Clone)]
 enum PromptInput {
     Raw(String),
     Chat {
@@ -356,6 +365,15 @@ enum PromptInput {
 fn prompt_ids(tok: &Tokenizer, input: &PromptInput) -> Result<Vec<u32>> {
     Ok(match input {
         PromptInput::Raw(p) => tok.encode_prompt(p)?,
+        // The template emits BOS itself.
+        chat => tok.encode(&prompt_text(tok, chat)?, false)?,
+    })
+}
+
+/// The text of a --chat prompt rendered with the checkpoint's template (a raw prompt as given).
+fn prompt_text(tok: &Tokenizer, input: &PromptInput) -> Result<String> {
+    Ok(match input {
+        PromptInput::Raw(p) => p.clone(),
         PromptInput::Chat { system, user } => {
             let template = tok
                 .chat_template()
@@ -371,15 +389,13 @@ fn prompt_ids(tok: &Tokenizer, input: &PromptInput) -> Result<Vec<u32>> {
                 role: "user".into(),
                 content: user.clone(),
             });
-            let text = render_chat(
+            render_chat(
                 template,
                 &messages,
                 tok.bos_token().unwrap_or(""),
                 tok.eos_token().unwrap_or(""),
                 true,
-            )?;
-            // The template emits BOS itself.
-            tok.encode(&text, false)?
+            )?
         }
     })
 }
@@ -419,6 +435,82 @@ struct RunOpts {
     stats: bool,
     json: bool,
     top_logits: usize,
+    images: Vec<PathBuf>,
+}
+
+/// The prompt of `--image` runs: the Gemma 3 processor's expansion of every `<start_of_image>` (with
+/// --chat, one per image before the user text), then the image embeddings and their attention groups.
+fn image_prompt(
+    tok: &Tokenizer,
+    input: &PromptInput,
+    model: &Model,
+    images: &[PathBuf],
+    stats: bool,
+) -> Result<(Vec<u32>, StepInputs)> {
+    let dir = &model.dir;
+    let vision = VisionModel::load(dir, model.config.hidden_size)?.with_context(|| {
+        format!(
+            "--image: {} has no vision tower (its config.json has no vision_config)",
+            dir.display()
+        )
+    })?;
+    let c = &vision.config;
+    let t = Instant::now();
+    let pixels = images
+        .iter()
+        .map(|p| load_gemma3_pixels(p, c.image_size))
+        .collect::<e4m3_core::Result<Vec<_>>>()?;
+    let t_pre = t.elapsed().as_secs_f64();
+    let input = match input {
+        PromptInput::Chat { system, user } => PromptInput::Chat {
+            system: system.clone(),
+            user: format!("{}{user}", "<start_of_image>".repeat(images.len())),
+        },
+        raw => raw.clone(),
+    };
+    let (ids, n) = match &input {
+        PromptInput::Raw(p) => {
+            let (text, n) = expand_image_placeholders(p, c.mm_tokens_per_image);
+            (tok.encode_prompt(&text)?, n)
+        }
+        chat => {
+            let text = prompt_text(tok, chat)?;
+            let (text, n) = expand_image_placeholders(&text, c.mm_tokens_per_image);
+            (tok.encode(&text, false)?, n)
+        }
+    };
+    if n != images.len() {
+        bail!(
+            "--prompt has {n} <start_of_image> markers but {} --image files were given",
+            images.len()
+        );
+    }
+    // The tower runs on the CPU reference (the only backend with its ops for now).
+    let t = Instant::now();
+    let mut runner = vision.runner(&CpuBackend, images.len())?;
+    let (features, _) = vision.encode(runner.as_mut(), &pixels, &[])?;
+    if stats {
+        eprintln!(
+            "images: {} preprocessed in {:.3}s, encoded (tower + projector, CPU) in {:.3}s",
+            images.len(),
+            t_pre,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let inputs = prompt_inputs(&ids, c.image_token_id, &features, true)?;
+    // As transformers: an image token outside the text vocabulary is embedded as padding (0), then replaced.
+    let vocab = model.config.vocab_size;
+    let ids = ids
+        .into_iter()
+        .map(|t| {
+            if t == c.image_token_id && t as usize >= vocab {
+                0
+            } else {
+                t
+            }
+        })
+        .collect();
+    Ok((ids, inputs))
 }
 
 fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOpts) -> Result<()> {
@@ -429,15 +521,27 @@ fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOp
         stats,
         json,
         top_logits,
+        ref images,
     } = *opts;
     let tok = Tokenizer::from_dir(dir)?;
     let gen = GenerationConfig::from_dir(dir)?;
     let params = sampling_params(&gen, sampling)?;
-    let ids = prompt_ids(&tok, &input)?;
     let model = load_model(dir)?;
+    let (ids, inputs) = if images.is_empty() {
+        (prompt_ids(&tok, &input)?, None)
+    } else {
+        let (ids, inputs) = image_prompt(&tok, &input, &model, images, stats)?;
+        (ids, Some(inputs))
+    };
     let budget = sequence_budget(&model, ids.len(), max_tokens)?;
     let max_new = budget - ids.len();
     let backend = open_backend(backend)?;
+    if inputs.is_some() && backend.name() != "cpu" {
+        bail!(
+            "--image runs on the CPU backend only for now (--backend cpu); {} has no image inputs yet",
+            backend.name()
+        );
+    }
     let mut runner = load_runner(backend.as_ref(), &model, budget, kv)?;
     let mut stop_ids = gen.eos_token_ids.clone();
     if stop_ids.is_empty() {
@@ -453,7 +557,7 @@ fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOp
     let mut stream = tok.stream();
     let mut stdout = std::io::stdout();
     let mut write_err = None;
-    let out = generate(runner.as_mut(), 0, &req, |id| {
+    let out = generate_with_inputs(runner.as_mut(), 0, &req, inputs.as_ref(), |id| {
         if json || req.stop_ids.contains(&id) {
             return true;
         }

@@ -203,3 +203,53 @@ mod tiny {
         assert_eq!(out.generated, json_u32s(&f.reference["greedy"]));
     }
 }
+
+/// The vision conformance cases run on the CPU reference (other backends report them unsupported for now).
+#[test]
+fn vision_conformance_cases_run_on_the_cpu() {
+    use e4m3_core::conformance::run_suite;
+    use e4m3_core::cpu::CpuBackend;
+    let mut total = 0;
+    for filter in [
+        "bias_add(",
+        "gelu_tanh(cols",
+        "layer_norm(",
+        "encoder_attention(",
+        "avg_pool2d(",
+        "input(",
+        "attention_image_groups(",
+    ] {
+        let report = run_suite(&CpuBackend, Some(filter));
+        assert_eq!(report.failed() + report.unsupported(), 0, "{filter}");
+        assert!(report.passed() > 0, "{filter}: no case");
+        total += report.passed();
+    }
+    assert_eq!(total, 3 * 3 + 2 + 2 + 1 + 2);
+}
+
+/// `<start_of_image>` expanded as Gemma3Processor does, tokenized with the real Gemma 3 tokenizer: the same
+/// ids as transformers (newlines merged into `\n\n\n` etc.), and the groups of its token_type_ids.
+#[test]
+fn image_prompts_tokenize_as_the_processor() {
+    use e4m3_core::tensor::Mat;
+    use e4m3_core::tokenizer::Tokenizer;
+    use e4m3_core::vision::{expand_image_placeholders, prompt_inputs};
+    let tok = Tokenizer::from_dir(&real_model_dir()).unwrap();
+    let fx = read_json(&fixture("images").join("prompt_ids.json"));
+    for case in fx["cases"].as_array().unwrap() {
+        let (text, n) = expand_image_placeholders(case["text"].as_str().unwrap(), 256);
+        assert_eq!(n, 2);
+        let ids = tok.encode_prompt(&text).unwrap();
+        assert_eq!(ids, json_u32s(&case["ids"]), "{}", case["text"]);
+        let inputs = prompt_inputs(&ids, 262_144, &Mat::zeros(512, 1), true).unwrap();
+        let types = json_u32s(&case["token_type_ids"]);
+        let firsts: Vec<usize> = (0..ids.len())
+            .filter(|&i| types[i] == 1 && (i == 0 || types[i - 1] == 0))
+            .collect();
+        assert_eq!(firsts.len(), 2);
+        for (i, t) in types.iter().enumerate() {
+            assert_eq!(inputs.groups[i].is_some(), *t == 1, "row {i}");
+        }
+        assert_ne!(inputs.groups[firsts[0]], inputs.groups[firsts[1]]);
+    }
+}
