@@ -97,7 +97,7 @@ impl VisionConfig {
             text_hidden_size,
         };
         let bad = |name: &str, msg: String| Err(Error::field(path, name, msg));
-        if c.patch_size == 0 || c.image_size % c.patch_size != 0 {
+        if c.patch_size == 0 || !c.image_size.is_multiple_of(c.patch_size) {
             return bad(
                 "vision_config.patch_size",
                 format!(
@@ -106,7 +106,7 @@ impl VisionConfig {
                 ),
             );
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return bad(
                 "vision_config.num_attention_heads",
                 format!(
@@ -117,7 +117,7 @@ impl VisionConfig {
         }
         let side = c.patches_per_side();
         let pooled = (c.mm_tokens_per_image as f64).sqrt() as usize;
-        if pooled == 0 || pooled * pooled != c.mm_tokens_per_image || side % pooled != 0 {
+        if pooled == 0 || pooled * pooled != c.mm_tokens_per_image || !side.is_multiple_of(pooled) {
             return bad(
                 "mm_tokens_per_image",
                 format!(

@@ -154,10 +154,12 @@ mod tiny {
             .unwrap();
         assert_eq!((feats.rows, feats.cols), (8, 32));
         let e = rel_err(&feats.data, &json_f32s(&f.reference["image_features"]));
+        eprintln!("image features: max |diff| / range {e:.2e}");
         assert!(e < 1e-3, "image features: {e}");
         let last = &taps["vision_last_hidden"];
         assert_eq!((last.rows, last.cols), (32, 16));
         let e = rel_err(&last.data, &json_f32s(&f.reference["vision_last_hidden"]));
+        eprintln!("tower output: max |diff| / range {e:.2e}");
         assert!(e < 1e-3, "tower output: {e}");
         // One image at a time gives the same rows as both together.
         let one = f
@@ -174,10 +176,12 @@ mod tiny {
         let want = json_f32s(&f.reference["logits"]);
         let got = prompt_logits(&f, true);
         let e = rel_err(&got.data, &want);
+        eprintln!("logits: max |diff| / range {e:.2e}");
         assert!(e < 1e-3, "logits: {e}");
         // Without the image mask the logits are transformers' causal ones, not the reference.
         let causal = prompt_logits(&f, false);
         let e_off = rel_err(&causal.data, &want);
+        eprintln!("logits with the image mask off: max |diff| / range {e_off:.2e}");
         assert!(
             e_off > 1e-2,
             "turning the mask off must fail the comparison: {e_off}"

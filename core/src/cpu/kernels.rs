@@ -571,6 +571,65 @@ mod tests {
 }
 
 #[cfg(test)]
+mod grouped_tests {
+    use super::*;
+
+    /// Rows of an image group see the later rows of their group (and the sliding window bounds only the
+    /// past); other rows stay causal.
+    #[test]
+    fn grouped_attention_sees_the_rest_of_its_group() {
+        let t = 5;
+        let q = Mat::from_vec(
+            t,
+            2,
+            vec![0.3, -0.4, 1.0, 0.2, -0.5, 0.8, 0.1, 0.1, 0.7, -0.9],
+        )
+        .unwrap();
+        let k = Mat::from_vec(
+            t,
+            2,
+            vec![0.2, 0.9, -0.3, 0.4, 0.6, -0.2, 1.1, 0.5, -0.7, 0.3],
+        )
+        .unwrap();
+        let v = Mat::from_vec(
+            t,
+            2,
+            vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.25, -2.0, 4.0, 1.5, 0.0],
+        )
+        .unwrap();
+        let groups = [None, Some(0), Some(0), Some(0), None];
+        for window in [None, Some(2)] {
+            let g = AttnGeom {
+                n_heads: 1,
+                n_kv_heads: 1,
+                head_dim: 2,
+                scale: 0.7,
+                window,
+                softcap: None,
+            };
+            let mut cache = KvLayer::new(8, 2);
+            let mut out = Mat::zeros(t, 2);
+            attention_grouped(&g, &q, &k, &v, 0, t, 0, &mut cache, &mut out, &groups);
+            for i in 0..t {
+                let hi = if groups[i].is_some() { 3 } else { i };
+                let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+                let s: Vec<f32> = (lo..=hi).map(|j| dot(q.row(i), k.row(j)) * 0.7).collect();
+                let m = s.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for d in 0..2 {
+                    let o: f32 = (lo..=hi).map(|j| e[j - lo] / z * v.row(j)[d]).sum();
+                    assert!(
+                        (out.row(i)[d] - o).abs() < 1e-6,
+                        "window {window:?} row {i}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod kv_tests {
     use super::*;
     use crate::cpu::KvRounding;
