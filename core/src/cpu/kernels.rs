@@ -610,8 +610,8 @@ mod grouped_tests {
             let mut cache = KvLayer::new(8, 2);
             let mut out = Mat::zeros(t, 2);
             attention_grouped(&g, &q, &k, &v, 0, t, 0, &mut cache, &mut out, &groups);
-            for i in 0..t {
-                let hi = if groups[i].is_some() { 3 } else { i };
+            for (i, group) in groups.iter().enumerate() {
+                let hi = if group.is_some() { 3 } else { i };
                 let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
                 let s: Vec<f32> = (lo..=hi).map(|j| dot(q.row(i), k.row(j)) * 0.7).collect();
                 let m = s.iter().cloned().fold(f32::MIN, f32::max);
