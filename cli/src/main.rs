@@ -14,17 +14,19 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use e4m3_core::backend::{Backend, CacheConfig, KvCacheDtype, Runner};
+use e4m3_core::backend::{Backend, CacheConfig, KvCacheDtype, Runner, StepInputs};
 use e4m3_core::chat::{render_chat_with, ChatMessage, ChatOptions};
 use e4m3_core::chat_parse::{is_gemma4_template, prompt_opens_thought, Gemma4Parser, ParsedDelta};
 use e4m3_core::cpu::CpuBackend;
-use e4m3_core::generate::{generate, prompt_logits, top_k, GenerateRequest};
+use e4m3_core::generate::{generate_with_inputs, prompt_logits, top_k, GenerateRequest};
 use e4m3_core::generation_config::GenerationConfig;
+use e4m3_core::image::load_gemma3_pixels;
 use e4m3_core::import_gguf::{import_gguf, ImportOptions};
 use e4m3_core::model::Model;
 use e4m3_core::sampling::SamplingParams;
 use e4m3_core::tensor::DType;
 use e4m3_core::tokenizer::Tokenizer;
+use e4m3_core::vision::{expand_image_placeholders, prompt_inputs, VisionModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -108,6 +110,10 @@ enum Cmd {
         /// template the thought channel is printed apart, dimmed, on stderr.
         #[arg(long, requires = "chat")]
         enable_thinking: bool,
+        /// An image (PNG, JPEG, WebP) for a Gemma 3 multimodal checkpoint; repeatable. With --chat the
+        /// images come before the text; with --prompt each needs a `<start_of_image>` in the prompt.
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendKind,
         #[arg(long, default_value_t = 256)]
@@ -197,6 +203,7 @@ fn run(cli: Cli) -> Result<()> {
             chat,
             system,
             enable_thinking,
+            images,
             backend,
             max_tokens,
             kv_cache_dtype,
@@ -221,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
                 stats,
                 json,
                 top_logits,
+                images,
             };
             cmd_run(&model, input, &sampling, &opts)
         }
@@ -355,6 +363,7 @@ pub fn load_runner(
     Ok(r)
 }
 
+#[derive(Clone)]
 enum PromptInput {
     Raw(String),
     Chat {
@@ -368,6 +377,29 @@ enum PromptInput {
 fn prompt_ids(tok: &Tokenizer, input: &PromptInput) -> Result<(Vec<u32>, Option<Gemma4Parser>)> {
     Ok(match input {
         PromptInput::Raw(p) => (tok.encode_prompt(p)?, None),
+        chat => {
+            let text = prompt_text(tok, chat)?;
+            let parser = tok
+                .chat_template()
+                .filter(|t| is_gemma4_template(t))
+                .map(|_| {
+                    let p = Gemma4Parser::new(true, false);
+                    if prompt_opens_thought(&text) {
+                        p.in_thought()
+                    } else {
+                        p
+                    }
+                });
+            // The template emits BOS itself.
+            (tok.encode(&text, false)?, parser)
+        }
+    })
+}
+
+/// The text of a --chat prompt rendered with the checkpoint's template (a raw prompt as given).
+fn prompt_text(tok: &Tokenizer, input: &PromptInput) -> Result<String> {
+    Ok(match input {
+        PromptInput::Raw(p) => p.clone(),
         PromptInput::Chat {
             system,
             user,
@@ -385,7 +417,7 @@ fn prompt_ids(tok: &Tokenizer, input: &PromptInput) -> Result<(Vec<u32>, Option<
             if *enable_thinking {
                 kwargs.insert("enable_thinking".into(), true.into());
             }
-            let text = render_chat_with(
+            render_chat_with(
                 template,
                 &messages,
                 &ChatOptions {
@@ -395,17 +427,7 @@ fn prompt_ids(tok: &Tokenizer, input: &PromptInput) -> Result<(Vec<u32>, Option<
                     tools: None,
                     kwargs: Some(&kwargs),
                 },
-            )?;
-            let parser = is_gemma4_template(template).then(|| {
-                let p = Gemma4Parser::new(true, false);
-                if prompt_opens_thought(&text) {
-                    p.in_thought()
-                } else {
-                    p
-                }
-            });
-            // The template emits BOS itself.
-            (tok.encode(&text, false)?, parser)
+            )?
         }
     })
 }
@@ -487,6 +509,87 @@ struct RunOpts {
     stats: bool,
     json: bool,
     top_logits: usize,
+    images: Vec<PathBuf>,
+}
+
+/// The prompt of `--image` runs: the Gemma 3 processor's expansion of every `<start_of_image>` (with
+/// --chat, one per image before the user text), then the image embeddings and their attention groups.
+fn image_prompt(
+    tok: &Tokenizer,
+    input: &PromptInput,
+    model: &Model,
+    images: &[PathBuf],
+    stats: bool,
+) -> Result<(Vec<u32>, StepInputs)> {
+    let dir = &model.dir;
+    let vision = VisionModel::load(dir, model.config.hidden_size)?.with_context(|| {
+        format!(
+            "--image: {} has no vision tower (its config.json has no vision_config)",
+            dir.display()
+        )
+    })?;
+    let c = &vision.config;
+    let t = Instant::now();
+    let pixels = images
+        .iter()
+        .map(|p| load_gemma3_pixels(p, c.image_size))
+        .collect::<e4m3_core::Result<Vec<_>>>()?;
+    let t_pre = t.elapsed().as_secs_f64();
+    let input = match input {
+        PromptInput::Chat {
+            system,
+            user,
+            enable_thinking,
+        } => PromptInput::Chat {
+            system: system.clone(),
+            user: format!("{}{user}", "<start_of_image>".repeat(images.len())),
+            enable_thinking: *enable_thinking,
+        },
+        raw => raw.clone(),
+    };
+    let (ids, n) = match &input {
+        PromptInput::Raw(p) => {
+            let (text, n) = expand_image_placeholders(p, c.mm_tokens_per_image);
+            (tok.encode_prompt(&text)?, n)
+        }
+        chat => {
+            let text = prompt_text(tok, chat)?;
+            let (text, n) = expand_image_placeholders(&text, c.mm_tokens_per_image);
+            (tok.encode(&text, false)?, n)
+        }
+    };
+    if n != images.len() {
+        bail!(
+            "--prompt has {n} <start_of_image> markers but {} --image files were given",
+            images.len()
+        );
+    }
+    // The tower runs on the CPU reference (the only backend with its ops for now).
+    let t = Instant::now();
+    let mut runner = vision.runner(&CpuBackend, images.len())?;
+    let (features, _) = vision.encode(runner.as_mut(), &pixels, &[])?;
+    if stats {
+        eprintln!(
+            "images: {} preprocessed in {:.3}s, encoded (tower + projector, CPU) in {:.3}s",
+            images.len(),
+            t_pre,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let inputs = prompt_inputs(&ids, c.image_token_id, &features, true)?;
+    // As transformers: an image token outside the text vocabulary is embedded as padding (0), then replaced.
+    let vocab = model.config.vocab_size;
+    let ids = ids
+        .into_iter()
+        .map(|t| {
+            if t == c.image_token_id && t as usize >= vocab {
+                0
+            } else {
+                t
+            }
+        })
+        .collect();
+    Ok((ids, inputs))
 }
 
 fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOpts) -> Result<()> {
@@ -497,15 +600,28 @@ fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOp
         stats,
         json,
         top_logits,
+        ref images,
     } = *opts;
     let tok = Tokenizer::from_dir(dir)?;
     let gen = GenerationConfig::from_dir(dir)?;
     let params = sampling_params(&gen, sampling)?;
-    let (ids, parser) = prompt_ids(&tok, &input)?;
     let model = load_model(dir)?;
+    let (ids, parser, inputs) = if images.is_empty() {
+        let (ids, parser) = prompt_ids(&tok, &input)?;
+        (ids, parser, None)
+    } else {
+        let (ids, inputs) = image_prompt(&tok, &input, &model, images, stats)?;
+        (ids, None, Some(inputs))
+    };
     let budget = sequence_budget(&model, ids.len(), max_tokens)?;
     let max_new = budget - ids.len();
     let backend = open_backend(backend)?;
+    if inputs.is_some() && backend.name() != "cpu" {
+        bail!(
+            "--image runs on the CPU backend only for now (--backend cpu); {} has no image inputs yet",
+            backend.name()
+        );
+    }
     let mut runner = load_runner(backend.as_ref(), &model, budget, kv)?;
     let mut stop_ids = gen.eos_token_ids.clone();
     if stop_ids.is_empty() {
@@ -526,7 +642,7 @@ fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOp
         dim: std::io::stderr().is_terminal(),
     };
     let mut write_err = None;
-    let out = generate(runner.as_mut(), 0, &req, |id| {
+    let out = generate_with_inputs(runner.as_mut(), 0, &req, inputs.as_ref(), |id| {
         if json || req.stop_ids.contains(&id) {
             return true;
         }

@@ -75,6 +75,19 @@ impl Batch {
     }
 }
 
+/// Inputs of a step beyond its token ids (images): see [`Runner::step_with_inputs`].
+#[derive(Debug, Clone)]
+pub struct StepInputs {
+    /// Flat rows of the step (as in `Batch::flat_tokens`) whose embedding is given: row `embed_rows[i]`
+    /// takes `embeds.row(i)` instead of the Embed op's gather, unscaled. `Op::Input` reads `embeds`, which
+    /// then must give every row of the step in order.
+    pub embed_rows: Vec<usize>,
+    pub embeds: Mat,
+    /// Per flat row: its bidirectional attention group (an image), or None; empty means all causal.
+    /// A row of a group also attends to the later rows of the same contiguous group within the step.
+    pub groups: Vec<Option<u32>>,
+}
+
 /// What a step returns.
 #[derive(Debug, Clone)]
 pub struct StepOutput {
@@ -206,6 +219,21 @@ pub trait Runner: Send {
     /// offset of the first overwritten word.
     fn check_guards(&mut self) -> Result<()> {
         Ok(())
+    }
+    /// [`Runner::step`] with given embeddings for some rows and bidirectional groups (images). Backends
+    /// that cannot run it report it unsupported.
+    fn step_with_inputs(
+        &mut self,
+        batch: &Batch,
+        inputs: &StepInputs,
+        taps: &[String],
+    ) -> Result<StepOutput> {
+        let _ = (batch, inputs, taps);
+        Err(Error::Unsupported {
+            backend: "this backend".into(),
+            op: "step inputs (image embeddings, bidirectional groups)".into(),
+            node: "embed".into(),
+        })
     }
     /// Forget a slot's cached tokens.
     fn release(&mut self, slot: usize) -> Result<()>;

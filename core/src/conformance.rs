@@ -10,7 +10,7 @@
 //! the integration tests run it through [`run_suite`]. The printed case name reruns one case:
 //! `E4M3_CONFORMANCE_FILTER=<substring>` in the tests, `--filter <substring>` on the command line.
 
-use crate::backend::{Backend, Batch, CacheConfig, KvCacheDtype, LogitsFor, SeqStep};
+use crate::backend::{Backend, Batch, CacheConfig, KvCacheDtype, LogitsFor, SeqStep, StepInputs};
 use crate::checkpoint::Weight;
 use crate::cpu::CpuBackend;
 use crate::error::Error;
@@ -38,6 +38,8 @@ pub struct Case {
     /// Compare `Runner::step_top_k(batch, k)` (ids and values, as a `[rows, 2k]` matrix) instead of the
     /// logits.
     top_k: Option<usize>,
+    /// Inputs of every step (image embeddings, bidirectional groups): run with `Runner::step_with_inputs`.
+    inputs: Option<StepInputs>,
 }
 
 impl Case {
@@ -214,6 +216,7 @@ impl Builder {
             kv,
             threshold,
             top_k: None,
+            inputs: None,
         }
     }
 }
@@ -776,6 +779,7 @@ pub fn cases() -> Vec<Case> {
     attention_cases(&mut out);
     long_attention_cases(&mut out);
     gemma4_cases(&mut out);
+    vision_cases(&mut out);
     out
 }
 
@@ -977,6 +981,186 @@ fn gemma4_cases(out: &mut Vec<Case>) {
     }
 }
 
+/// The vision-encoder ops (issue #9) and the image inputs of a text step: rows given as embeddings, and
+/// causal attention made bidirectional within an image group.
+fn vision_cases(out: &mut Vec<Case>) {
+    let seq = |slot, tokens: Vec<u32>| SeqStep {
+        slot,
+        start_pos: 0,
+        tokens,
+        logits: LogitsFor::All,
+    };
+    for &cols in &[5usize, 13, 1000] {
+        for kind in ["bias_add", "gelu_tanh", "layer_norm"] {
+            let mut b = Builder::new(VOCAB, cols as u64 * 17 + 3);
+            let x = b.input("x", cols, 4.0);
+            let w = rand_vec(&mut b.rng, cols, 1.0);
+            b.tensor("w", DType::BF16, vec![cols], &w);
+            let bias = rand_vec(&mut b.rng, cols, 1.0);
+            b.tensor("b", DType::F32, vec![cols], &bias);
+            let (op, threshold) = match kind {
+                "bias_add" => (Op::BiasAdd { bias: "b".into() }, NMSE_ELEMENTWISE),
+                "gelu_tanh" => (Op::GeluTanh, NMSE_ELEMENTWISE),
+                _ => (
+                    Op::LayerNorm {
+                        weight: "w".into(),
+                        bias: "b".into(),
+                        eps: 1e-6,
+                    },
+                    NMSE_NORM,
+                ),
+            };
+            let y = b.g.add("y", op, &[x], cols);
+            out.push(b.finish(
+                format!("{kind}(cols={cols},rows=7)"),
+                y,
+                vec![Batch::single(0, 0, ids(7, 2), LogitsFor::All)],
+                KvCacheDtype::Auto,
+                threshold,
+            ));
+        }
+    }
+    // Two images (sequences) of different lengths in one step; SigLIP's 16 heads of 72.
+    for &(nh, d, lens) in &[(2usize, 8usize, [5usize, 9usize]), (16, 72, [16, 3])] {
+        let mut b = Builder::new(VOCAB, (nh * 10 + d) as u64);
+        let q = b.input("q", nh * d, 1.5);
+        let k = b.input("k", nh * d, 1.5);
+        let v = b.input("v", nh * d, 2.0);
+        let y = b.g.add(
+            "attn",
+            Op::EncoderAttention {
+                n_heads: nh,
+                head_dim: d,
+                scale: 1.0 / (d as f32).sqrt(),
+            },
+            &[q, k, v],
+            nh * d,
+        );
+        let steps = vec![Batch {
+            seqs: vec![seq(0, ids(lens[0], 1)), seq(1, ids(lens[1], 5))],
+        }];
+        out.push(b.finish(
+            format!("encoder_attention(heads={nh},head_dim={d},rows={lens:?})"),
+            y,
+            steps,
+            KvCacheDtype::Auto,
+            NMSE_ATTENTION,
+        ));
+    }
+    for &(side, kernel, cols) in &[(4usize, 2usize, 5usize), (8, 4, 24)] {
+        let mut b = Builder::new(VOCAB, (side * 7 + cols) as u64);
+        let x = b.input("x", cols, 3.0);
+        let y = b.g.add("y", Op::AvgPool2d { side, kernel }, &[x], cols);
+        let n = side * side;
+        let steps = vec![Batch {
+            seqs: vec![seq(0, ids(n, 0)), seq(1, ids(n, 3))],
+        }];
+        out.push(b.finish(
+            format!("avg_pool2d(side={side},kernel={kernel},cols={cols},images=2)"),
+            y,
+            steps,
+            KvCacheDtype::Auto,
+            NMSE_ELEMENTWISE,
+        ));
+    }
+    // A step whose rows are all given (an encoder's patches).
+    let mut b = Builder::new(VOCAB, 99);
+    let y = b.g.add("patches", Op::Input, &[], 11);
+    let given = rand_vec(&mut b.rng, 6 * 11, 2.0);
+    let mut case = b.finish(
+        "input(rows=6,cols=11)".into(),
+        y,
+        vec![Batch::single(0, 0, ids(6, 0), LogitsFor::All)],
+        KvCacheDtype::Auto,
+        0.0,
+    );
+    case.inputs = Some(StepInputs {
+        embed_rows: (0..6).collect(),
+        embeds: Mat::from_vec(6, 11, given).expect("6x11"),
+        groups: vec![],
+    });
+    out.push(case);
+    // A text step with an image: given embedding rows, and attention causal except within each image
+    // (window 3 smaller than an image on the sliding variant), two sequences in one step.
+    for window in [None, Some(3usize)] {
+        let (nh, nkv, d) = (4usize, 2usize, 8usize);
+        let mut b = Builder::new(VOCAB, 77 + window.unwrap_or(0) as u64);
+        let table = rand_vec(&mut b.rng, VOCAB * nh * d, 1.0);
+        b.tensor("table", DType::F32, vec![VOCAB, nh * d], &table);
+        let x = b.g.add(
+            "embed",
+            Op::Embed {
+                table: "table".into(),
+                scale: 1.0,
+            },
+            &[],
+            nh * d,
+        );
+        let wk = rand_vec(&mut b.rng, nkv * d * nh * d, 0.3);
+        b.tensor("wk", DType::F32, vec![nkv * d, nh * d], &wk);
+        let wv = rand_vec(&mut b.rng, nkv * d * nh * d, 0.3);
+        b.tensor("wv", DType::F32, vec![nkv * d, nh * d], &wv);
+        let lin = |b: &mut Builder, name: &str, w: &str| {
+            b.g.add(
+                name,
+                Op::Linear {
+                    weight: w.into(),
+                    scheme: QuantScheme::Dense,
+                },
+                &[x],
+                nkv * d,
+            )
+        };
+        let k = lin(&mut b, "k", "wk");
+        let v = lin(&mut b, "v", "wv");
+        b.g.cache_layers.push(CacheLayer {
+            n_kv_heads: nkv,
+            head_dim: d,
+            window,
+            k_scale: None,
+            v_scale: None,
+        });
+        let y = b.g.add(
+            "attn",
+            Op::Attention {
+                cache_layer: 0,
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: d,
+                scale: 1.0 / (d as f32).sqrt(),
+                window,
+                softcap: None,
+            },
+            &[x, k, v],
+            nh * d,
+        );
+        let steps = vec![Batch {
+            seqs: vec![seq(0, ids(10, 1)), seq(1, ids(6, 4))],
+        }];
+        // Rows 2..6 of sequence 0 are one image, 7..9 another; rows 1..4 of sequence 1 (10..14) a third.
+        let img = |g| Some(g);
+        let mut groups = vec![None; 16];
+        (2..6).for_each(|r| groups[r] = img(0));
+        (7..9).for_each(|r| groups[r] = img(1));
+        (11..14).for_each(|r| groups[r] = img(2));
+        let rows: Vec<usize> = (0..16).filter(|&r| groups[r].is_some()).collect();
+        let given = rand_vec(&mut b.rng, rows.len() * nh * d, 1.0);
+        let mut case = b.finish(
+            format!("attention_image_groups(window={window:?})"),
+            y,
+            steps,
+            KvCacheDtype::Auto,
+            NMSE_ATTENTION,
+        );
+        case.inputs = Some(StepInputs {
+            embeds: Mat::from_vec(rows.len(), nh * d, given).expect("rows x cols"),
+            embed_rows: rows,
+            groups,
+        });
+        out.push(case);
+    }
+}
+
 /// NMSE of `got` against the reference `want` over the positions where both are finite: sum of squared
 /// differences over the reference's sum of squares (the plain sum where the reference is all zeros).
 pub fn nmse(got: &Mat, want: &Mat) -> f64 {
@@ -1042,7 +1226,7 @@ fn run_on(backend: &dyn Backend, case: &Case) -> Result<Vec<Mat>, Error> {
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let out = step_once(runner.as_mut(), b, case.top_k)?;
+            let out = step_once(runner.as_mut(), b, case.top_k, case.inputs.as_ref())?;
             if guarded {
                 runner
                     .check_guards()
@@ -1058,10 +1242,12 @@ fn step_once(
     runner: &mut dyn crate::backend::Runner,
     b: &Batch,
     top_k: Option<usize>,
+    inputs: Option<&StepInputs>,
 ) -> Result<Mat, Error> {
-    match top_k {
-        None => runner.step(b, &[]).map(|o| o.logits),
-        Some(k) => {
+    match (top_k, inputs) {
+        (_, Some(inputs)) => runner.step_with_inputs(b, inputs, &[]).map(|o| o.logits),
+        (None, None) => runner.step(b, &[]).map(|o| o.logits),
+        (Some(k), None) => {
             let rows = runner.step_top_k(b, k)?;
             let mut m = Mat::zeros(rows.len(), 2 * k);
             for (r, cands) in rows.iter().enumerate() {

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use crate::backend::{Batch, LogitsFor, Runner};
+use crate::backend::{Batch, LogitsFor, Runner, StepInputs};
 use crate::error::{Error, Result};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tensor::Mat;
@@ -62,6 +62,17 @@ pub fn generate(
     runner: &mut dyn Runner,
     slot: usize,
     req: &GenerateRequest,
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<GenerateOutput> {
+    generate_with_inputs(runner, slot, req, None, on_token)
+}
+
+/// [`generate`] whose prefill step takes `inputs` (image embeddings and groups, rows of the prompt).
+pub fn generate_with_inputs(
+    runner: &mut dyn Runner,
+    slot: usize,
+    req: &GenerateRequest,
+    inputs: Option<&StepInputs>,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<GenerateOutput> {
     if req.prompt_ids.is_empty() {
@@ -76,8 +87,18 @@ pub fn generate(
     let greedy = sampler.params().is_greedy();
     let k = req.top_logits.max(1);
     let sparse = sampler.candidates_needed().filter(|&n| req.top_logits <= n);
-    let mut run = |batch: Batch| -> Result<Vec<(u32, f32)>> {
-        if greedy {
+    let mut run = |batch: Batch, inputs: Option<&StepInputs>| -> Result<Vec<(u32, f32)>> {
+        if let Some(inp) = inputs {
+            // Steps with inputs return the whole logits row; pick from it as the dense path does.
+            let logits = runner.step_with_inputs(&batch, inp, &[])?.logits;
+            let mut tops = top_k(logits.row(0), k.max(req.top_logits));
+            if !greedy {
+                let id = sampler.sample(logits.row(0));
+                tops.truncate(req.top_logits);
+                tops.insert(0, (id, f32::NAN));
+            }
+            Ok(tops)
+        } else if greedy {
             Ok(runner.step_top_k(&batch, k)?.pop().unwrap_or_default())
         } else if let Some(n) = sparse {
             let cands = runner.step_top_k(&batch, n)?.pop().unwrap_or_default();
@@ -94,12 +115,10 @@ pub fn generate(
         }
     };
     let t0 = Instant::now();
-    let mut next = run(Batch::single(
-        slot,
-        0,
-        req.prompt_ids.clone(),
-        LogitsFor::Last,
-    ))?;
+    let mut next = run(
+        Batch::single(slot, 0, req.prompt_ids.clone(), LogitsFor::Last),
+        inputs,
+    )?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let mut generated = Vec::new();
     let mut tops = Vec::new();
@@ -126,7 +145,7 @@ pub fn generate(
         if generated.len() == req.max_new_tokens {
             break;
         }
-        next = run(Batch::single(slot, pos, vec![id], LogitsFor::Last))?;
+        next = run(Batch::single(slot, pos, vec![id], LogitsFor::Last), None)?;
         pos += 1;
     }
     Ok(GenerateOutput {

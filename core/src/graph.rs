@@ -142,6 +142,31 @@ pub enum Op {
         gate_up_scheme: QuantScheme,
         down_scheme: QuantScheme,
     },
+    // Vision encoders (images in; crate::vision). Rows are a sequence's patches or pooled tokens.
+    /// The step's given rows (`StepInputs::embeds`, every row given), e.g. an image's flattened patches.
+    /// No inputs.
+    Input,
+    /// `x + b` on every row, `b` a vector of `cols` values (a Linear's bias).
+    BiasAdd { bias: String },
+    /// LayerNorm of each row: `(x - mean) / sqrt(var + eps) * w + b` (biased variance).
+    LayerNorm {
+        weight: String,
+        bias: String,
+        eps: f32,
+    },
+    /// `gelu_tanh(x)`.
+    GeluTanh,
+    /// Non-causal attention of each sequence's rows among themselves, no KV cache (an encoder): q, k, v
+    /// `[T, n_heads*head_dim]`.
+    EncoderAttention {
+        n_heads: usize,
+        head_dim: usize,
+        scale: f32,
+    },
+    /// Average pool of each sequence's rows read as a row-major `side x side` grid, over `kernel x kernel`
+    /// blocks: `(side / kernel)^2` rows per sequence, row-major over the pooled grid. The rows of the
+    /// sequence must number `side * side`.
+    AvgPool2d { side: usize, kernel: usize },
 }
 
 impl Op {
@@ -161,6 +186,12 @@ impl Op {
             Op::AttentionShared { .. } => "attention_shared",
             Op::RouterTopK { .. } => "router_topk",
             Op::MoeExperts { .. } => "moe_experts",
+            Op::Input => "input",
+            Op::BiasAdd { .. } => "bias_add",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::GeluTanh => "gelu_tanh",
+            Op::EncoderAttention { .. } => "encoder_attention",
+            Op::AvgPool2d { .. } => "avg_pool2d",
         }
     }
 }
@@ -309,6 +340,11 @@ impl Graph {
                     names.push(down);
                     names.extend(gate_up_scheme.scale_tensors());
                     names.extend(down_scheme.scale_tensors());
+                }
+                Op::BiasAdd { bias } => names.push(bias),
+                Op::LayerNorm { weight, bias, .. } => {
+                    names.push(weight);
+                    names.push(bias);
                 }
                 _ => {}
             }

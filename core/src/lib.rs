@@ -16,6 +16,7 @@ pub mod generate;
 pub mod generation_config;
 pub mod gguf;
 pub mod graph;
+pub mod image;
 pub mod import_gguf;
 pub mod kv_pages;
 pub mod model;
@@ -26,5 +27,6 @@ pub mod sampling;
 pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;
+pub mod vision;
 
 pub use error::{Error, Result};

@@ -143,6 +143,13 @@ pub fn gpu_supports(op: &Op, max_head_dim: usize) -> bool {
         | Op::AttentionShared { .. }
         | Op::RouterTopK { .. }
         | Op::MoeExperts { .. } => false,
+        // Vision encoder ops: CPU reference only for now (issue #9).
+        Op::Input
+        | Op::BiasAdd { .. }
+        | Op::LayerNorm { .. }
+        | Op::GeluTanh
+        | Op::EncoderAttention { .. }
+        | Op::AvgPool2d { .. } => false,
     }
 }
 

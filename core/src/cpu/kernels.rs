@@ -271,6 +271,34 @@ pub fn attention(
     cache: &mut KvLayer,
     out: &mut Mat,
 ) {
+    attention_grouped(g, q, k, v, row0, n, start, cache, out, &[])
+}
+
+/// [`attention`] where `groups[i]` (one per new row, or empty) is the bidirectional group of row i: a row
+/// of a group also sees the later rows of the same contiguous group in this step (Gemma 3's image mask:
+/// causal OR same image, then the sliding window, which only bounds the past).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_grouped(
+    g: &AttnGeom,
+    q: &Mat,
+    k: &Mat,
+    v: &Mat,
+    row0: usize,
+    n: usize,
+    start: usize,
+    cache: &mut KvLayer,
+    out: &mut Mat,
+    groups: &[Option<u32>],
+) {
+    // Last row (within the step) each row sees: itself, or the end of its group.
+    let mut last = (0..n).collect::<Vec<usize>>();
+    if !groups.is_empty() {
+        for i in (0..n.saturating_sub(1)).rev() {
+            if groups[i].is_some() && groups[i] == groups[i + 1] {
+                last[i] = last[i + 1];
+            }
+        }
+    }
     let d = g.head_dim;
     let group = g.n_heads / g.n_kv_heads;
     let cache_ref = &*cache;
@@ -295,12 +323,13 @@ pub fn attention(
         .for_each(|(i, orow)| {
             let p = start + i;
             let lo = g.window.map_or(0, |w| (p + 1).saturating_sub(w));
-            let mut scores = vec![0f32; p + 1 - lo];
+            let hi = start + last[i];
+            let mut scores = vec![0f32; hi + 1 - lo];
             for h in 0..g.n_heads {
                 let kvh = h / group;
                 let qh = &q.row(row0 + i)[h * d..(h + 1) * d];
                 let mut max = f32::NEG_INFINITY;
-                for (s, j) in scores.iter_mut().zip(lo..=p) {
+                for (s, j) in scores.iter_mut().zip(lo..=hi) {
                     let mut x = dot(qh, key(j, kvh)) * g.scale;
                     if let Some(c) = g.softcap {
                         x = c * (x / c).tanh();
@@ -315,7 +344,7 @@ pub fn attention(
                 }
                 let o = &mut orow[h * d..(h + 1) * d];
                 o.fill(0.0);
-                for (s, j) in scores.iter().zip(lo..=p) {
+                for (s, j) in scores.iter().zip(lo..=hi) {
                     let pw = s / sum;
                     for (oi, vi) in o.iter_mut().zip(value(j, kvh)) {
                         *oi += pw * vi;
@@ -599,6 +628,66 @@ mod tests {
                 for dd in 0..4 {
                     let o: f32 = (4..=6).map(|j| e[j - 4] / z * v.row(j)[dd]).sum();
                     assert!((full.row(6)[h * 4 + dd] - o).abs() < 1e-6);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod grouped_tests {
+    use super::*;
+
+    /// Rows of an image group see the later rows of their group (and the sliding window bounds only the
+    /// past); other rows stay causal.
+    #[test]
+    fn grouped_attention_sees_the_rest_of_its_group() {
+        let t = 5;
+        let q = Mat::from_vec(
+            t,
+            2,
+            vec![0.3, -0.4, 1.0, 0.2, -0.5, 0.8, 0.1, 0.1, 0.7, -0.9],
+        )
+        .unwrap();
+        let k = Mat::from_vec(
+            t,
+            2,
+            vec![0.2, 0.9, -0.3, 0.4, 0.6, -0.2, 1.1, 0.5, -0.7, 0.3],
+        )
+        .unwrap();
+        let v = Mat::from_vec(
+            t,
+            2,
+            vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.25, -2.0, 4.0, 1.5, 0.0],
+        )
+        .unwrap();
+        let groups = [None, Some(0), Some(0), Some(0), None];
+        for window in [None, Some(2)] {
+            let g = AttnGeom {
+                append: true,
+                n_heads: 1,
+                n_kv_heads: 1,
+                head_dim: 2,
+                scale: 0.7,
+                window,
+                softcap: None,
+            };
+            let mut cache = KvLayer::new(8, 2);
+            let mut out = Mat::zeros(t, 2);
+            attention_grouped(&g, &q, &k, &v, 0, t, 0, &mut cache, &mut out, &groups);
+            for (i, group) in groups.iter().enumerate() {
+                let hi = if group.is_some() { 3 } else { i };
+                let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+                let s: Vec<f32> = (lo..=hi).map(|j| dot(q.row(i), k.row(j)) * 0.7).collect();
+                let m = s.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for d in 0..2 {
+                    let o: f32 = (lo..=hi).map(|j| e[j - lo] / z * v.row(j)[d]).sum();
+                    assert!(
+                        (out.row(i)[d] - o).abs() < 1e-6,
+                        "window {window:?} row {i}"
+                    );
                 }
             }
         }

@@ -2,11 +2,13 @@
 
 pub mod fp8_linear;
 pub mod kernels;
+pub mod vision;
 
 use std::collections::BTreeMap;
 
 use crate::backend::{
-    check_supported, validate_batch, Backend, Batch, CacheConfig, KvCacheDtype, Runner, StepOutput,
+    check_supported, validate_batch, Backend, Batch, CacheConfig, KvCacheDtype, Runner, StepInputs,
+    StepOutput,
 };
 use crate::checkpoint::Weight;
 use crate::error::{Error, Result};
@@ -37,6 +39,12 @@ impl Backend for CpuBackend {
             | Op::AttentionShared { .. }
             | Op::RouterTopK { .. }
             | Op::MoeExperts { .. } => true,
+            Op::Input
+            | Op::BiasAdd { .. }
+            | Op::LayerNorm { .. }
+            | Op::GeluTanh
+            | Op::EncoderAttention { .. }
+            | Op::AvgPool2d { .. } => true,
             // Dense, Fp8Static, Fp8Dynamic, Fp8BlockWeightOnly, Fp8Block (fp8_linear.rs).
             Op::Linear { .. } => true,
         }
@@ -118,6 +126,26 @@ impl Backend for CpuBackend {
                     ));
                 }
                 norms.insert(per_expert_scale.clone(), v);
+            }
+            let vectors: Vec<&String> = match &n.op {
+                Op::BiasAdd { bias } => vec![bias],
+                Op::LayerNorm { weight, bias, .. } => vec![weight, bias],
+                _ => vec![],
+            };
+            for name in vectors {
+                let v = weights[name].to_f32();
+                if v.len() != n.cols {
+                    return Err(Error::tensor(
+                        name,
+                        format!(
+                            "has {} values, node `{}` has {} columns",
+                            v.len(),
+                            n.name,
+                            n.cols
+                        ),
+                    ));
+                }
+                norms.insert(name.clone(), v);
             }
         }
         let kv_round = graph
@@ -218,6 +246,71 @@ impl CpuRunner {
 
 impl Runner for CpuRunner {
     fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput> {
+        self.run_step(batch, None, taps)
+    }
+
+    fn step_with_inputs(
+        &mut self,
+        batch: &Batch,
+        inputs: &StepInputs,
+        taps: &[String],
+    ) -> Result<StepOutput> {
+        self.run_step(batch, Some(inputs), taps)
+    }
+
+    fn release(&mut self, slot: usize) -> Result<()> {
+        let s = self
+            .slots
+            .get_mut(slot)
+            .ok_or_else(|| Error::invalid(format!("slot {slot} does not exist")))?;
+        *s = None;
+        Ok(())
+    }
+
+    fn seq_len(&self, slot: usize) -> usize {
+        self.slots
+            .get(slot)
+            .and_then(|s| s.as_ref())
+            .map_or(0, |c| c.len)
+    }
+}
+
+/// Check a step's inputs against its rows.
+fn validate_inputs(inputs: &StepInputs, rows: usize, cols: usize) -> Result<()> {
+    if inputs.embed_rows.len() != inputs.embeds.rows {
+        return Err(Error::invalid(format!(
+            "{} embedding rows given for {} row indices",
+            inputs.embeds.rows,
+            inputs.embed_rows.len()
+        )));
+    }
+    if let Some(&r) = inputs.embed_rows.iter().find(|&&r| r >= rows) {
+        return Err(Error::invalid(format!(
+            "embedding for row {r} of a step of {rows} rows"
+        )));
+    }
+    if !inputs.embed_rows.is_empty() && inputs.embeds.cols != cols {
+        return Err(Error::invalid(format!(
+            "embeddings of {} columns for a graph input of {cols}",
+            inputs.embeds.cols
+        )));
+    }
+    if !inputs.groups.is_empty() && inputs.groups.len() != rows {
+        return Err(Error::invalid(format!(
+            "{} attention groups for a step of {rows} rows",
+            inputs.groups.len()
+        )));
+    }
+    Ok(())
+}
+
+impl CpuRunner {
+    fn run_step(
+        &mut self,
+        batch: &Batch,
+        inputs: Option<&StepInputs>,
+        taps: &[String],
+    ) -> Result<StepOutput> {
         validate_batch(batch, &self.cache, self.graph.vocab_size, |s| {
             self.slots[s].as_ref().map_or(0, |c| c.len)
         })?;
@@ -233,6 +326,36 @@ impl Runner for CpuRunner {
             }
         }
         let (ids, positions) = batch.flat_tokens();
+        if let Some(inp) = inputs {
+            // Given rows feed `Op::Input` where the graph has one (an encoder), else replace embeddings.
+            let cols = self
+                .graph
+                .nodes
+                .iter()
+                .find(|n| matches!(n.op, Op::Input))
+                .or_else(|| {
+                    self.graph
+                        .nodes
+                        .iter()
+                        .find(|n| matches!(n.op, Op::Embed { .. }))
+                })
+                .map_or(0, |n| n.cols);
+            validate_inputs(inp, ids.len(), cols)?;
+        }
+        let has_input = self.graph.nodes.iter().any(|n| matches!(n.op, Op::Input));
+        let no_groups: Vec<Option<u32>> = Vec::new();
+        let groups = inputs.map_or(&no_groups, |i| &i.groups);
+        let seq_spans: Vec<(usize, usize)> = {
+            let mut b = 0;
+            batch
+                .seqs
+                .iter()
+                .map(|s| {
+                    b += s.tokens.len();
+                    (b - s.tokens.len(), s.tokens.len())
+                })
+                .collect()
+        };
         let logit_rows = batch.logit_rows();
         let select: Vec<usize> = logit_rows.iter().map(|r| r.0).collect();
         // (first row in the step, tokens, start position, slot) of each sequence.
@@ -249,7 +372,15 @@ impl Runner for CpuRunner {
             let input =
                 |k: usize| -> &Mat { values[node.inputs[k].0].as_ref().expect("input computed") };
             let out = match &node.op {
-                Op::Embed { table, scale } => kernels::embed(&self.weights[table], &ids, *scale),
+                Op::Embed { table, scale } => {
+                    let mut e = kernels::embed(&self.weights[table], &ids, *scale);
+                    if let Some(inp) = inputs.filter(|_| !has_input) {
+                        for (i, &r) in inp.embed_rows.iter().enumerate() {
+                            e.row_mut(r).copy_from_slice(inp.embeds.row(i));
+                        }
+                    }
+                    e
+                }
                 Op::RmsNorm {
                     weight,
                     group,
@@ -300,7 +431,14 @@ impl Runner for CpuRunner {
                             window: *window,
                             softcap: *softcap,
                         };
-                        kernels::attention(&geom, q, k, v, row0, n, start, layer, &mut out);
+                        let g = if groups.is_empty() {
+                            &[][..]
+                        } else {
+                            &groups[row0..row0 + n]
+                        };
+                        kernels::attention_grouped(
+                            &geom, q, k, v, row0, n, start, layer, &mut out, g,
+                        );
                     }
                     out
                 }
@@ -352,6 +490,48 @@ impl Runner for CpuRunner {
                 Op::Scale { factor } => kernels::scale(input(0), *factor),
                 Op::Softcap { cap } => kernels::softcap(input(0), *cap),
                 Op::SelectRows => kernels::select_rows(input(0), &select),
+                Op::Input => match inputs {
+                    Some(inp)
+                        if inp.embed_rows.len() == ids.len()
+                            && inp.embed_rows.iter().enumerate().all(|(i, &r)| i == r) =>
+                    {
+                        inp.embeds.clone()
+                    }
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "node `{}` reads the step's input rows: every row must be given",
+                            node.name
+                        )))
+                    }
+                },
+                Op::BiasAdd { bias } => vision::bias_add(input(0), &self.norms[bias]),
+                Op::LayerNorm { weight, bias, eps } => {
+                    vision::layer_norm(input(0), &self.norms[weight], &self.norms[bias], *eps)
+                }
+                Op::GeluTanh => vision::gelu(input(0)),
+                Op::EncoderAttention {
+                    n_heads,
+                    head_dim,
+                    scale,
+                } => vision::encoder_attention(
+                    input(0),
+                    input(1),
+                    input(2),
+                    &seq_spans,
+                    *n_heads,
+                    *head_dim,
+                    *scale,
+                ),
+                Op::AvgPool2d { side, kernel } => {
+                    if let Some(s) = batch.seqs.iter().find(|s| s.tokens.len() != side * side) {
+                        return Err(Error::invalid(format!(
+                            "node `{}` pools a {side}x{side} grid; a sequence has {} rows",
+                            node.name,
+                            s.tokens.len()
+                        )));
+                    }
+                    vision::avg_pool2d(input(0), &seq_spans, *side, *kernel)
+                }
             };
             if taps.iter().any(|t| *t == node.name) {
                 tapped.insert(node.name.clone(), out.clone());
@@ -372,22 +552,6 @@ impl Runner for CpuRunner {
             rows: logit_rows.iter().map(|r| (r.1, r.2)).collect(),
             taps: tapped,
         })
-    }
-
-    fn release(&mut self, slot: usize) -> Result<()> {
-        let s = self
-            .slots
-            .get_mut(slot)
-            .ok_or_else(|| Error::invalid(format!("slot {slot} does not exist")))?;
-        *s = None;
-        Ok(())
-    }
-
-    fn seq_len(&self, slot: usize) -> usize {
-        self.slots
-            .get(slot)
-            .and_then(|s| s.as_ref())
-            .map_or(0, |c| c.len)
     }
 }
 

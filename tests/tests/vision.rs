@@ -1,0 +1,259 @@
+//! Images in, text out (Gemma 3): preprocessing against transformers' Gemma3ImageProcessor
+//! (tests/fixtures/images, tools/make_image_fixtures.py).
+
+use e4m3_core::image::load_gemma3_pixels;
+use e4m3_tests::*;
+
+const SIZE: usize = 896;
+
+#[test]
+fn preprocessing_matches_transformers() {
+    let dir = fixture("images");
+    let summary = read_json(&dir.join("pixels.json"));
+    assert_eq!(summary["processor"], "Gemma3ImageProcessor");
+    let stride = summary["stride"].as_u64().unwrap() as usize;
+    let images = summary["images"].as_array().unwrap();
+    assert_eq!(images.len(), 6);
+    for img in images {
+        let file = img["file"].as_str().unwrap();
+        let px = load_gemma3_pixels(&dir.join(file), SIZE).unwrap();
+        // PNG and WebP decode identically, so the resize is checked bit for bit (one uint8 level is 2/255
+        // after normalization). JPEG decoders differ: the image crate's (zune-jpeg) IDCT differs from
+        // libjpeg-turbo's (PIL) by a level on some pixels, and its 4:2:0 chroma upsampling by up to two.
+        let (levels_tol, mean_tol) = if file.ends_with("_444.jpg") {
+            (1.0, 1e-4)
+        } else if file.ends_with(".jpg") {
+            (2.0, 2e-3)
+        } else {
+            (0.0, 1e-6)
+        };
+        assert_eq!(px.len(), 3 * SIZE * SIZE, "{file}");
+        let sub = img["subsample"].as_array().unwrap();
+        let mut worst = 0f32;
+        for c in 0..3 {
+            let rows = sub[c].as_array().unwrap();
+            for (ri, row) in rows.iter().enumerate() {
+                for (ci, level) in row.as_array().unwrap().iter().enumerate() {
+                    let want = level.as_f64().unwrap() as f32 / 127.5 - 1.0;
+                    let got = px[c * SIZE * SIZE + ri * stride * SIZE + ci * stride];
+                    worst = worst.max((got - want).abs());
+                }
+            }
+            let mean: f64 = px[c * SIZE * SIZE..(c + 1) * SIZE * SIZE]
+                .iter()
+                .map(|&v| v as f64)
+                .sum::<f64>()
+                / (SIZE * SIZE) as f64;
+            let want_mean = img["mean"][c].as_f64().unwrap();
+            assert!(
+                (mean - want_mean).abs() <= mean_tol,
+                "{file} channel {c}: mean {mean} vs transformers {want_mean}"
+            );
+        }
+        assert!(
+            worst <= levels_tol * 2.0 / 255.0 + 1e-5,
+            "{file}: max |diff| {worst} on the subsample ({} uint8 levels allowed)",
+            levels_tol
+        );
+    }
+}
+
+#[test]
+fn bad_image_files_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let err = load_gemma3_pixels(&bad, SIZE).unwrap_err().to_string();
+    assert!(err.contains("broken.png"), "{err}");
+    let gif = dir.path().join("anim.gif");
+    std::fs::write(&gif, b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").unwrap();
+    let err = load_gemma3_pixels(&gif, SIZE).unwrap_err().to_string();
+    assert!(err.contains("anim.gif") && err.contains("Gif"), "{err}");
+    let missing = dir.path().join("missing.jpg");
+    let err = load_gemma3_pixels(&missing, SIZE).unwrap_err().to_string();
+    assert!(err.contains("missing.jpg"), "{err}");
+}
+
+mod tiny {
+    use e4m3_core::backend::{Batch, LogitsFor};
+    use e4m3_core::cpu::CpuBackend;
+    use e4m3_core::generate::{generate_with_inputs, GenerateRequest};
+    use e4m3_core::image::{gemma3_pixels, load_rgb8};
+    use e4m3_core::model::Model;
+    use e4m3_core::sampling::SamplingParams;
+    use e4m3_core::tensor::Mat;
+    use e4m3_core::vision::{prompt_inputs, VisionModel};
+    use e4m3_tests::*;
+    use serde_json::Value;
+
+    struct Fixture {
+        reference: Value,
+        model: Model,
+        vision: VisionModel,
+    }
+
+    fn load() -> Fixture {
+        let dir = fixture("tiny-gemma3-vision");
+        let model = Model::load(&dir).unwrap();
+        let vision = VisionModel::load(&dir, model.config.hidden_size)
+            .unwrap()
+            .expect("the config has a vision_config");
+        Fixture {
+            reference: read_json(&dir.join("reference.json")),
+            model,
+            vision,
+        }
+    }
+
+    /// max |a - b| relative to the range (max - min) of `want`.
+    fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        let (lo, hi) = want
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+        max_abs_diff(got, want) / (hi - lo)
+    }
+
+    fn pixels(f: &Fixture) -> Vec<Vec<f32>> {
+        let all = json_f32s(&f.reference["pixel_values"]);
+        all.chunks(3 * 32 * 32).map(|c| c.to_vec()).collect()
+    }
+
+    fn features(f: &Fixture) -> Mat {
+        let mut r = f.vision.runner(&CpuBackend, 2).unwrap();
+        f.vision.encode(r.as_mut(), &pixels(f), &[]).unwrap().0
+    }
+
+    fn prompt_logits(f: &Fixture, bidirectional: bool) -> Mat {
+        let ids = json_u32s(&f.reference["input_ids"]);
+        let inputs = prompt_inputs(&ids, 60, &features(f), bidirectional).unwrap();
+        let mut runner = cpu_runner(&f.model, 1, 64);
+        runner
+            .step_with_inputs(&Batch::single(0, 0, ids, LogitsFor::All), &inputs, &[])
+            .unwrap()
+            .logits
+    }
+
+    #[test]
+    fn preprocessing_at_the_tiny_image_size_matches() {
+        let f = load();
+        let px = pixels(&f);
+        for (i, file) in ["grad_160x120.png", "alpha_96x64.png"].iter().enumerate() {
+            let ours = gemma3_pixels(&load_rgb8(&fixture("images").join(file)).unwrap(), 32);
+            assert!(max_abs_diff(&ours, &px[i]) < 1e-5, "{file}");
+        }
+    }
+
+    #[test]
+    fn tower_and_projector_match_transformers() {
+        let f = load();
+        let mut r = f.vision.runner(&CpuBackend, 2).unwrap();
+        let (feats, taps) = f
+            .vision
+            .encode(r.as_mut(), &pixels(&f), &["vision_last_hidden".into()])
+            .unwrap();
+        assert_eq!((feats.rows, feats.cols), (8, 32));
+        let e = rel_err(&feats.data, &json_f32s(&f.reference["image_features"]));
+        eprintln!("image features: max |diff| / range {e:.2e}");
+        assert!(e < 1e-3, "image features: {e}");
+        let last = &taps["vision_last_hidden"];
+        assert_eq!((last.rows, last.cols), (32, 16));
+        let e = rel_err(&last.data, &json_f32s(&f.reference["vision_last_hidden"]));
+        eprintln!("tower output: max |diff| / range {e:.2e}");
+        assert!(e < 1e-3, "tower output: {e}");
+        // One image at a time gives the same rows as both together.
+        let one = f
+            .vision
+            .encode(r.as_mut(), &pixels(&f)[1..], &[])
+            .unwrap()
+            .0;
+        assert!(max_abs_diff(&one.data, &feats.data[4 * 32..]) < 1e-5);
+    }
+
+    #[test]
+    fn image_prompt_logits_match_and_need_the_bidirectional_mask() {
+        let f = load();
+        let want = json_f32s(&f.reference["logits"]);
+        let got = prompt_logits(&f, true);
+        let e = rel_err(&got.data, &want);
+        eprintln!("logits: max |diff| / range {e:.2e}");
+        assert!(e < 1e-3, "logits: {e}");
+        // Without the image mask the logits are transformers' causal ones, not the reference.
+        let causal = prompt_logits(&f, false);
+        let e_off = rel_err(&causal.data, &want);
+        eprintln!("logits with the image mask off: max |diff| / range {e_off:.2e}");
+        assert!(
+            e_off > 1e-2,
+            "turning the mask off must fail the comparison: {e_off}"
+        );
+        let e_causal = rel_err(&causal.data, &json_f32s(&f.reference["logits_causal"]));
+        assert!(e_causal < 1e-3, "causal logits: {e_causal}");
+    }
+
+    #[test]
+    fn greedy_generation_with_images_matches() {
+        let f = load();
+        let ids = json_u32s(&f.reference["input_ids"]);
+        let inputs = prompt_inputs(&ids, 60, &features(&f), true).unwrap();
+        let mut runner = cpu_runner(&f.model, 1, 64);
+        let req = GenerateRequest {
+            prompt_ids: ids,
+            max_new_tokens: 8,
+            sampling: SamplingParams::greedy(),
+            stop_ids: vec![],
+            top_logits: 0,
+        };
+        let out = generate_with_inputs(runner.as_mut(), 0, &req, Some(&inputs), |_| true).unwrap();
+        assert_eq!(out.generated, json_u32s(&f.reference["greedy"]));
+    }
+}
+
+/// The vision conformance cases run on the CPU reference (other backends report them unsupported for now).
+#[test]
+fn vision_conformance_cases_run_on_the_cpu() {
+    use e4m3_core::conformance::run_suite;
+    use e4m3_core::cpu::CpuBackend;
+    let mut total = 0;
+    for filter in [
+        "bias_add(",
+        "gelu_tanh(cols",
+        "layer_norm(",
+        "encoder_attention(",
+        "avg_pool2d(",
+        "input(",
+        "attention_image_groups(",
+    ] {
+        let report = run_suite(&CpuBackend, Some(filter));
+        assert_eq!(report.failed() + report.unsupported(), 0, "{filter}");
+        assert!(report.passed() > 0, "{filter}: no case");
+        total += report.passed();
+    }
+    assert_eq!(total, 3 * 3 + 2 + 2 + 1 + 2);
+}
+
+/// `<start_of_image>` expanded as Gemma3Processor does, tokenized with the real Gemma 3 tokenizer: the same
+/// ids as transformers (newlines merged into `\n\n\n` etc.), and the groups of its token_type_ids.
+#[test]
+fn image_prompts_tokenize_as_the_processor() {
+    use e4m3_core::tensor::Mat;
+    use e4m3_core::tokenizer::Tokenizer;
+    use e4m3_core::vision::{expand_image_placeholders, prompt_inputs};
+    let tok = Tokenizer::from_dir(&real_model_dir()).unwrap();
+    let fx = read_json(&fixture("images").join("prompt_ids.json"));
+    for case in fx["cases"].as_array().unwrap() {
+        let (text, n) = expand_image_placeholders(case["text"].as_str().unwrap(), 256);
+        assert_eq!(n, 2);
+        let ids = tok.encode_prompt(&text).unwrap();
+        assert_eq!(ids, json_u32s(&case["ids"]), "{}", case["text"]);
+        let inputs = prompt_inputs(&ids, 262_144, &Mat::zeros(512, 1), true).unwrap();
+        let types = json_u32s(&case["token_type_ids"]);
+        let firsts: Vec<usize> = (0..ids.len())
+            .filter(|&i| types[i] == 1 && (i == 0 || types[i - 1] == 0))
+            .collect();
+        assert_eq!(firsts.len(), 2);
+        for (i, t) in types.iter().enumerate() {
+            assert_eq!(inputs.groups[i].is_some(), *t == 1, "row {i}");
+        }
+        assert_ne!(inputs.groups[firsts[0]], inputs.groups[firsts[1]]);
+    }
+}
