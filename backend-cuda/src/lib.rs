@@ -526,7 +526,8 @@ impl Backend for CudaBackend {
     }
 
     fn supports(&self, op: &Op) -> bool {
-        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM)
+        // Gemma 4 ops: no CUDA kernels yet (issue #8).
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, false)
     }
 
     fn describe(&self) -> String {

@@ -120,15 +120,28 @@ pub fn node_weights<'a>(
     })
 }
 
-/// The ops a GPU backend runs (all of them), with attention limited to `max_head_dim` and whole GQA groups.
-pub fn gpu_supports(op: &Op, max_head_dim: usize) -> bool {
+/// The ops a GPU backend runs, with attention limited to `max_head_dim` and whole GQA groups; the Gemma 4
+/// ops (`SliceCols`, `AttentionShared`, `RouterTopK`, `MoeExperts`) only where `gemma4` says the backend has
+/// kernels for them.
+pub fn gpu_supports(op: &Op, max_head_dim: usize, gemma4: bool) -> bool {
     match op {
         Op::Attention {
             head_dim,
             n_heads,
             n_kv_heads,
             ..
-        } => *head_dim <= max_head_dim && *n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+        }
+        | Op::AttentionShared {
+            head_dim,
+            n_heads,
+            n_kv_heads,
+            ..
+        } => {
+            (gemma4 || matches!(op, Op::Attention { .. }))
+                && *head_dim <= max_head_dim
+                && *n_kv_heads > 0
+                && n_heads % n_kv_heads == 0
+        }
         Op::Rope { head_dim, inv_freq } => head_dim % 2 == 0 && inv_freq.len() == head_dim / 2,
         Op::Embed { .. }
         | Op::RmsNorm { .. }
@@ -138,11 +151,7 @@ pub fn gpu_supports(op: &Op, max_head_dim: usize) -> bool {
         | Op::Scale { .. }
         | Op::Softcap { .. }
         | Op::SelectRows => true,
-        // Gemma 4 ops: CPU reference only until wgpu/CUDA kernels exist (issue #8).
-        Op::SliceCols { .. }
-        | Op::AttentionShared { .. }
-        | Op::RouterTopK { .. }
-        | Op::MoeExperts { .. } => false,
+        Op::SliceCols { .. } | Op::RouterTopK { .. } | Op::MoeExperts { .. } => gemma4,
     }
 }
 

@@ -10,7 +10,7 @@ use crate::backend::{
 };
 use crate::checkpoint::Weight;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Op, QuantScheme, WeightMap};
+use crate::graph::{Graph, Node, Op, QuantScheme, WeightMap};
 use crate::tensor::{DType, Mat};
 
 pub use kernels::KvLayer;
@@ -393,11 +393,11 @@ impl Runner for CpuRunner {
 
 /// The experts of one `MoeExperts` node, split into 2-D weights (views of the fused tensors) with their
 /// scale slices, so each runs as an ordinary linear.
-struct Experts {
+pub struct Experts {
     /// Per expert: (gate_up `[2I, H]`, its scheme), (down `[H, I]`, its scheme).
-    experts: Vec<[(Weight, QuantScheme); 2]>,
+    pub experts: Vec<[(Weight, QuantScheme); 2]>,
     /// The scale slices the per-expert schemes name.
-    scales: WeightMap,
+    pub scales: WeightMap,
     /// The fused FP8 tensors and scales (checked here, not as dense weights).
     fp8_tensors: Vec<String>,
 }
@@ -439,6 +439,18 @@ impl Experts {
 fn load_experts(graph: &Graph, weights: &WeightMap) -> Result<BTreeMap<usize, Experts>> {
     let mut out = BTreeMap::new();
     for (i, n) in graph.nodes.iter().enumerate() {
+        if let Some(ex) = split_experts(n, weights)? {
+            out.insert(i, ex);
+        }
+    }
+    Ok(out)
+}
+
+/// The experts of a `MoeExperts` node (None for any other op), checked: each expert's 2-D weights with
+/// their schemes renamed to per-expert scale slices, which `Experts::scales` holds. The GPU backends
+/// upload these as ordinary linears.
+pub fn split_experts(n: &Node, weights: &WeightMap) -> Result<Option<Experts>> {
+    {
         let Op::MoeExperts {
             gate_up,
             down,
@@ -448,7 +460,7 @@ fn load_experts(graph: &Graph, weights: &WeightMap) -> Result<BTreeMap<usize, Ex
             down_scheme,
         } = &n.op
         else {
-            continue;
+            return Ok(None);
         };
         let hidden = n.cols;
         let mut ex = Experts {
@@ -544,7 +556,6 @@ fn load_experts(graph: &Graph, weights: &WeightMap) -> Result<BTreeMap<usize, Ex
             &mut ex,
         )?;
         ex.experts = gu.into_iter().zip(dn).map(|(a, b)| [a, b]).collect();
-        out.insert(i, ex);
+        Ok(Some(ex))
     }
-    Ok(out)
 }
