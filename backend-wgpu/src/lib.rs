@@ -22,11 +22,13 @@ use e4m3_core::backend::{
     StepOutput,
 };
 use e4m3_core::checkpoint::Weight;
-use e4m3_core::cpu::fp8_linear::{self, Fp8Scales};
-use e4m3_core::cpu::{kv_rounding, split_experts, KvRounding};
+use e4m3_core::cpu::fp8_linear::Fp8Scales;
+use e4m3_core::cpu::{kv_rounding, KvRounding};
 use e4m3_core::error::{Error, Result};
 use e4m3_core::graph::{Graph, Op, QuantScheme, WeightMap};
-use e4m3_core::prepare::{dtype_code, node_weights, scheme_code, KernelScales, NodeWeights};
+use e4m3_core::prepare::{
+    dtype_code, node_weights, scheme_code, ExpertLinear, KernelScales, NodeWeights,
+};
 use e4m3_core::tensor::Mat;
 use wgpu::util::DeviceExt;
 
@@ -767,32 +769,23 @@ impl WgpuRunner {
                     Op::RouterTopK {
                         per_expert_scale, ..
                     },
-                    _,
-                ) => {
-                    let w = weights.get(per_expert_scale).ok_or_else(|| {
-                        Error::tensor(per_expert_scale, "referenced by the graph but not loaded")
-                    })?;
-                    let v = w.to_f32();
-                    if v.len() != n.cols {
-                        return Err(Error::tensor(
-                            per_expert_scale,
-                            format!("has {} values for {} experts", v.len(), n.cols),
-                        ));
-                    }
-                    Plan::Router(upload_f32(&gpu, per_expert_scale, &v))
-                }
-                (Op::MoeExperts { intermediate, .. }, _) => {
-                    let ex = split_experts(n, weights)?.expect("a MoeExperts node");
-                    let mut per = Vec::with_capacity(ex.experts.len());
-                    for pair in &ex.experts {
-                        let mut lin = |(w, scheme): &(Weight, QuantScheme)| -> Result<Lin> {
-                            let scales = match scheme {
-                                QuantScheme::Dense => None,
-                                s => Some(fp8_linear::prepare(w, s, &ex.scales)?),
-                            };
-                            Lin::new(&gpu, w, scheme, scales, &mut max_k, &mut max_groups)
+                    NodeWeights::Router(v),
+                ) => Plan::Router(upload_f32(&gpu, per_expert_scale, &v)),
+                (Op::MoeExperts { intermediate, .. }, NodeWeights::Experts(ex)) => {
+                    let mut per = Vec::with_capacity(ex.len());
+                    for pair in ex {
+                        let mut lin = |e: ExpertLinear| {
+                            Lin::new(
+                                &gpu,
+                                &e.weight,
+                                &e.scheme,
+                                e.scales,
+                                &mut max_k,
+                                &mut max_groups,
+                            )
                         };
-                        per.push([lin(&pair[0])?, lin(&pair[1])?]);
+                        let [gu, d] = pair;
+                        per.push([lin(gu)?, lin(d)?]);
                     }
                     moe_cols[0] = moe_cols[0].max(2 * intermediate);
                     moe_cols[1] = moe_cols[1].max(*intermediate);

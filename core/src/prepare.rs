@@ -21,6 +21,17 @@ pub enum NodeWeights<'a> {
         n: usize,
         scales: Option<Fp8Scales>,
     },
+    /// RouterTopK: the per-expert scales as f32, one per expert.
+    Router(Vec<f32>),
+    /// MoeExperts: per expert, gate_up `[2I, H]` and down `[H, I]` as ordinary linears.
+    Experts(Vec<[ExpertLinear; 2]>),
+}
+
+/// One expert's linear: a 2-D view of the fused tensor, its scheme and, for an FP8 scheme, its scales.
+pub struct ExpertLinear {
+    pub weight: Weight,
+    pub scheme: QuantScheme,
+    pub scales: Option<Fp8Scales>,
 }
 
 fn dense_ok(w: &Weight) -> Result<()> {
@@ -115,6 +126,37 @@ pub fn node_weights<'a>(
                 n: w.shape[0],
                 scales,
             }
+        }
+        Op::RouterTopK {
+            per_expert_scale, ..
+        } => {
+            let v = get(per_expert_scale)?.to_f32();
+            if v.len() != n.cols {
+                return Err(Error::tensor(
+                    per_expert_scale,
+                    format!("has {} values for {} experts", v.len(), n.cols),
+                ));
+            }
+            NodeWeights::Router(v)
+        }
+        Op::MoeExperts { .. } => {
+            let ex = crate::cpu::split_experts(n, weights)?.expect("a MoeExperts node");
+            let lin = |(w, scheme): &(Weight, QuantScheme)| -> Result<ExpertLinear> {
+                Ok(ExpertLinear {
+                    weight: w.clone(),
+                    scheme: scheme.clone(),
+                    scales: match scheme {
+                        QuantScheme::Dense => None,
+                        s => Some(fp8_linear::prepare(w, s, &ex.scales)?),
+                    },
+                })
+            };
+            NodeWeights::Experts(
+                ex.experts
+                    .iter()
+                    .map(|[gu, d]| Ok([lin(gu)?, lin(d)?]))
+                    .collect::<Result<_>>()?,
+            )
         }
         _ => NodeWeights::None,
     })
