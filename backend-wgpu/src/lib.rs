@@ -1091,7 +1091,7 @@ impl WgpuRunner {
         let maxb = gpu.max_binding();
         let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
         let ualign = gpu.limits.min_uniform_buffer_offset_alignment as u64;
-        let max_ubo = gpu.limits.max_uniform_buffer_binding_size as u64;
+        let max_ubo = gpu.limits.max_uniform_buffer_binding_size;
         let Lin {
             chunks,
             dt,

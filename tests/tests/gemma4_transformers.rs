@@ -387,9 +387,9 @@ fn wgpu_runs_every_gemma4_variant() {
             &[],
         )
         .unwrap();
-        for p in n - 2..n {
+        for (p, &id) in ids.iter().enumerate().skip(n - 2) {
             let got = r
-                .step(&Batch::single(0, p, vec![ids[p]], LogitsFor::All), &[])
+                .step(&Batch::single(0, p, vec![id], LogitsFor::All), &[])
                 .unwrap()
                 .logits;
             let d = max_abs_diff(&got.data, want.row(p));
