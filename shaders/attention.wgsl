@@ -34,7 +34,7 @@ fn rnd(x: f32, s: f32) -> f32 {
     return x;
 }
 
-var<workgroup> qs: array<f32, 256>;
+var<workgroup> qs: array<f32, 512>;
 var<workgroup> red_m: array<f32, 64>;
 var<workgroup> red_l: array<f32, 64>;
 var<workgroup> pt: array<f32, 64>;
@@ -112,7 +112,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     let gm = red_m[0];
     let gl = red_l[0];
     // Pass 2: weights of 64 keys at a time, accumulated in key order per output value.
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     for (var jt = lo; jt <= pos; jt += 64u) {
         let j = jt + lid;
         if (j <= pos) {
@@ -120,7 +120,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         }
         workgroupBarrier();
         let nj = min(64u, pos + 1u - jt);
-        for (var ci = 0u; ci < 4u; ci++) {
+        for (var ci = 0u; ci < 8u; ci++) {
             let c = lid + ci * 64u;
             if (c < p.d) {
                 var a = acc[ci];
@@ -132,7 +132,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         }
         workgroupBarrier();
     }
-    for (var ci = 0u; ci < 4u; ci++) {
+    for (var ci = 0u; ci < 8u; ci++) {
         let c = lid + ci * 64u;
         if (c < p.d) { o[r * p.q_cols + h * p.d + c] = acc[ci]; }
     }

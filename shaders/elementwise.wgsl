@@ -30,8 +30,6 @@ fn softcap(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 fn gelu_tanh_mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_id(gid, nwg, 256u);
     if (i < p.n) {
-        let x = a[i];
-        let g = 0.5 * x * (1.0 + tanh_safe(0.7978846 * (x + 0.044715 * x * x * x)));
-        o[i] = g * b[i];
+        o[i] = gelu_tanh(a[i]) * b[i];
     }
 }

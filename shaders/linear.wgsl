@@ -28,6 +28,8 @@ struct P {
     sx: f32,
     tbase: u32,   // first token row of this window (indexes xs)
     kt: u32,      // texels per weight row
+    rcols: u32,   // MoE experts: routing weights per row (0: not an expert)
+    re: u32,      // this expert's column of the routing weights
 }
 @group(0) @binding(0) var w: texture_2d<u32>;
 //XDECL
@@ -35,6 +37,9 @@ struct P {
 @group(0) @binding(3) var<uniform> p: P;
 @group(0) @binding(4) var<storage, read> ws: array<f32>;
 @group(0) @binding(5) var<storage, read> xs: array<f32>;
+// MoE routing weights `[T, rcols]`: token rows whose weight for expert `re` is 0 are skipped (their output
+// rows are left as they were; moe_acc never reads them).
+@group(0) @binding(6) var<storage, read> route: array<f32>;
 
 fn texel(t: u32) -> vec4<u32> {
     return textureLoad(w, vec2<u32>(t & ((1u << TW_SHIFT) - 1u), t >> TW_SHIFT), 0);
@@ -130,6 +135,7 @@ fn linear(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) 
     let c0 = 2u * gid.x;
     let tr = wid.y;
     if (c0 >= p.n || tr >= p.t) { return; }
+    if (p.rcols != 0u && route[(tr + p.tbase) * p.rcols + p.re] == 0.0) { return; }
     let two = c0 + 1u < p.n;
     let ng = p.row0 + c0; // output column of the first row
     let ta = c0 * p.kt;   // first texel of each weight row

@@ -19,6 +19,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("linear", include_str!("../../kernels/linear.cu")),
     ("attention", include_str!("../../kernels/attention.cu")),
     ("topk", include_str!("../../kernels/topk.cu")),
+    ("gemma4", include_str!("../../kernels/gemma4.cu")),
 ];
 
 /// The full text NVRTC compiles for one file: the shared helpers, then the file.

@@ -76,6 +76,10 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("topk", &["top_k_partial", "top_k_merge"]),
+    (
+        "gemma4",
+        &["slice_cols", "gelu_split", "moe_acc", "router_topk"],
+    ),
 ];
 
 /// The CUDA libraries that cannot be loaded here (empty when all are present).
@@ -527,7 +531,8 @@ impl Backend for CudaBackend {
     }
 
     fn supports(&self, op: &Op) -> bool {
-        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM)
+        // Gemma 4 ops: kernels/gemma4.cu, not yet run on a GPU (issue #8).
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true)
     }
 
     fn describe(&self) -> String {

@@ -11,7 +11,9 @@ use e4m3_core::backend::{validate_batch, Batch, CacheConfig, Runner, StepOutput}
 use e4m3_core::cpu::{kv_rounding, KvRounding};
 use e4m3_core::error::{Error, Result};
 use e4m3_core::graph::{Graph, Op, WeightMap};
-use e4m3_core::prepare::{dtype_code, node_weights, scheme_code, KernelScales, NodeWeights};
+use e4m3_core::prepare::{
+    dtype_code, node_weights, scheme_code, ExpertLinear, KernelScales, NodeWeights,
+};
 use e4m3_core::tensor::Mat;
 
 use crate::{Dev, Mem, A};
@@ -39,10 +41,20 @@ struct LinearPlan {
 
 enum Plan {
     None,
-    Embed { table: Mem, dt: u32, cols: usize },
-    Norm { w: Option<Mem> },
+    Embed {
+        table: Mem,
+        dt: u32,
+        cols: usize,
+    },
+    Norm {
+        w: Option<Mem>,
+    },
     Linear(LinearPlan),
     Rope(usize),
+    /// RouterTopK: the per-expert scales.
+    Router(Mem),
+    /// MoeExperts: per expert, gate_up `[2I, H]` and down `[H, I]` (the e4m3 kernels, no cuBLASLt).
+    Moe(Vec<[LinearPlan; 2]>),
 }
 
 /// The page table shared by all layers whose ring buffers have the same capacity, and its device copy.
@@ -82,6 +94,9 @@ pub struct CudaRunner {
     /// The activation codes of `xq` decoded to f32.
     xf: Option<Mem>,
     xs: Option<Mem>,
+    /// MoE scratch (gate_up output, hidden activation, one expert's output) and their columns.
+    moe: [Option<Mem>; 3],
+    moe_cols: [usize; 3],
     /// Top-k outputs (values, ids, capacity) and the per-chunk candidates of the first stage.
     topk: Option<(Mem, Mem, usize, Mem, Mem)>,
     classes: Vec<PageClass>,
@@ -224,6 +239,8 @@ impl CudaRunner {
         let mut plans = Vec::with_capacity(graph.nodes.len());
         let mut rope: Vec<(Vec<f32>, usize, Option<Mem>)> = Vec::new();
         let (mut max_k, mut max_groups) = (1usize, 1usize);
+        // Widest MoE scratch rows: gate_up output, hidden activation, one expert's output.
+        let mut moe_cols = [0usize; 3];
         for n in &graph.nodes {
             let plan = match (&n.op, node_weights(graph, n, weights)?) {
                 (Op::Embed { .. }, NodeWeights::Embed(w)) => Plan::Embed {
@@ -265,6 +282,38 @@ impl CudaRunner {
                             && nn % 16 == 0,
                     })
                 }
+                (Op::RouterTopK { .. }, NodeWeights::Router(v)) => Plan::Router(dev.upload(&v)?),
+                (Op::MoeExperts { intermediate, .. }, NodeWeights::Experts(ex)) => {
+                    let mut per = Vec::with_capacity(ex.len());
+                    for pair in ex {
+                        let mut lin = |e: ExpertLinear| -> Result<LinearPlan> {
+                            let (nn, kk) = (e.weight.shape[0], e.weight.shape[1]);
+                            max_k = max_k.max(kk);
+                            let ks = KernelScales::new(e.scales);
+                            if ks.block != [1, 1] {
+                                max_groups = max_groups.max(ks.groups(kk));
+                            }
+                            Ok(LinearPlan {
+                                w: dev.upload(e.weight.bytes())?,
+                                dt: dtype_code(e.weight.dtype),
+                                scheme: scheme_code(&e.scheme),
+                                k: kk,
+                                n: nn,
+                                ws: ks.array.as_deref().map(|a| dev.upload(a)).transpose()?,
+                                sw: ks.sw,
+                                sx: ks.sx,
+                                block: ks.block,
+                                lt: false,
+                            })
+                        };
+                        let [gu, d] = pair;
+                        per.push([lin(gu)?, lin(d)?]);
+                    }
+                    moe_cols[0] = moe_cols[0].max(2 * intermediate);
+                    moe_cols[1] = moe_cols[1].max(*intermediate);
+                    moe_cols[2] = moe_cols[2].max(n.cols);
+                    Plan::Moe(per)
+                }
                 (Op::Rope { head_dim, inv_freq }, _) => {
                     let idx = match rope
                         .iter()
@@ -285,11 +334,8 @@ impl CudaRunner {
         // Paged KV cache: one page table per ring capacity, one page pool per layer.
         let mut classes: Vec<PageClass> = Vec::new();
         let mut kv = Vec::new();
-        for l in &graph.cache_layers {
-            let cap = l
-                .window
-                .map_or(cache.max_seq_len, |w| w.min(cache.max_seq_len))
-                .max(1);
+        for (i, l) in graph.cache_layers.iter().enumerate() {
+            let cap = graph.cache_capacity(i, cache.max_seq_len);
             let class = match classes.iter().position(|c| c.pages.cap == cap) {
                 Some(c) => c,
                 None => {
@@ -340,6 +386,12 @@ impl CudaRunner {
                 n_heads,
                 head_dim,
                 ..
+            }
+            | Op::AttentionShared {
+                cache_layer,
+                n_heads,
+                head_dim,
+                ..
             } = &n.op
             {
                 let cap = classes[kv[*cache_layer].class].pages.cap;
@@ -369,6 +421,8 @@ impl CudaRunner {
             xq: None,
             xf: None,
             xs: None,
+            moe: [None, None, None],
+            moe_cols,
             topk: None,
             classes,
             kv,
@@ -408,6 +462,11 @@ impl CudaRunner {
         self.xq = Some(self.dev.alloc(cap * self.max_k)?);
         self.xf = Some(self.dev.alloc(cap * self.max_k * 4)?);
         self.xs = Some(self.dev.alloc(cap * self.max_groups * 4)?);
+        if self.moe_cols[0] > 0 {
+            for i in 0..3 {
+                self.moe[i] = Some(self.dev.alloc(cap * self.moe_cols[i] * 4)?);
+            }
+        }
         self.cap_rows = cap;
         Ok(())
     }
@@ -706,6 +765,15 @@ impl CudaRunner {
                             scale,
                             window,
                             softcap,
+                        }
+                        | Op::AttentionShared {
+                            cache_layer,
+                            n_heads,
+                            n_kv_heads,
+                            head_dim,
+                            scale,
+                            window,
+                            softcap,
                         },
                         _,
                     ) => {
@@ -786,21 +854,86 @@ impl CudaRunner {
                                 &args,
                             )?;
                         }
-                        let wargs = [
-                            A::P(inp(1)),
-                            A::P(inp(2)),
-                            A::P(l.k.ptr),
-                            A::P(l.v.ptr),
-                            A::P(c.dev.ptr),
-                            A::P(info_p),
-                            A::S(p),
-                        ];
+                        // AttentionShared reads the owner's cache and leaves it alone.
+                        if matches!(node.op, Op::Attention { .. }) {
+                            let wargs = [
+                                A::P(inp(1)),
+                                A::P(inp(2)),
+                                A::P(l.k.ptr),
+                                A::P(l.v.ptr),
+                                A::P(c.dev.ptr),
+                                A::P(info_p),
+                                A::S(p),
+                            ];
+                            dev.launch(
+                                &format!("kv_write_{sfx}"),
+                                grid1(r * l.width, 256),
+                                256,
+                                &wargs,
+                            )?;
+                        }
+                    }
+                    (Op::SliceCols { start }, _) => {
+                        let src = self.graph.nodes[node.inputs[0].0].cols;
                         dev.launch(
-                            &format!("kv_write_{sfx}"),
-                            grid1(r * l.width, 256),
+                            "slice_cols",
+                            grid1(ne, 256),
                             256,
-                            &wargs,
+                            &[
+                                A::P(inp(0)),
+                                A::P(out),
+                                A::L(ne as u64),
+                                A::U(src as u32),
+                                A::U(*start as u32),
+                                A::U(node.cols as u32),
+                            ],
                         )?;
+                    }
+                    (Op::RouterTopK { top_k, .. }, Plan::Router(pes)) => dev.launch(
+                        "router_topk",
+                        grid1(r, 64),
+                        64,
+                        &[
+                            A::P(inp(0)),
+                            A::P(pes.ptr),
+                            A::P(out),
+                            A::U(r as u32),
+                            A::U(node.cols as u32),
+                            A::U(*top_k as u32),
+                        ],
+                    )?,
+                    (Op::MoeExperts { intermediate, .. }, Plan::Moe(experts)) => {
+                        // Per expert over every row (rows routed elsewhere get weight 0 below):
+                        // gate_up, gelu(gate) * up, down, then weighted into the output.
+                        let (x, route) = (inp(0), inp(1));
+                        let im = *intermediate;
+                        let [gu, h, y] = [0, 1, 2].map(|j| ptr(&self.moe[j]));
+                        for (e, [gate_up, down]) in experts.iter().enumerate() {
+                            let scratch = (xq_p, xs_p, xf_p);
+                            Self::linear(&dev, gate_up, x, gu, r, scratch)?;
+                            dev.launch(
+                                "gelu_split",
+                                grid1(r * im, 256),
+                                256,
+                                &[A::P(gu), A::P(h), A::L((r * im) as u64), A::U(im as u32)],
+                            )?;
+                            Self::linear(&dev, down, h, y, r, scratch)?;
+                            dev.launch(
+                                "moe_acc",
+                                grid1(ne, 256),
+                                256,
+                                &[
+                                    A::P(y),
+                                    A::P(route),
+                                    A::P(out),
+                                    A::L(ne as u64),
+                                    A::U(node.cols as u32),
+                                    A::U(experts.len() as u32),
+                                    A::U(e as u32),
+                                    A::U((e == 0) as u32),
+                                ],
+                            )?;
+                        }
                     }
                     (Op::GeluTanhMul, _) => dev.launch(
                         "gelu_tanh_mul",

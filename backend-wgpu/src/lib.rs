@@ -22,10 +22,13 @@ use e4m3_core::backend::{
     StepOutput,
 };
 use e4m3_core::checkpoint::Weight;
+use e4m3_core::cpu::fp8_linear::Fp8Scales;
 use e4m3_core::cpu::{kv_rounding, KvRounding};
 use e4m3_core::error::{Error, Result};
-use e4m3_core::graph::{Graph, Op, WeightMap};
-use e4m3_core::prepare::{dtype_code, node_weights, scheme_code, KernelScales, NodeWeights};
+use e4m3_core::graph::{Graph, Op, QuantScheme, WeightMap};
+use e4m3_core::prepare::{
+    dtype_code, node_weights, scheme_code, ExpertLinear, KernelScales, NodeWeights,
+};
 use e4m3_core::tensor::Mat;
 use wgpu::util::DeviceExt;
 
@@ -37,6 +40,7 @@ const GATHER: &str = include_str!("../../shaders/gather.wgsl");
 const LINEAR: &str = include_str!("../../shaders/linear.wgsl");
 const QUANT: &str = include_str!("../../shaders/quant.wgsl");
 const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
+const GEMMA4: &str = include_str!("../../shaders/gemma4.wgsl");
 /// The activations of linear.wgsl: a 64 KiB uniform window (one scalar load per element on lavapipe) or,
 /// for rows longer than that, a storage buffer.
 const LINEAR_X_UNIFORM: &str = "@group(0) @binding(1) var<uniform> xu: array<vec4<f32>, 4096>;
@@ -46,8 +50,8 @@ fn xat(i: u32) -> f32 { return xv[i]; }";
 /// Bytes of the uniform window of linear.wgsl.
 const XU_BYTES: u64 = 65536;
 
-/// Largest head_dim the attention shader handles (4 values per thread of a 64-thread workgroup).
-pub const MAX_HEAD_DIM: usize = 256;
+/// Largest head_dim the attention shader handles (8 values per thread of a 64-thread workgroup).
+pub const MAX_HEAD_DIM: usize = 512;
 
 /// One adapter as `e4m3 devices` lists it.
 #[derive(Debug, Clone)]
@@ -185,6 +189,10 @@ struct Pipes {
     quant_group: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
     kv_write: wgpu::ComputePipeline,
+    slice_cols: wgpu::ComputePipeline,
+    gelu_split: wgpu::ComputePipeline,
+    moe_acc: wgpu::ComputePipeline,
+    router_topk: wgpu::ComputePipeline,
 }
 
 struct Gpu {
@@ -273,8 +281,8 @@ impl Pipes {
     fn new(device: &wgpu::Device) -> Pipes {
         use Kind::*;
         let el_layout = layout(device, &[Ro, Ro, Rw, Uniform]);
-        let lin_layout = layout(device, &[Tex, Uniform, Rw, Uniform, Ro, Ro]);
-        let lin_layout_s = layout(device, &[Tex, Ro, Rw, Uniform, Ro, Ro]);
+        let lin_layout = layout(device, &[Tex, Uniform, Rw, Uniform, Ro, Ro, Ro]);
+        let lin_layout_s = layout(device, &[Tex, Ro, Rw, Uniform, Ro, Ro, Ro]);
         let quant_layout = layout(device, &[Ro, Rw, Uniform, Rw]);
         let attn_layout = layout(device, &[Ro, Ro, Ro, Rw, Uniform, Rw, Rw, Ro]);
         let el = module(device, "elementwise", ELEMENTWISE);
@@ -293,6 +301,7 @@ impl Pipes {
         );
         let quant = module(device, "quant", QUANT);
         let attn = module(device, "attention", ATTENTION);
+        let g4 = module(device, "gemma4", GEMMA4);
         let mut linear = BTreeMap::new();
         for (dt, scheme) in [(0, 0), (1, 0), (2, 0), (3, 1), (3, 2), (3, 3), (3, 4)] {
             for (uni, module, bgl) in [(true, &lin_u, &lin_layout), (false, &lin_s, &lin_layout_s)]
@@ -325,6 +334,10 @@ impl Pipes {
             quant_group: pipeline(device, &quant, &quant_layout, "quant_group", &[]),
             attention: pipeline(device, &attn, &attn_layout, "attention", &[]),
             kv_write: pipeline(device, &attn, &attn_layout, "kv_write", &[]),
+            slice_cols: pipeline(device, &g4, &el_layout, "slice_cols", &[]),
+            gelu_split: pipeline(device, &g4, &el_layout, "gelu_split", &[]),
+            moe_acc: pipeline(device, &g4, &el_layout, "moe_acc", &[]),
+            router_topk: pipeline(device, &g4, &el_layout, "router_topk", &[]),
             el_layout,
             lin_layout,
             lin_layout_s,
@@ -385,7 +398,7 @@ impl Backend for WgpuBackend {
     }
 
     fn supports(&self, op: &Op) -> bool {
-        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM)
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true)
     }
 
     fn load(
@@ -580,19 +593,57 @@ enum Plan {
     Norm {
         w: Option<wgpu::Buffer>,
     },
-    Linear {
-        chunks: Vec<TChunk>,
-        dt: u32,
-        scheme: u32,
-        k: usize,
-        n: usize,
-        ws: Option<wgpu::Buffer>,
-        sw: f32,
-        sx: f32,
-        block: [usize; 2],
-    },
+    Linear(Lin),
     /// Index into the runner's RoPE tables.
     Rope(usize),
+    /// RouterTopK: the per-expert scales.
+    Router(wgpu::Buffer),
+    /// MoeExperts: per expert, gate_up `[2I, H]` and down `[H, I]`.
+    Moe(Vec<[Lin; 2]>),
+}
+
+/// A linear weight as linear.wgsl reads it.
+struct Lin {
+    chunks: Vec<TChunk>,
+    dt: u32,
+    scheme: u32,
+    k: usize,
+    n: usize,
+    ws: Option<wgpu::Buffer>,
+    sw: f32,
+    sx: f32,
+    block: [usize; 2],
+}
+
+impl Lin {
+    /// Upload weight `w` (`[n, k]`) with its checked scales; `max_k`/`max_groups` grow to what the
+    /// activation quantization scratch must hold.
+    fn new(
+        gpu: &Gpu,
+        w: &Weight,
+        scheme: &QuantScheme,
+        scales: Option<Fp8Scales>,
+        max_k: &mut usize,
+        max_groups: &mut usize,
+    ) -> Result<Lin> {
+        let (n, k) = (w.shape[0], w.shape[1]);
+        *max_k = (*max_k).max(k);
+        let ks = KernelScales::new(scales);
+        if ks.block != [1, 1] {
+            *max_groups = (*max_groups).max(ks.groups(k));
+        }
+        Ok(Lin {
+            chunks: upload_tex(gpu, w)?,
+            dt: dtype_code(w.dtype),
+            scheme: scheme_code(scheme),
+            k,
+            n,
+            ws: ks.array.as_deref().map(|a| upload_f32(gpu, &w.name, a)),
+            sw: ks.sw,
+            sx: ks.sx,
+            block: ks.block,
+        })
+    }
 }
 
 struct KvBufs {
@@ -623,6 +674,9 @@ struct WgpuRunner {
     max_groups: usize,
     xq: wgpu::Buffer,
     xs: wgpu::Buffer,
+    /// MoE scratch (gate_up output, hidden activation, one expert's output) and their columns.
+    moe: [wgpu::Buffer; 3],
+    moe_cols: [usize; 3],
     uniform: wgpu::Buffer,
     uniform_slots: usize,
     staging: wgpu::Buffer,
@@ -686,6 +740,8 @@ impl WgpuRunner {
         let mut plans = Vec::with_capacity(graph.nodes.len());
         let mut rope: Vec<(Vec<f32>, usize, wgpu::Buffer)> = Vec::new();
         let (mut max_k, mut max_groups) = (1usize, 1usize);
+        // Widest MoE scratch rows: gate_up output, hidden activation, one expert's output.
+        let mut moe_cols = [0usize; 3];
         for n in &graph.nodes {
             let plan = match (&n.op, node_weights(graph, n, weights)?) {
                 (Op::Embed { .. }, NodeWeights::Embed(w)) => Plan::Embed {
@@ -697,30 +753,44 @@ impl WgpuRunner {
                     w: w.map(|v| upload_f32(&gpu, weight.as_deref().unwrap_or("norm"), &v)),
                 },
                 (
-                    Op::Linear { weight, scheme },
+                    Op::Linear { scheme, .. },
                     NodeWeights::Linear {
-                        weight: w,
-                        k: kk,
-                        n: nn,
-                        scales,
+                        weight: w, scales, ..
                     },
-                ) => {
-                    max_k = max_k.max(kk);
-                    let ks = KernelScales::new(scales);
-                    if ks.block != [1, 1] {
-                        max_groups = max_groups.max(ks.groups(kk));
+                ) => Plan::Linear(Lin::new(
+                    &gpu,
+                    w,
+                    scheme,
+                    scales,
+                    &mut max_k,
+                    &mut max_groups,
+                )?),
+                (
+                    Op::RouterTopK {
+                        per_expert_scale, ..
+                    },
+                    NodeWeights::Router(v),
+                ) => Plan::Router(upload_f32(&gpu, per_expert_scale, &v)),
+                (Op::MoeExperts { intermediate, .. }, NodeWeights::Experts(ex)) => {
+                    let mut per = Vec::with_capacity(ex.len());
+                    for pair in ex {
+                        let mut lin = |e: ExpertLinear| {
+                            Lin::new(
+                                &gpu,
+                                &e.weight,
+                                &e.scheme,
+                                e.scales,
+                                &mut max_k,
+                                &mut max_groups,
+                            )
+                        };
+                        let [gu, d] = pair;
+                        per.push([lin(gu)?, lin(d)?]);
                     }
-                    Plan::Linear {
-                        chunks: upload_tex(&gpu, w)?,
-                        dt: dtype_code(w.dtype),
-                        scheme: scheme_code(scheme),
-                        k: kk,
-                        n: nn,
-                        ws: ks.array.as_deref().map(|a| upload_f32(&gpu, weight, a)),
-                        sw: ks.sw,
-                        sx: ks.sx,
-                        block: ks.block,
-                    }
+                    moe_cols[0] = moe_cols[0].max(2 * intermediate);
+                    moe_cols[1] = moe_cols[1].max(*intermediate);
+                    moe_cols[2] = moe_cols[2].max(n.cols);
+                    Plan::Moe(per)
                 }
                 (Op::Rope { head_dim, inv_freq }, _) => {
                     let idx = match rope
@@ -740,11 +810,8 @@ impl WgpuRunner {
             plans.push(plan);
         }
         let mut kv = Vec::new();
-        for l in &graph.cache_layers {
-            let cap = l
-                .window
-                .map_or(cache.max_seq_len, |w| w.min(cache.max_seq_len))
-                .max(1);
+        for (i, l) in graph.cache_layers.iter().enumerate() {
+            let cap = graph.cache_capacity(i, cache.max_seq_len);
             let width = l.n_kv_heads * l.head_dim;
             let bytes = (cache.slots * cap * width * 4) as u64;
             if bytes > gpu.max_binding() {
@@ -779,6 +846,8 @@ impl WgpuRunner {
             sel: dummy.clone(),
             xq: dummy.clone(),
             xs: dummy.clone(),
+            moe: [dummy.clone(), dummy.clone(), dummy.clone()],
+            moe_cols,
             uniform: dummy.clone(),
             uniform_slots: 0,
             // Mappable from the start: outputs of 16 bytes or less never grow it.
@@ -869,6 +938,19 @@ impl WgpuRunner {
             ));
             self.guarded
                 .push(("activation scales (xs)".into(), self.xs.clone(), xs_bytes));
+        }
+        if self.moe_cols[0] > 0 {
+            for (i, what) in ["gate_up", "hidden", "output"].iter().enumerate() {
+                let bytes = (cap * self.moe_cols[i] * 4) as u64;
+                self.moe[i] = storage_x(&gpu, "moe", bytes, front);
+                if front > 0 {
+                    self.guarded.push((
+                        format!("MoE expert {what} scratch"),
+                        self.moe[i].clone(),
+                        bytes,
+                    ));
+                }
+            }
         }
         self.cap_rows = cap;
         Ok(())
@@ -989,6 +1071,144 @@ impl WgpuRunner {
         Ok(data)
     }
 
+    /// The dispatches of one linear `y = x W^T` over `r` rows (with the activation quantization of the
+    /// W8A8 schemes first). `route`: the MoE routing weights, their columns and this expert's column;
+    /// rows routed elsewhere are skipped.
+    fn linear_cmds(
+        &self,
+        cmds: &mut Vec<Cmd>,
+        lin: &Lin,
+        x: &B,
+        out: &B,
+        r: usize,
+        route: Option<(&B, usize, usize)>,
+    ) {
+        let gpu = &self.gpu;
+        let p = &gpu.pipes;
+        let maxb = gpu.max_binding();
+        let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
+        let ualign = gpu.limits.min_uniform_buffer_offset_alignment as u64;
+        let max_ubo = gpu.limits.max_uniform_buffer_binding_size;
+        let Lin {
+            chunks,
+            dt,
+            scheme,
+            ws,
+            sw,
+            sx,
+            block,
+            ..
+        } = lin;
+        let (k, n) = (lin.k, lin.n);
+        let x = x.clone();
+        let ib = k.div_ceil(block[1]);
+        // Activation quantization (W8A8 schemes) into the xq scratch buffer.
+        let xin = match scheme {
+            1 | 2 | 4 => {
+                let xq = self.scratch(&self.xq, (r * k * 4) as u64);
+                let xs = self.scratch(&self.xs, (r * self.max_groups * 4) as u64);
+                if *scheme == 1 {
+                    cmds.push(Cmd::Dispatch {
+                        tex: None,
+                        pipe: p.quant_static.clone(),
+                        layout: p.quant_layout.clone(),
+                        binds: vec![x.clone(), xq.clone(), xs],
+                        params: params(&[(r * k) as u32, k as u32, 0, 0, 0, f(1.0 / sx)]),
+                        groups: grid(r * k, 256),
+                    });
+                } else {
+                    let (group, ng, mode) = if *scheme == 2 {
+                        (k, 1, 0)
+                    } else {
+                        (block[1], ib, 1)
+                    };
+                    cmds.push(Cmd::Dispatch {
+                        tex: None,
+                        pipe: p.quant_group.clone(),
+                        layout: p.quant_layout.clone(),
+                        binds: vec![x.clone(), xq.clone(), xs],
+                        params: params(&[(r * ng) as u32, k as u32, group as u32, ng as u32, mode]),
+                        groups: grid(r * ng, 1),
+                    });
+                }
+                xq
+            }
+            _ => x,
+        };
+        // Token windows so that x and y windows each fit one binding (x: the 64 KiB
+        // uniform window where a row fits it), at aligned offsets.
+        let (rb, rcols, re) = match route {
+            Some((b, cols, e)) => (b.clone(), cols, e),
+            None => (whole(&self.dummy, 16), 0, 0),
+        };
+        let uni = (k * 4) as u64 <= XU_BYTES.min(max_ubo);
+        let (xmax, xalign) = if uni {
+            (XU_BYTES, ualign)
+        } else {
+            (maxb, align)
+        };
+        let mut tc = ((xmax / (k * 4) as u64).min(maxb / (n * 4) as u64) as usize)
+            .clamp(1, 65535)
+            .min(r);
+        if tc < r {
+            let ra = |c: usize, a: u64| a / gcd((c * 4) as u64, a);
+            let (sk, sn) = (ra(k, xalign), ra(n, align));
+            let step = (sk * sn / gcd(sk, sn)) as usize;
+            tc = (tc / step * step).max(step);
+        }
+        let mut t0 = 0;
+        while t0 < r {
+            let tn = tc.min(r - t0);
+            let xw = B {
+                buf: xin.buf.clone(),
+                off: xin.off + (t0 * k * 4) as u64,
+                size: if uni { XU_BYTES } else { (tn * k * 4) as u64 },
+            };
+            let ow = B {
+                buf: out.buf.clone(),
+                off: out.off + (t0 * n * 4) as u64,
+                size: (tn * n * 4) as u64,
+            };
+            for c in chunks {
+                let wsb = match ws {
+                    Some(b) => whole(b, b.size()),
+                    None => whole(&self.dummy, 16),
+                };
+                let xsb = self.scratch(&self.xs, self.xs.size());
+                let pipe = p.linear[&(*dt, *scheme, uni)].clone();
+                cmds.push(Cmd::Dispatch {
+                    tex: Some(c.view.clone()),
+                    pipe,
+                    layout: if uni {
+                        p.lin_layout.clone()
+                    } else {
+                        p.lin_layout_s.clone()
+                    },
+                    binds: vec![xw.clone(), ow.clone(), wsb, xsb, rb.clone()],
+                    params: params(&[
+                        c.rows as u32,
+                        k as u32,
+                        tn as u32,
+                        c.row0 as u32,
+                        n as u32,
+                        ib as u32,
+                        block[0] as u32,
+                        block[1] as u32,
+                        f(*sw),
+                        f(*sx),
+                        t0 as u32,
+                        c.kt as u32,
+                        rcols as u32,
+                        re as u32,
+                    ]),
+                    // One invocation per two output rows and one token row.
+                    groups: [c.rows.div_ceil(128).max(1) as u32, tn as u32, 1],
+                });
+            }
+            t0 += tn;
+        }
+    }
+
     /// Elementwise op over `n` values, in windows no larger than one binding.
     fn elementwise(
         &self,
@@ -1099,10 +1319,6 @@ impl Runner for WgpuRunner {
         let profile = std::env::var_os("E4M3_WGPU_PROFILE").is_some();
         let mut tap_bufs: Vec<(String, usize, usize, wgpu::Buffer)> = Vec::new();
         let el = || p.el_layout.clone();
-        let maxb = gpu.max_binding();
-        let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
-        let ualign = gpu.limits.min_uniform_buffer_offset_alignment as u64;
-        let max_ubo = gpu.limits.max_uniform_buffer_binding_size;
         let mut labels: Vec<String> = Vec::new();
         for (i, node) in self.graph.nodes.iter().enumerate() {
             let r = rows[i];
@@ -1162,135 +1378,8 @@ impl Runner for WgpuRunner {
                             groups: grid(ng, 1),
                         });
                     }
-                    (
-                        Op::Linear { .. },
-                        Plan::Linear {
-                            chunks,
-                            dt,
-                            scheme,
-                            k,
-                            n,
-                            ws,
-                            sw,
-                            sx,
-                            block,
-                        },
-                    ) => {
-                        let (k, n) = (*k, *n);
-                        let x = inp(0);
-                        let ib = k.div_ceil(block[1]);
-                        // Activation quantization (W8A8 schemes) into the xq scratch buffer.
-                        let xin = match scheme {
-                            1 | 2 | 4 => {
-                                let xq = self.scratch(&self.xq, (r * k * 4) as u64);
-                                let xs = self.scratch(&self.xs, (r * self.max_groups * 4) as u64);
-                                if *scheme == 1 {
-                                    cmds.push(Cmd::Dispatch {
-                                        tex: None,
-                                        pipe: p.quant_static.clone(),
-                                        layout: p.quant_layout.clone(),
-                                        binds: vec![x.clone(), xq.clone(), xs],
-                                        params: params(&[
-                                            (r * k) as u32,
-                                            k as u32,
-                                            0,
-                                            0,
-                                            0,
-                                            f(1.0 / sx),
-                                        ]),
-                                        groups: grid(r * k, 256),
-                                    });
-                                } else {
-                                    let (group, ng, mode) = if *scheme == 2 {
-                                        (k, 1, 0)
-                                    } else {
-                                        (block[1], ib, 1)
-                                    };
-                                    cmds.push(Cmd::Dispatch {
-                                        tex: None,
-                                        pipe: p.quant_group.clone(),
-                                        layout: p.quant_layout.clone(),
-                                        binds: vec![x.clone(), xq.clone(), xs],
-                                        params: params(&[
-                                            (r * ng) as u32,
-                                            k as u32,
-                                            group as u32,
-                                            ng as u32,
-                                            mode,
-                                        ]),
-                                        groups: grid(r * ng, 1),
-                                    });
-                                }
-                                xq
-                            }
-                            _ => x,
-                        };
-                        // Token windows so that x and y windows each fit one binding (x: the 64 KiB
-                        // uniform window where a row fits it), at aligned offsets.
-                        let uni = (k * 4) as u64 <= XU_BYTES.min(max_ubo);
-                        let (xmax, xalign) = if uni {
-                            (XU_BYTES, ualign)
-                        } else {
-                            (maxb, align)
-                        };
-                        let mut tc = ((xmax / (k * 4) as u64).min(maxb / (n * 4) as u64) as usize)
-                            .clamp(1, 65535)
-                            .min(r);
-                        if tc < r {
-                            let ra = |c: usize, a: u64| a / gcd((c * 4) as u64, a);
-                            let (sk, sn) = (ra(k, xalign), ra(n, align));
-                            let step = (sk * sn / gcd(sk, sn)) as usize;
-                            tc = (tc / step * step).max(step);
-                        }
-                        let mut t0 = 0;
-                        while t0 < r {
-                            let tn = tc.min(r - t0);
-                            let xw = B {
-                                buf: xin.buf.clone(),
-                                off: xin.off + (t0 * k * 4) as u64,
-                                size: if uni { XU_BYTES } else { (tn * k * 4) as u64 },
-                            };
-                            let ow = B {
-                                buf: out.buf.clone(),
-                                off: out.off + (t0 * n * 4) as u64,
-                                size: (tn * n * 4) as u64,
-                            };
-                            for c in chunks {
-                                let wsb = match ws {
-                                    Some(b) => whole(b, b.size()),
-                                    None => whole(&self.dummy, 16),
-                                };
-                                let xsb = self.scratch(&self.xs, self.xs.size());
-                                let pipe = p.linear[&(*dt, *scheme, uni)].clone();
-                                cmds.push(Cmd::Dispatch {
-                                    tex: Some(c.view.clone()),
-                                    pipe,
-                                    layout: if uni {
-                                        p.lin_layout.clone()
-                                    } else {
-                                        p.lin_layout_s.clone()
-                                    },
-                                    binds: vec![xw.clone(), ow.clone(), wsb, xsb],
-                                    params: params(&[
-                                        c.rows as u32,
-                                        k as u32,
-                                        tn as u32,
-                                        c.row0 as u32,
-                                        n as u32,
-                                        ib as u32,
-                                        block[0] as u32,
-                                        block[1] as u32,
-                                        f(*sw),
-                                        f(*sx),
-                                        t0 as u32,
-                                        c.kt as u32,
-                                    ]),
-                                    // One invocation per two output rows and one token row.
-                                    groups: [c.rows.div_ceil(128).max(1) as u32, tn as u32, 1],
-                                });
-                            }
-                            t0 += tn;
-                        }
+                    (Op::Linear { .. }, Plan::Linear(lin)) => {
+                        self.linear_cmds(&mut cmds, lin, &inp(0), &out, r, None)
                     }
                     (Op::Rope { head_dim, .. }, Plan::Rope(ti)) => {
                         let half = head_dim / 2;
@@ -1315,6 +1404,15 @@ impl Runner for WgpuRunner {
                     }
                     (
                         Op::Attention {
+                            cache_layer,
+                            n_heads,
+                            n_kv_heads,
+                            head_dim,
+                            scale,
+                            window,
+                            softcap,
+                        }
+                        | Op::AttentionShared {
                             cache_layer,
                             n_heads,
                             n_kv_heads,
@@ -1360,14 +1458,17 @@ impl Runner for WgpuRunner {
                             params: prm,
                             groups: [r as u32, *n_heads as u32, 1],
                         });
-                        cmds.push(Cmd::Dispatch {
-                            tex: None,
-                            pipe: p.kv_write.clone(),
-                            layout: p.attn_layout.clone(),
-                            binds,
-                            params: prm,
-                            groups: grid(r * kvb.width, 256),
-                        });
+                        // AttentionShared reads the owner's cache and leaves it alone.
+                        if matches!(node.op, Op::Attention { .. }) {
+                            cmds.push(Cmd::Dispatch {
+                                tex: None,
+                                pipe: p.kv_write.clone(),
+                                layout: p.attn_layout.clone(),
+                                binds,
+                                params: prm,
+                                groups: grid(r * kvb.width, 256),
+                            });
+                        }
                     }
                     (Op::GeluTanhMul, _) => {
                         self.elementwise(
@@ -1407,6 +1508,69 @@ impl Runner for WgpuRunner {
                         r * node.cols,
                         *cap,
                     ),
+                    (Op::SliceCols { start }, _) => {
+                        let src = self.graph.nodes[node.inputs[0].0].cols;
+                        cmds.push(Cmd::Dispatch {
+                            tex: None,
+                            pipe: p.slice_cols.clone(),
+                            layout: el(),
+                            binds: vec![inp(0), whole(&self.dummy, 16), out.clone()],
+                            params: params(&[
+                                (r * node.cols) as u32,
+                                src as u32,
+                                *start as u32,
+                                node.cols as u32,
+                            ]),
+                            groups: grid(r * node.cols, 256),
+                        });
+                    }
+                    (Op::RouterTopK { top_k, .. }, Plan::Router(pes)) => {
+                        cmds.push(Cmd::Dispatch {
+                            tex: None,
+                            pipe: p.router_topk.clone(),
+                            layout: el(),
+                            binds: vec![inp(0), whole(pes, pes.size()), out.clone()],
+                            params: params(&[r as u32, node.cols as u32, *top_k as u32]),
+                            groups: grid(r, 64),
+                        });
+                    }
+                    (Op::MoeExperts { intermediate, .. }, Plan::Moe(experts)) => {
+                        // Per expert: gate_up, gelu(gate) * up, down over the rows routed to it
+                        // (linear.wgsl skips the others), then weighted into the output.
+                        let (x, route) = (inp(0), inp(1));
+                        let ne = experts.len();
+                        let im = *intermediate;
+                        let gu = self.scratch(&self.moe[0], (r * 2 * im * 4) as u64);
+                        let h = self.scratch(&self.moe[1], (r * im * 4) as u64);
+                        let y = self.scratch(&self.moe[2], (r * node.cols * 4) as u64);
+                        for (e, [gate_up, down]) in experts.iter().enumerate() {
+                            let rt = Some((&route, ne, e));
+                            self.linear_cmds(&mut cmds, gate_up, &x, &gu, r, rt);
+                            cmds.push(Cmd::Dispatch {
+                                tex: None,
+                                pipe: p.gelu_split.clone(),
+                                layout: el(),
+                                binds: vec![gu.clone(), whole(&self.dummy, 16), h.clone()],
+                                params: params(&[(r * im) as u32, im as u32]),
+                                groups: grid(r * im, 256),
+                            });
+                            self.linear_cmds(&mut cmds, down, &h, &y, r, rt);
+                            cmds.push(Cmd::Dispatch {
+                                tex: None,
+                                pipe: p.moe_acc.clone(),
+                                layout: el(),
+                                binds: vec![y.clone(), route.clone(), out.clone()],
+                                params: params(&[
+                                    (r * node.cols) as u32,
+                                    node.cols as u32,
+                                    ne as u32,
+                                    e as u32,
+                                    (e == 0) as u32,
+                                ]),
+                                groups: grid(r * node.cols, 256),
+                            });
+                        }
+                    }
                     (Op::SelectRows, _) => {
                         let src = self.graph.nodes[node.inputs[0].0].cols;
                         cmds.push(Cmd::Dispatch {
@@ -1429,9 +1593,9 @@ impl Runner for WgpuRunner {
             }
             if profile {
                 let lab = match &self.plans[i] {
-                    Plan::Linear {
+                    Plan::Linear(Lin {
                         k, n, dt, scheme, ..
-                    } => format!("linear k={k} n={n} dtype={dt} scheme={scheme} rows={r}"),
+                    }) => format!("linear k={k} n={n} dtype={dt} scheme={scheme} rows={r}"),
                     _ => format!("{} cols={} rows={r}", node.op.kind(), node.cols),
                 };
                 labels.resize(cmds.len(), lab);

@@ -313,6 +313,18 @@ impl Graph {
         (slot_of, slot_cols)
     }
 
+    /// Positions a slot of cache layer `layer` keeps: the sliding window (a ring) when that is less than
+    /// `max_seq_len`, else `max_seq_len`. A layer that [`Op::AttentionShared`] nodes read keeps every
+    /// position: its owner appends a whole step before the sharers read it, so a ring of the window would
+    /// already have overwritten keys that the step's first queries still see.
+    pub fn cache_capacity(&self, layer: usize, max_seq_len: usize) -> usize {
+        let shared = self.nodes.iter().any(
+            |n| matches!(n.op, Op::AttentionShared { cache_layer, .. } if cache_layer == layer),
+        );
+        let window = self.cache_layers[layer].window.filter(|_| !shared);
+        window.map_or(max_seq_len, |w| w.min(max_seq_len)).max(1)
+    }
+
     /// Names of all weights the graph reads.
     pub fn weight_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = Vec::new();

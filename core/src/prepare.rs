@@ -21,6 +21,17 @@ pub enum NodeWeights<'a> {
         n: usize,
         scales: Option<Fp8Scales>,
     },
+    /// RouterTopK: the per-expert scales as f32, one per expert.
+    Router(Vec<f32>),
+    /// MoeExperts: per expert, gate_up `[2I, H]` and down `[H, I]` as ordinary linears.
+    Experts(Vec<[ExpertLinear; 2]>),
+}
+
+/// One expert's linear: a 2-D view of the fused tensor, its scheme and, for an FP8 scheme, its scales.
+pub struct ExpertLinear {
+    pub weight: Weight,
+    pub scheme: QuantScheme,
+    pub scales: Option<Fp8Scales>,
 }
 
 fn dense_ok(w: &Weight) -> Result<()> {
@@ -116,19 +127,63 @@ pub fn node_weights<'a>(
                 scales,
             }
         }
+        Op::RouterTopK {
+            per_expert_scale, ..
+        } => {
+            let v = get(per_expert_scale)?.to_f32();
+            if v.len() != n.cols {
+                return Err(Error::tensor(
+                    per_expert_scale,
+                    format!("has {} values for {} experts", v.len(), n.cols),
+                ));
+            }
+            NodeWeights::Router(v)
+        }
+        Op::MoeExperts { .. } => {
+            let ex = crate::cpu::split_experts(n, weights)?.expect("a MoeExperts node");
+            let lin = |(w, scheme): &(Weight, QuantScheme)| -> Result<ExpertLinear> {
+                Ok(ExpertLinear {
+                    weight: w.clone(),
+                    scheme: scheme.clone(),
+                    scales: match scheme {
+                        QuantScheme::Dense => None,
+                        s => Some(fp8_linear::prepare(w, s, &ex.scales)?),
+                    },
+                })
+            };
+            NodeWeights::Experts(
+                ex.experts
+                    .iter()
+                    .map(|[gu, d]| Ok([lin(gu)?, lin(d)?]))
+                    .collect::<Result<_>>()?,
+            )
+        }
         _ => NodeWeights::None,
     })
 }
 
-/// The ops a GPU backend runs (all of them), with attention limited to `max_head_dim` and whole GQA groups.
-pub fn gpu_supports(op: &Op, max_head_dim: usize) -> bool {
+/// The ops a GPU backend runs, with attention limited to `max_head_dim` and whole GQA groups; the Gemma 4
+/// ops (`SliceCols`, `AttentionShared`, `RouterTopK`, `MoeExperts`) only where `gemma4` says the backend has
+/// kernels for them.
+pub fn gpu_supports(op: &Op, max_head_dim: usize, gemma4: bool) -> bool {
     match op {
         Op::Attention {
             head_dim,
             n_heads,
             n_kv_heads,
             ..
-        } => *head_dim <= max_head_dim && *n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+        }
+        | Op::AttentionShared {
+            head_dim,
+            n_heads,
+            n_kv_heads,
+            ..
+        } => {
+            (gemma4 || matches!(op, Op::Attention { .. }))
+                && *head_dim <= max_head_dim
+                && *n_kv_heads > 0
+                && n_heads % n_kv_heads == 0
+        }
         Op::Rope { head_dim, inv_freq } => head_dim % 2 == 0 && inv_freq.len() == head_dim / 2,
         Op::Embed { .. }
         | Op::RmsNorm { .. }
@@ -138,11 +193,7 @@ pub fn gpu_supports(op: &Op, max_head_dim: usize) -> bool {
         | Op::Scale { .. }
         | Op::Softcap { .. }
         | Op::SelectRows => true,
-        // Gemma 4 ops: CPU reference only until wgpu/CUDA kernels exist (issue #8).
-        Op::SliceCols { .. }
-        | Op::AttentionShared { .. }
-        | Op::RouterTopK { .. }
-        | Op::MoeExperts { .. } => false,
+        Op::SliceCols { .. } | Op::RouterTopK { .. } | Op::MoeExperts { .. } => gemma4,
         // Vision encoder ops: CPU reference only for now (issue #9).
         Op::Input
         | Op::BiasAdd { .. }

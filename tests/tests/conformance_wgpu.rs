@@ -55,3 +55,37 @@ fn wgpu_splits_tensors_larger_than_one_binding() {
         assert_eq!(report.unsupported(), 0);
     }
 }
+
+/// The Gemma 4 ops (issue #8) have wgpu kernels: every one of their cases runs and passes.
+#[test]
+fn wgpu_runs_every_gemma4_case() {
+    let backend = match e4m3_backend_wgpu::open(None) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("skipped: no wgpu adapter ({e})");
+            if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
+                return;
+            }
+            panic!(
+                "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
+            );
+        }
+    };
+    for filter in [
+        "slice_cols(",
+        "attention_shared(",
+        "router_topk(",
+        "moe_experts(",
+    ] {
+        let report = run_suite(backend.as_ref(), Some(filter));
+        for r in &report.results {
+            assert!(r.reason().is_none(), "{}: {:?}", r.name, r.reason());
+        }
+        assert!(
+            report.results.len() >= 6,
+            "{filter}: {} cases",
+            report.results.len()
+        );
+        assert_eq!(report.passed(), report.results.len(), "{filter}");
+    }
+}

@@ -12,7 +12,7 @@ use crate::backend::{
 };
 use crate::checkpoint::Weight;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Op, QuantScheme, WeightMap};
+use crate::graph::{Graph, Node, Op, QuantScheme, WeightMap};
 use crate::tensor::{DType, Mat};
 
 pub use kernels::KvLayer;
@@ -233,10 +233,9 @@ impl CpuRunner {
                 .graph
                 .cache_layers
                 .iter()
-                .map(|l| {
-                    let cap = l
-                        .window
-                        .map_or(self.cache.max_seq_len, |w| w.min(self.cache.max_seq_len));
+                .enumerate()
+                .map(|(i, l)| {
+                    let cap = self.graph.cache_capacity(i, self.cache.max_seq_len);
                     KvLayer::new(cap, l.n_kv_heads * l.head_dim)
                 })
                 .collect(),
@@ -557,11 +556,11 @@ impl CpuRunner {
 
 /// The experts of one `MoeExperts` node, split into 2-D weights (views of the fused tensors) with their
 /// scale slices, so each runs as an ordinary linear.
-struct Experts {
+pub(crate) struct Experts {
     /// Per expert: (gate_up `[2I, H]`, its scheme), (down `[H, I]`, its scheme).
-    experts: Vec<[(Weight, QuantScheme); 2]>,
+    pub experts: Vec<[(Weight, QuantScheme); 2]>,
     /// The scale slices the per-expert schemes name.
-    scales: WeightMap,
+    pub scales: WeightMap,
     /// The fused FP8 tensors and scales (checked here, not as dense weights).
     fp8_tensors: Vec<String>,
 }
@@ -603,112 +602,119 @@ impl Experts {
 fn load_experts(graph: &Graph, weights: &WeightMap) -> Result<BTreeMap<usize, Experts>> {
     let mut out = BTreeMap::new();
     for (i, n) in graph.nodes.iter().enumerate() {
-        let Op::MoeExperts {
-            gate_up,
-            down,
-            n_experts,
-            intermediate,
-            gate_up_scheme,
-            down_scheme,
-        } = &n.op
-        else {
-            continue;
-        };
-        let hidden = n.cols;
-        let mut ex = Experts {
-            experts: Vec::with_capacity(*n_experts),
-            scales: WeightMap::new(),
-            fp8_tensors: Vec::new(),
-        };
-        let split = |name: &str,
-                     scheme: &QuantScheme,
-                     shape: [usize; 3],
-                     ex: &mut Experts|
-         -> Result<Vec<(Weight, QuantScheme)>> {
-            let w = weights
-                .get(name)
-                .ok_or_else(|| Error::tensor(name, "referenced by the graph but not loaded"))?;
-            if w.shape != shape {
-                return Err(Error::tensor(
-                    name,
-                    format!(
-                        "expected shape {shape:?} for node `{}`, found {:?}",
-                        n.name, w.shape
-                    ),
-                ));
-            }
-            let dense = *scheme == QuantScheme::Dense;
-            if dense != matches!(w.dtype, DType::F32 | DType::BF16 | DType::F16) {
-                return Err(Error::tensor(
-                    name,
-                    format!("dtype {} does not fit scheme {}", w.dtype, scheme.name()),
-                ));
-            }
-            if !dense {
-                ex.fp8_tensors.push(name.to_string());
-                ex.fp8_tensors
-                    .extend(scheme.scale_tensors().iter().map(|s| s.to_string()));
-            }
-            let mut per = Vec::with_capacity(shape[0]);
-            for e in 0..shape[0] {
-                let we = w.slice_outer(e, &format!("{name}[{e}]"))?;
-                let mut se = scheme.clone();
-                let rename = |s: &mut String, ex: &mut Experts| -> Result<()> {
-                    let full = weights.get(s.as_str()).ok_or_else(|| {
-                        Error::tensor(s.as_str(), "referenced by the graph but not loaded")
-                    })?;
-                    if full.shape.first() != Some(&shape[0]) {
-                        return Err(Error::tensor(
-                            s.as_str(),
-                            format!(
-                                "expected one scale slice per expert ({}), found shape {:?}",
-                                shape[0], full.shape
-                            ),
-                        ));
-                    }
-                    let sn = format!("{s}[{e}]");
-                    ex.scales.insert(sn.clone(), full.slice_outer(e, &sn)?);
-                    *s = sn;
-                    Ok(())
-                };
-                match &mut se {
-                    QuantScheme::Dense => {}
-                    QuantScheme::Fp8Static {
-                        weight_scale,
-                        input_scale,
-                    } => {
-                        rename(weight_scale, ex)?;
-                        rename(input_scale, ex)?;
-                    }
-                    QuantScheme::Fp8Dynamic { weight_scale }
-                    | QuantScheme::Fp8BlockWeightOnly { weight_scale, .. } => {
-                        rename(weight_scale, ex)?
-                    }
-                    QuantScheme::Fp8Block {
-                        weight_scale_inv, ..
-                    } => rename(weight_scale_inv, ex)?,
-                }
-                if !dense {
-                    fp8_linear::prepare(&we, &se, &ex.scales)?;
-                }
-                per.push((we, se));
-            }
-            Ok(per)
-        };
-        let gu = split(
-            gate_up,
-            gate_up_scheme,
-            [*n_experts, 2 * intermediate, hidden],
-            &mut ex,
-        )?;
-        let dn = split(
-            down,
-            down_scheme,
-            [*n_experts, hidden, *intermediate],
-            &mut ex,
-        )?;
-        ex.experts = gu.into_iter().zip(dn).map(|(a, b)| [a, b]).collect();
-        out.insert(i, ex);
+        if let Some(ex) = split_experts(n, weights)? {
+            out.insert(i, ex);
+        }
     }
     Ok(out)
+}
+
+/// The experts of a `MoeExperts` node (None for any other op), checked: each expert's 2-D weights with
+/// their schemes renamed to per-expert scale slices, which `Experts::scales` holds (also the GPU
+/// backends' expert linears, through `prepare::node_weights`).
+pub(crate) fn split_experts(n: &Node, weights: &WeightMap) -> Result<Option<Experts>> {
+    let Op::MoeExperts {
+        gate_up,
+        down,
+        n_experts,
+        intermediate,
+        gate_up_scheme,
+        down_scheme,
+    } = &n.op
+    else {
+        return Ok(None);
+    };
+    let hidden = n.cols;
+    let mut ex = Experts {
+        experts: Vec::with_capacity(*n_experts),
+        scales: WeightMap::new(),
+        fp8_tensors: Vec::new(),
+    };
+    let split = |name: &str,
+                 scheme: &QuantScheme,
+                 shape: [usize; 3],
+                 ex: &mut Experts|
+     -> Result<Vec<(Weight, QuantScheme)>> {
+        let w = weights
+            .get(name)
+            .ok_or_else(|| Error::tensor(name, "referenced by the graph but not loaded"))?;
+        if w.shape != shape {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "expected shape {shape:?} for node `{}`, found {:?}",
+                    n.name, w.shape
+                ),
+            ));
+        }
+        let dense = *scheme == QuantScheme::Dense;
+        if dense != matches!(w.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::tensor(
+                name,
+                format!("dtype {} does not fit scheme {}", w.dtype, scheme.name()),
+            ));
+        }
+        if !dense {
+            ex.fp8_tensors.push(name.to_string());
+            ex.fp8_tensors
+                .extend(scheme.scale_tensors().iter().map(|s| s.to_string()));
+        }
+        let mut per = Vec::with_capacity(shape[0]);
+        for e in 0..shape[0] {
+            let we = w.slice_outer(e, &format!("{name}[{e}]"))?;
+            let mut se = scheme.clone();
+            let rename = |s: &mut String, ex: &mut Experts| -> Result<()> {
+                let full = weights.get(s.as_str()).ok_or_else(|| {
+                    Error::tensor(s.as_str(), "referenced by the graph but not loaded")
+                })?;
+                if full.shape.first() != Some(&shape[0]) {
+                    return Err(Error::tensor(
+                        s.as_str(),
+                        format!(
+                            "expected one scale slice per expert ({}), found shape {:?}",
+                            shape[0], full.shape
+                        ),
+                    ));
+                }
+                let sn = format!("{s}[{e}]");
+                ex.scales.insert(sn.clone(), full.slice_outer(e, &sn)?);
+                *s = sn;
+                Ok(())
+            };
+            match &mut se {
+                QuantScheme::Dense => {}
+                QuantScheme::Fp8Static {
+                    weight_scale,
+                    input_scale,
+                } => {
+                    rename(weight_scale, ex)?;
+                    rename(input_scale, ex)?;
+                }
+                QuantScheme::Fp8Dynamic { weight_scale }
+                | QuantScheme::Fp8BlockWeightOnly { weight_scale, .. } => rename(weight_scale, ex)?,
+                QuantScheme::Fp8Block {
+                    weight_scale_inv, ..
+                } => rename(weight_scale_inv, ex)?,
+            }
+            if !dense {
+                fp8_linear::prepare(&we, &se, &ex.scales)?;
+            }
+            per.push((we, se));
+        }
+        Ok(per)
+    };
+    let gu = split(
+        gate_up,
+        gate_up_scheme,
+        [*n_experts, 2 * intermediate, hidden],
+        &mut ex,
+    )?;
+    let dn = split(
+        down,
+        down_scheme,
+        [*n_experts, hidden, *intermediate],
+        &mut ex,
+    )?;
+    ex.experts = gu.into_iter().zip(dn).map(|(a, b)| [a, b]).collect();
+    Ok(Some(ex))
 }
