@@ -407,7 +407,18 @@ impl CpuRunner {
                     scale,
                     window,
                     softcap,
+                }
+                | Op::AttentionShared {
+                    cache_layer,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    scale,
+                    window,
+                    softcap,
                 } => {
+                    // A shared layer reads its owner's cache without appending (KV sharing).
+                    let append = matches!(node.op, Op::Attention { .. });
                     let q = input(0);
                     let rounded;
                     let (k, v) = match self.kv_round[*cache_layer] {
@@ -422,7 +433,7 @@ impl CpuRunner {
                         let layer = &mut self.slots[slot].as_mut().expect("slot allocated").layers
                             [*cache_layer];
                         let geom = kernels::AttnGeom {
-                            append: true,
+                            append,
                             n_heads: *n_heads,
                             n_kv_heads: *n_kv_heads,
                             head_dim: *head_dim,
@@ -438,41 +449,6 @@ impl CpuRunner {
                         kernels::attention_grouped(
                             &geom, q, k, v, row0, n, start, layer, &mut out, g,
                         );
-                    }
-                    out
-                }
-                Op::AttentionShared {
-                    cache_layer,
-                    n_heads,
-                    n_kv_heads,
-                    head_dim,
-                    scale,
-                    window,
-                    softcap,
-                } => {
-                    let q = input(0);
-                    let rounded;
-                    let (k, v) = match self.kv_round[*cache_layer] {
-                        KvRounding::Exact => (input(1), input(2)),
-                        r => {
-                            rounded = kernels::round_kv(input(1), input(2), r);
-                            (&rounded.0, &rounded.1)
-                        }
-                    };
-                    let mut out = Mat::zeros(q.rows, n_heads * head_dim);
-                    for &(row0, n, start, slot) in &spans {
-                        let layer = &mut self.slots[slot].as_mut().expect("slot allocated").layers
-                            [*cache_layer];
-                        let geom = kernels::AttnGeom {
-                            append: false,
-                            n_heads: *n_heads,
-                            n_kv_heads: *n_kv_heads,
-                            head_dim: *head_dim,
-                            scale: *scale,
-                            window: *window,
-                            softcap: *softcap,
-                        };
-                        kernels::attention(&geom, q, k, v, row0, n, start, layer, &mut out);
                     }
                     out
                 }
