@@ -564,6 +564,15 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         &[("", m.generated_tokens.to_string())],
     );
     metric(
+        "e4m3_generation_tokens_per_second",
+        "gauge",
+        "Tokens generated per second over the last 10 seconds.",
+        &[(
+            "",
+            format!("{:.3}", m.recent.per_second(std::time::Instant::now())),
+        )],
+    );
+    metric(
         "e4m3_preemptions_total",
         "counter",
         "Sequences preempted for lack of KV blocks.",

@@ -533,6 +533,12 @@ fn serve_tiny_model() {
     assert!(finished >= 30.0, "{m}");
     assert_eq!(metric(&m, "e4m3_requests_failed_total"), 0.0);
     assert!(metric(&m, "e4m3_generation_tokens_total") >= 100.0);
+    // Tokens of the last 10 s over 10 s: some (the requests just ran), at most all of them.
+    let rate = metric(&m, "e4m3_generation_tokens_per_second");
+    assert!(
+        rate > 0.0 && rate <= metric(&m, "e4m3_generation_tokens_total") / 10.0,
+        "{m}"
+    );
     assert!(metric(&m, "e4m3_prompt_tokens_total") >= 100.0);
     assert_eq!(metric(&m, "e4m3_kv_blocks_used"), 0.0);
     assert_eq!(metric(&m, "e4m3_kv_blocks_free"), 4.0 * 8.0);
