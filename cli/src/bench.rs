@@ -398,6 +398,17 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let t = Instant::now();
     let (model, source, name, label) = match (&a.synthetic, scheme) {
         (Some(name), Some(s)) => {
+            let need = synthetic::min_weight_bytes(name, s)?;
+            if let Some(total) = e4m3_core::kv_pages::system_memory() {
+                if need > total {
+                    bail!(
+                        "--synthetic {name} ({}) needs at least {:.1} GiB for its weights; this machine has {:.1} GiB of memory",
+                        s.name(),
+                        need as f64 / (1u64 << 30) as f64,
+                        total as f64 / (1u64 << 30) as f64
+                    );
+                }
+            }
             eprintln!("building synthetic {name} ({})", s.name());
             let m = synthetic::build(name, s)?;
             (m, "synthetic", name.clone(), s.name().to_string())

@@ -414,6 +414,22 @@ fn constant(name: &str, dtype: DType, shape: Vec<usize>, value: f32) -> Result<W
     Weight::from_bytes(name, dtype, shape, one.repeat(n))
 }
 
+/// A lower bound of the bytes a synthetic model's weights take: the embedding in BF16 plus every layer's
+/// attention and MLP projections at one byte a parameter (FP8; BF16 takes two), experts and norms left
+/// out. Enough to refuse a model that cannot fit before any weight is made.
+pub fn min_weight_bytes(name: &str, scheme: SyntheticScheme) -> Result<u64> {
+    let c = config(name)?;
+    let (h, d) = (c.hidden_size as u64, c.head_dim as u64);
+    let q = c.num_attention_heads as u64 * d;
+    let kv = c.num_key_value_heads as u64 * d;
+    let per_layer = h * (2 * q + 2 * kv) + 3 * h * c.intermediate_size as u64;
+    let bytes = match scheme {
+        SyntheticScheme::Bf16 => 2,
+        SyntheticScheme::Fp8(_) => 1,
+    };
+    Ok(2 * c.vocab_size as u64 * h + bytes * per_layer * c.num_hidden_layers as u64)
+}
+
 /// A synthetic model with the default seed.
 pub fn build(name: &str, scheme: SyntheticScheme) -> Result<Model> {
     build_seeded(name, scheme, DEFAULT_SEED)
@@ -713,6 +729,25 @@ mod tests {
     use crate::backend::{Backend, Batch, CacheConfig, KvCacheDtype, LogitsFor, SeqStep};
     use crate::cpu::CpuBackend;
     use crate::quantize::{quantize, CalibSource};
+
+    /// `min_weight_bytes` is a lower bound of what the built model holds, and not a loose one.
+    #[test]
+    fn min_weight_bytes_bounds_the_built_model() {
+        for name in ["tiny", "gemma-4-tiny"] {
+            for scheme in [
+                SyntheticScheme::Bf16,
+                SyntheticScheme::Fp8(Scheme::Fp8Dynamic),
+            ] {
+                let lower = min_weight_bytes(name, scheme).unwrap();
+                let real = build(name, scheme).unwrap().weight_bytes() as u64;
+                assert!(
+                    lower <= real && lower * 3 >= real,
+                    "{name} {}: lower bound {lower}, built {real}",
+                    scheme.name()
+                );
+            }
+        }
+    }
 
     /// Names, dtypes and shapes of every weight; the Linear schemes; the graph and its KV layers.
     fn same_structure(a: &Model, b: &Model, what: &str) {
