@@ -1,6 +1,9 @@
-// Causal attention over the GPU KV cache (core/src/cpu/kernels.rs attention) and the cache write.
+// Causal attention over the GPU KV cache (core/src/cpu/kernels.rs attention_grouped) and the cache write.
 // Keys of positions before the step's start come from the ring buffer (row p % cap of the slot), the
-// step's own keys from `k`/`v`, rounded like the cache stores them (round_kv).
+// step's own keys from `k`/`v`, rounded like the cache stores them (round_kv). A row sees positions up to
+// `ends[row]`: itself, or the end of its image group (bidirectional within an image).
+// With `encoder` set it is EncoderAttention (core/src/cpu/vision.rs encoder_attention): every row sees
+// every row of its sequence in this step, no cache, no rounding.
 struct P {
     n_heads: u32,
     n_kv_heads: u32,
@@ -17,6 +20,7 @@ struct P {
     v_scale: f32,
     slot_stride: u32,
     rows: u32,
+    encoder: u32,
 }
 @group(0) @binding(0) var<storage, read> q: array<f32>;
 @group(0) @binding(1) var<storage, read> k: array<f32>;
@@ -27,6 +31,8 @@ struct P {
 @group(0) @binding(6) var<storage, read_write> vc: array<f32>;
 // Per row: slot, start position of its sequence, tokens of the sequence in this step, first row of it.
 @group(0) @binding(7) var<storage, read> info: array<vec4<u32>>;
+// Per row: the last position it sees (unused with `encoder`).
+@group(0) @binding(8) var<storage, read> ends: array<u32>;
 
 fn rnd(x: f32, s: f32) -> f32 {
     if (p.round_mode == 1u) { return bf16_round(x); }
@@ -75,7 +81,14 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     let h = wid.y;
     let inf = info[r];
     let slot = inf.x;
-    let start = inf.y;
+    var start = inf.y;
+    var hi = 0u;
+    if (p.encoder != 0u) {
+        start = 0u;
+        hi = inf.z - 1u;
+    } else {
+        hi = ends[r];
+    }
     let row0 = inf.w;
     let pos = start + (r - row0);
     var lo = 0u;
@@ -87,7 +100,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     // Pass 1: max and sum of exponentials (online, per thread, then combined).
     var m = NEG;
     var l = 0.0;
-    for (var j = lo + lid; j <= pos; j += 64u) {
+    for (var j = lo + lid; j <= hi; j += 64u) {
         let s = score(j, slot, start, row0, kvo);
         if (s > m) {
             l = l * exp(m - s) + 1.0;
@@ -113,13 +126,13 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     let gl = red_l[0];
     // Pass 2: weights of 64 keys at a time, accumulated in key order per output value.
     var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-    for (var jt = lo; jt <= pos; jt += 64u) {
+    for (var jt = lo; jt <= hi; jt += 64u) {
         let j = jt + lid;
-        if (j <= pos) {
+        if (j <= hi) {
             pt[lid] = exp(score(j, slot, start, row0, kvo) - gm) / gl;
         }
         workgroupBarrier();
-        let nj = min(64u, pos + 1u - jt);
+        let nj = min(64u, hi + 1u - jt);
         for (var ci = 0u; ci < 8u; ci++) {
             let c = lid + ci * 64u;
             if (c < p.d) {

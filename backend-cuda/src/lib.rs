@@ -532,7 +532,7 @@ impl Backend for CudaBackend {
 
     fn supports(&self, op: &Op) -> bool {
         // Gemma 4 ops: kernels/gemma4.cu, not yet run on a GPU (issue #8).
-        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true)
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true, false)
     }
 
     fn describe(&self) -> String {

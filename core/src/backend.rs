@@ -88,6 +88,86 @@ pub struct StepInputs {
     pub groups: Vec<Option<u32>>,
 }
 
+/// Check a step's inputs (None: a plain step) against its `rows` rows of `graph`: one row index per given
+/// embedding, each within the step, embeddings as wide as the graph's input (its `Op::Input`, else its
+/// first `Op::Embed`), one group per row (or none); and an `Op::Input` needs every row given, in order.
+pub fn check_step_inputs(inputs: Option<&StepInputs>, graph: &Graph, rows: usize) -> Result<()> {
+    let input = graph.nodes.iter().find(|n| matches!(n.op, Op::Input));
+    let Some(inp) = inputs else {
+        return match input {
+            Some(n) => Err(Error::invalid(format!(
+                "node `{}` reads the step's input rows: every row must be given",
+                n.name
+            ))),
+            None => Ok(()),
+        };
+    };
+    inp.check(input, graph, rows)
+}
+
+impl StepInputs {
+    fn check(&self, input: Option<&crate::graph::Node>, graph: &Graph, rows: usize) -> Result<()> {
+        let cols = input
+            .or_else(|| {
+                graph
+                    .nodes
+                    .iter()
+                    .find(|n| matches!(n.op, Op::Embed { .. }))
+            })
+            .map_or(0, |n| n.cols);
+        if self.embed_rows.len() != self.embeds.rows {
+            return Err(Error::invalid(format!(
+                "{} embedding rows given for {} row indices",
+                self.embeds.rows,
+                self.embed_rows.len()
+            )));
+        }
+        if let Some(&r) = self.embed_rows.iter().find(|&&r| r >= rows) {
+            return Err(Error::invalid(format!(
+                "embedding for row {r} of a step of {rows} rows"
+            )));
+        }
+        if !self.embed_rows.is_empty() && self.embeds.cols != cols {
+            return Err(Error::invalid(format!(
+                "embeddings of {} columns for a graph input of {cols}",
+                self.embeds.cols
+            )));
+        }
+        if !self.groups.is_empty() && self.groups.len() != rows {
+            return Err(Error::invalid(format!(
+                "{} attention groups for a step of {rows} rows",
+                self.groups.len()
+            )));
+        }
+        if let Some(n) = input {
+            let every = self.embed_rows.len() == rows
+                && self.embed_rows.iter().enumerate().all(|(i, &r)| i == r);
+            if !every {
+                return Err(Error::invalid(format!(
+                    "node `{}` reads the step's input rows: every row must be given",
+                    n.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// For each of a sequence's `n` rows in a step, with `groups` its rows' image groups (or empty), the last
+/// row (within the sequence's rows) its attention sees: itself, or the end of its contiguous group (Gemma
+/// 3's image mask: causal OR same image).
+pub fn group_ends(groups: &[Option<u32>], n: usize) -> Vec<usize> {
+    let mut last: Vec<usize> = (0..n).collect();
+    if !groups.is_empty() {
+        for i in (0..n.saturating_sub(1)).rev() {
+            if groups[i].is_some() && groups[i] == groups[i + 1] {
+                last[i] = last[i + 1];
+            }
+        }
+    }
+    last
+}
+
 /// What a step returns.
 #[derive(Debug, Clone)]
 pub struct StepOutput {

@@ -1382,17 +1382,27 @@ mod tests {
             assert_eq!(report.passed(), report.results.len(), "{n}");
         }
         // A GPU backend without Gemma 4 kernels (prepare::gpu_supports with `gemma4` false) refuses exactly
-        // these cases; one with them runs every case.
+        // these cases, one without vision kernels exactly the vision-op cases; one with both runs every case.
+        let vision_ops = [
+            "bias_add(",
+            "gelu_tanh(",
+            "layer_norm(",
+            "encoder_attention(",
+            "avg_pool2d(",
+            "input(",
+        ];
         for c in cases() {
-            let ok = |gemma4| {
+            let ok = |gemma4, vision| {
                 c.graph
                     .nodes
                     .iter()
-                    .all(|n| crate::prepare::gpu_supports(&n.op, 512, gemma4))
+                    .all(|n| crate::prepare::gpu_supports(&n.op, 512, gemma4, vision))
             };
             let gemma4 = names.iter().any(|n| c.name.starts_with(n));
-            assert_eq!(ok(false), !gemma4, "{}", c.name);
-            assert!(ok(true), "{}", c.name);
+            let vision = vision_ops.iter().any(|n| c.name.starts_with(n));
+            assert_eq!(ok(false, true), !gemma4, "{}", c.name);
+            assert_eq!(ok(true, false), !vision, "{}", c.name);
+            assert!(ok(true, true), "{}", c.name);
         }
     }
 
