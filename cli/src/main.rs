@@ -570,13 +570,16 @@ fn image_prompt(
     let mut runner = vision
         .runner(backend, images.len())
         .with_context(|| format!("--image: the vision tower on {}", backend.name()))?;
+    let t_load = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     let (features, _) = vision.encode(runner.as_mut(), &pixels, &[])?;
     if stats {
         eprintln!(
-            "images: {} preprocessed in {:.3}s, encoded (tower + projector, {}) in {:.3}s",
+            "images: {} preprocessed in {:.3}s, tower loaded on {} in {:.3}s, encoded (tower + projector) in {:.3}s",
             images.len(),
             t_pre,
             backend.name(),
+            t_load,
             t.elapsed().as_secs_f64()
         );
     }
