@@ -12,7 +12,9 @@
 //! the CPU's `round_kv`). With `Runner::enable_guards` (the conformance suite) activation and scratch
 //! buffers get guard regions of `GUARD_WORD` before and after their data, checked after every step; the
 //! KV cache and the weights are not guarded. `E4M3_WGPU_PROFILE=1` times every dispatch alone and prints
-//! the time per op and shape when the runner is dropped.
+//! the time per op and shape when the runner is dropped. Images (`Runner::step_with_inputs`): given rows
+//! are uploaded once per step and copied into the Embed (or Input) node's buffer; the attention kernel
+//! reads per row the last position it sees (its image group's end), and runs EncoderAttention too.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -1810,7 +1812,7 @@ impl WgpuRunner {
                 };
                 labels.resize(cmds.len(), lab);
             }
-            if taps.iter().any(|x| *x == node.name) {
+            if taps.contains(&node.name) {
                 let size = (r * node.cols * 4) as u64;
                 let dst = gpu.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("tap"),
