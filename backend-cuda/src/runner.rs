@@ -8,7 +8,7 @@ use cudarc::driver::CudaGraph;
 use std::sync::Arc;
 
 use e4m3_core::backend::{
-    check_step_inputs, group_ends, validate_batch, Batch, CacheConfig, Runner, StepInputs,
+    attention_ends, check_step_inputs, validate_batch, Batch, CacheConfig, Runner, StepInputs,
     StepOutput,
 };
 use e4m3_core::cpu::{kv_rounding, KvRounding};
@@ -120,10 +120,17 @@ pub struct CudaRunner {
     attn_part: Option<Mem>,
     /// Per row: the last position its attention sees (a step with image groups).
     ends: Option<Mem>,
-    /// This step's given rows (`Runner::step_with_inputs`): the rows on the device, (row, given row,
-    /// rows) runs of consecutive rows, their columns; and whether `ends` holds image groups.
-    given: Option<(Mem, Vec<(usize, usize, usize)>, usize)>,
+    /// This step's given rows (`Runner::step_with_inputs`), and whether `ends` holds image groups.
+    given: Option<Given>,
     groups: bool,
+}
+
+/// A step's given rows on the device, their runs of consecutive rows (`StepInputs::given_runs`) and
+/// columns.
+struct Given {
+    rows: Mem,
+    runs: Vec<(usize, usize, usize)>,
+    cols: usize,
 }
 
 impl Drop for CudaRunner {
@@ -601,23 +608,15 @@ impl CudaRunner {
         self.groups = inputs.is_some_and(|i| !i.groups.is_empty());
         if let Some(inp) = inputs {
             if self.groups {
-                let mut ends: Vec<u32> = Vec::with_capacity(t);
-                for s in &batch.seqs {
-                    let (row0, n) = (ends.len(), s.tokens.len());
-                    let last = group_ends(&inp.groups[row0..row0 + n], n);
-                    ends.extend(last.iter().map(|&l| (s.start_pos + l) as u32));
-                }
+                let ends = attention_ends(batch, &inp.groups);
                 dev.write(self.ends.as_ref().expect("allocated"), &ends)?;
             }
             if !inp.embed_rows.is_empty() {
-                let mut runs: Vec<(usize, usize, usize)> = Vec::new();
-                for (i, &r) in inp.embed_rows.iter().enumerate() {
-                    match runs.last_mut() {
-                        Some((r0, i0, n)) if *r0 + *n == r && *i0 + *n == i => *n += 1,
-                        _ => runs.push((r, i, 1)),
-                    }
-                }
-                self.given = Some((dev.upload(&inp.embeds.data)?, runs, inp.embeds.cols));
+                self.given = Some(Given {
+                    rows: dev.upload(&inp.embeds.data)?,
+                    runs: inp.given_runs(),
+                    cols: inp.embeds.cols,
+                });
             }
         }
         // Steps of few rows (decode) replay a CUDA graph captured the second time their shape is seen:
@@ -1136,15 +1135,13 @@ impl CudaRunner {
     /// Copy this step's given rows into the `cols`-wide buffer at `out` (nothing without given rows of
     /// that width).
     fn copy_given(&self, cols: usize, out: u64) -> Result<()> {
-        if let Some((buf, runs, gcols)) = &self.given {
-            if *gcols == cols {
-                for &(r0, i0, n) in runs {
-                    self.dev.copy(
-                        out + (r0 * cols * 4) as u64,
-                        buf.ptr + (i0 * cols * 4) as u64,
-                        n * cols * 4,
-                    )?;
-                }
+        if let Some(g) = self.given.as_ref().filter(|g| g.cols == cols) {
+            for &(r0, i0, n) in &g.runs {
+                self.dev.copy(
+                    out + (r0 * cols * 4) as u64,
+                    g.rows.ptr + (i0 * cols * 4) as u64,
+                    n * cols * 4,
+                )?;
             }
         }
         Ok(())

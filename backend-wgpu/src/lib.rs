@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use e4m3_core::backend::{
-    check_step_inputs, check_supported, group_ends, guard_damage, guard_fill, validate_batch,
+    attention_ends, check_step_inputs, check_supported, guard_damage, guard_fill, validate_batch,
     Backend, Batch, CacheConfig, Runner, StepInputs, StepOutput,
 };
 use e4m3_core::checkpoint::Weight;
@@ -1362,18 +1362,7 @@ impl WgpuRunner {
                 base += s.tokens.len() as u32;
             }
             q.write_buffer(&self.info, 0, bytemuck::cast_slice(&info));
-            let no_groups = Vec::new();
-            let groups = inputs.map_or(&no_groups, |i| &i.groups);
-            let mut ends: Vec<u32> = Vec::with_capacity(t);
-            for s in &batch.seqs {
-                let (row0, n) = (ends.len(), s.tokens.len());
-                let g = if groups.is_empty() {
-                    &groups[..]
-                } else {
-                    &groups[row0..row0 + n]
-                };
-                ends.extend(group_ends(g, n).iter().map(|&l| (s.start_pos + l) as u32));
-            }
+            let ends = attention_ends(batch, inputs.map_or(&[][..], |i| &i.groups));
             q.write_buffer(&self.ends, 0, bytemuck::cast_slice(&ends));
             for (inv_freq, hd, buf) in &self.rope {
                 let half = hd / 2;
@@ -1404,14 +1393,7 @@ impl WgpuRunner {
                     contents: bytemuck::cast_slice(&inp.embeds.data),
                     usage: wgpu::BufferUsages::COPY_SRC,
                 });
-            let mut runs: Vec<(usize, usize, usize)> = Vec::new();
-            for (i, &r) in inp.embed_rows.iter().enumerate() {
-                match runs.last_mut() {
-                    Some((r0, i0, n)) if *r0 + *n == r && *i0 + *n == i => *n += 1,
-                    _ => runs.push((r, i, 1)),
-                }
-            }
-            (buf, runs, inp.embeds.cols)
+            (buf, inp.given_runs(), inp.embeds.cols)
         });
         let copy_given = |cmds: &mut Vec<Cmd>, out: &B| {
             if let Some((buf, runs, cols)) = &given {
