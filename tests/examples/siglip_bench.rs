@@ -40,9 +40,7 @@ fn main() {
     };
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let mut rand = |n: usize, base: f32, amp: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| base + rng.random_range(-amp..amp))
-            .collect()
+        (0..n).map(|_| base + rng.random_range(-amp..amp)).collect()
     };
     let (h, i, p) = (c.hidden_size, c.intermediate_size, c.patch_size);
     let t = "vision_tower.vision_model.";
@@ -53,7 +51,12 @@ fn main() {
             0.0,
             0.04,
         ),
-        (format!("{t}embeddings.patch_embedding.bias"), vec![h], 0.0, 0.1),
+        (
+            format!("{t}embeddings.patch_embedding.bias"),
+            vec![h],
+            0.0,
+            0.1,
+        ),
         (
             format!("{t}embeddings.position_embedding.weight"),
             vec![c.num_patches(), h],
