@@ -224,6 +224,20 @@ mod tiny {
         assert!(n < NMSE_MATMUL, "image features NMSE {n}");
         let e = rel_err(&feats.data, &json_f32s(&f.reference["image_features"]));
         assert!(e < 1e-3, "wgpu image features vs transformers: {e}");
+        // Bad inputs are errors naming what is wrong: no rows given to the tower, rows of the wrong width.
+        let patches = Batch::single(0, 0, (0..16).collect(), LogitsFor::None);
+        let err = vr.step(&patches, &[]).unwrap_err().to_string();
+        assert!(err.contains("`vision.patches`"), "{err}");
+        let narrow = e4m3_core::backend::StepInputs {
+            embed_rows: (0..16).collect(),
+            embeds: Mat::zeros(16, 5),
+            groups: vec![],
+        };
+        let err = vr
+            .step_with_inputs(&patches, &narrow, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("embeddings of 5 columns"), "{err}");
 
         let ids = json_u32s(&f.reference["input_ids"]);
         let load_text = || {
