@@ -55,6 +55,8 @@ const XU_BYTES: u64 = 65536;
 
 /// Largest head_dim the attention shader handles (8 values per thread of a 64-thread workgroup).
 pub const MAX_HEAD_DIM: usize = 512;
+/// Query rows per workgroup of attention.wgsl's encoder_attention (`ER`).
+const ENCODER_ROWS: usize = 4;
 
 /// One adapter as `e4m3 devices` lists it.
 #[derive(Debug, Clone)]
@@ -191,6 +193,7 @@ struct Pipes {
     quant_static: wgpu::ComputePipeline,
     quant_group: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
+    encoder_attention: wgpu::ComputePipeline,
     kv_write: wgpu::ComputePipeline,
     slice_cols: wgpu::ComputePipeline,
     gelu_split: wgpu::ComputePipeline,
@@ -341,6 +344,7 @@ impl Pipes {
             quant_static: pipeline(device, &quant, &quant_layout, "quant_static", &[]),
             quant_group: pipeline(device, &quant, &quant_layout, "quant_group", &[]),
             attention: pipeline(device, &attn, &attn_layout, "attention", &[]),
+            encoder_attention: pipeline(device, &attn, &attn_layout, "encoder_attention", &[]),
             kv_write: pipeline(device, &attn, &attn_layout, "kv_write", &[]),
             slice_cols: pipeline(device, &g4, &el_layout, "slice_cols", &[]),
             gelu_split: pipeline(device, &g4, &el_layout, "gelu_split", &[]),
@@ -1713,42 +1717,49 @@ impl WgpuRunner {
                                 node.name
                             )));
                         }
-                        // attention.wgsl in encoder mode: no cache, every row of the sequence.
+                        // One dispatch per sequence (an image), ER query rows a workgroup.
                         let none = whole(&self.dummy, 16);
-                        cmds.push(Cmd::Dispatch {
-                            tex: None,
-                            pipe: p.attention.clone(),
-                            layout: p.attn_layout.clone(),
-                            binds: vec![
-                                inp(0),
-                                inp(1),
-                                inp(2),
-                                out.clone(),
-                                none.clone(),
-                                none.clone(),
-                                whole(&self.info, (t * 16) as u64),
-                                whole(&self.ends, (t * 4) as u64),
-                            ],
-                            params: params(&[
-                                *n_heads as u32,
-                                *n_heads as u32,
-                                *head_dim as u32,
-                                node.cols as u32,
-                                node.cols as u32,
-                                1,
-                                0,
-                                0,
-                                f(*scale),
-                                f(1.0),
-                                0,
-                                f(1.0),
-                                f(1.0),
-                                0,
-                                r as u32,
-                                1,
-                            ]),
-                            groups: [r as u32, *n_heads as u32, 1],
-                        });
+                        let mut row0 = 0;
+                        for s in &batch.seqs {
+                            let n = s.tokens.len();
+                            if n > 0 {
+                                cmds.push(Cmd::Dispatch {
+                                    tex: None,
+                                    pipe: p.encoder_attention.clone(),
+                                    layout: p.attn_layout.clone(),
+                                    binds: vec![
+                                        inp(0),
+                                        inp(1),
+                                        inp(2),
+                                        out.clone(),
+                                        none.clone(),
+                                        none.clone(),
+                                        whole(&self.info, (t * 16) as u64),
+                                        whole(&self.ends, (t * 4) as u64),
+                                    ],
+                                    params: params(&[
+                                        *n_heads as u32,
+                                        *n_heads as u32,
+                                        *head_dim as u32,
+                                        node.cols as u32,
+                                        node.cols as u32,
+                                        1,
+                                        0,
+                                        0,
+                                        f(*scale),
+                                        f(1.0),
+                                        0,
+                                        f(1.0),
+                                        f(1.0),
+                                        0,
+                                        n as u32,
+                                        row0 as u32,
+                                    ]),
+                                    groups: [n.div_ceil(ENCODER_ROWS) as u32, *n_heads as u32, 1],
+                                });
+                            }
+                            row0 += n;
+                        }
                     }
                     (Op::AvgPool2d { side, kernel }, _) => {
                         cmds.push(Cmd::Dispatch {

@@ -139,6 +139,6 @@ fn wgpu_runs_every_vision_case() {
             total += report.passed();
         }
         let image_groups = if limit.is_some() { 0 } else { 2 };
-        assert_eq!(total, 3 * 3 + 2 + 2 + 1 + image_groups, "{limit:?}");
+        assert_eq!(total, 3 * 3 + 3 + 2 + 1 + image_groups, "{limit:?}");
     }
 }
