@@ -14,7 +14,8 @@
 //! KV cache and the weights are not guarded. `E4M3_WGPU_PROFILE=1` times every dispatch alone and prints
 //! the time per op and shape when the runner is dropped. Images (`Runner::step_with_inputs`): given rows
 //! are uploaded once per step and copied into the Embed (or Input) node's buffer; the attention kernel
-//! reads per row the last position it sees (its image group's end), and runs EncoderAttention too.
+//! reads per row the last position it sees (its image group's end); EncoderAttention has its own entry
+//! point there, one dispatch per image.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
