@@ -514,11 +514,13 @@ struct RunOpts {
 
 /// The prompt of `--image` runs: the Gemma 3 processor's expansion of every `<start_of_image>` (with
 /// --chat, one per image before the user text), then the image embeddings and their attention groups.
+/// The tower runs on `backend` (one that lacks its ops says which with an error).
 fn image_prompt(
     tok: &Tokenizer,
     input: &PromptInput,
     model: &Model,
     images: &[PathBuf],
+    backend: &dyn Backend,
     stats: bool,
 ) -> Result<(Vec<u32>, StepInputs)> {
     let dir = &model.dir;
@@ -564,15 +566,20 @@ fn image_prompt(
             images.len()
         );
     }
-    // The tower runs on the CPU reference (the only backend with its ops for now).
     let t = Instant::now();
-    let mut runner = vision.runner(&CpuBackend, images.len())?;
+    let mut runner = vision
+        .runner(backend, images.len())
+        .with_context(|| format!("--image: the vision tower on {}", backend.name()))?;
+    let t_load = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     let (features, _) = vision.encode(runner.as_mut(), &pixels, &[])?;
     if stats {
         eprintln!(
-            "images: {} preprocessed in {:.3}s, encoded (tower + projector, CPU) in {:.3}s",
+            "images: {} preprocessed in {:.3}s, tower loaded on {} in {:.3}s, encoded (tower + projector) in {:.3}s",
             images.len(),
             t_pre,
+            backend.name(),
+            t_load,
             t.elapsed().as_secs_f64()
         );
     }
@@ -606,22 +613,16 @@ fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOp
     let gen = GenerationConfig::from_dir(dir)?;
     let params = sampling_params(&gen, sampling)?;
     let model = load_model(dir)?;
+    let backend = open_backend(backend)?;
     let (ids, parser, inputs) = if images.is_empty() {
         let (ids, parser) = prompt_ids(&tok, &input)?;
         (ids, parser, None)
     } else {
-        let (ids, inputs) = image_prompt(&tok, &input, &model, images, stats)?;
+        let (ids, inputs) = image_prompt(&tok, &input, &model, images, backend.as_ref(), stats)?;
         (ids, None, Some(inputs))
     };
     let budget = sequence_budget(&model, ids.len(), max_tokens)?;
     let max_new = budget - ids.len();
-    let backend = open_backend(backend)?;
-    if inputs.is_some() && backend.name() != "cpu" {
-        bail!(
-            "--image runs on the CPU backend only for now (--backend cpu); {} has no image inputs yet",
-            backend.name()
-        );
-    }
     let mut runner = load_runner(backend.as_ref(), &model, budget, kv)?;
     let mut stop_ids = gen.eos_token_ids.clone();
     if stop_ids.is_empty() {

@@ -291,14 +291,7 @@ pub fn attention_grouped(
     groups: &[Option<u32>],
 ) {
     // Last row (within the step) each row sees: itself, or the end of its group.
-    let mut last = (0..n).collect::<Vec<usize>>();
-    if !groups.is_empty() {
-        for i in (0..n.saturating_sub(1)).rev() {
-            if groups[i].is_some() && groups[i] == groups[i + 1] {
-                last[i] = last[i + 1];
-            }
-        }
-    }
+    let last = crate::backend::group_ends(groups, n);
     let d = g.head_dim;
     let group = g.n_heads / g.n_kv_heads;
     let cache_ref = &*cache;
