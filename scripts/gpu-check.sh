@@ -60,7 +60,9 @@ for v in dense31b dense12b e2b moe26b; do
   [[ -d "$src" ]] || continue
   step "crosscheck-cuda-cpu-g4-$v" "tiny-gemma4/$v" "$BIN" crosscheck --model "$src" --backends cuda,cpu --tokens 24 --json
   for s in fp8-block-wo fp8-block; do
-    step "quantize-g4-$v-$s" "tiny-gemma4/$v" "$BIN" quantize --from "$src" --to "$MODELS/g4-$v-$s" --scheme "$s" --block 64
+    # fp8-block as the 31B checkpoint has it (64x64); fp8_pb_wo records no block size, so 128 (its only one).
+    block=128; [[ $s == fp8-block ]] && block=64
+    step "quantize-g4-$v-$s" "tiny-gemma4/$v" "$BIN" quantize --from "$src" --to "$MODELS/g4-$v-$s" --scheme "$s" --block "$block"
     step "crosscheck-cuda-cpu-g4-$v-$s" "tiny-gemma4/$v+$s" "$BIN" crosscheck --model "$MODELS/g4-$v-$s" --backends cuda,cpu --tokens 24 --threshold 2e-2 --json
   done
 done
