@@ -765,6 +765,7 @@ impl CudaRunner {
                             scale,
                             window,
                             softcap,
+                            ..
                         }
                         | Op::AttentionShared {
                             cache_layer,
@@ -774,6 +775,7 @@ impl CudaRunner {
                             scale,
                             window,
                             softcap,
+                            ..
                         },
                         _,
                     ) => {

@@ -1411,6 +1411,7 @@ impl Runner for WgpuRunner {
                             scale,
                             window,
                             softcap,
+                            ..
                         }
                         | Op::AttentionShared {
                             cache_layer,
@@ -1420,6 +1421,7 @@ impl Runner for WgpuRunner {
                             scale,
                             window,
                             softcap,
+                            ..
                         },
                         _,
                     ) => {

@@ -118,6 +118,12 @@ pub struct Gemma4Spec {
     /// KV-shared layers have a 2x wide MLP.
     pub use_double_wide_mlp: bool,
     pub moe: Option<MoeSpec>,
+    /// `use_bidirectional_attention == "vision"` (26B, 31B): image tokens attend both ways within their
+    /// image on sliding layers (gemma-architecture.md 4.9); E2B/E4B (unset) stay causal.
+    pub bidirectional_vision: bool,
+    /// `pad_token_id`: the id image rows take for the per-layer embedding gather (transformers replaces
+    /// multimodal tokens by it before embedding).
+    pub pad_token_id: u32,
 }
 
 impl Gemma3Config {
@@ -313,17 +319,17 @@ impl Gemma3Config {
                 format!("`{act}` is not supported (Gemma 4 uses gelu_pytorch_tanh)"),
             ));
         }
-        match f.get("use_bidirectional_attention") {
-            None => {}
+        let bidirectional_vision = match f.get("use_bidirectional_attention") {
+            None | Some(Value::Null) => false,
             // Only image/video tokens attend both ways; a text-only model is causal.
-            Some(Value::String(v)) if v == "vision" => {}
+            Some(Value::String(v)) if v == "vision" => true,
             Some(v) => {
                 return Err(f.err(
                     "use_bidirectional_attention",
                     format!("{v} is not supported (causal or \"vision\" only)"),
                 ))
             }
-        }
+        };
         let layer_types = parse_layer_types(f, num_hidden_layers, true)?;
 
         // RoPE per layer type; a missing entry gets transformers' default for that type.
@@ -439,6 +445,8 @@ impl Gemma3Config {
             vocab_size_per_layer_input: f.usize_or("vocab_size_per_layer_input", 262_144)?,
             use_double_wide_mlp: f.bool_or("use_double_wide_mlp", false)?,
             moe,
+            bidirectional_vision,
+            pad_token_id: f.usize_or("pad_token_id", 0)? as u32,
         };
         let cfg = Gemma3Config {
             path: path.to_path_buf(),

@@ -889,6 +889,8 @@ pub fn build_gemma3_graph_quant(
             scale: c.query_pre_attn_scalar.powf(-0.5),
             window,
             softcap: c.attn_logit_softcapping,
+            // Gemma 3: every layer attends within an image both ways (gemma-architecture.md 3.6).
+            image_groups: true,
         };
         let a = g.add(format!("{p}attn"), attn, &[q, k, v], nh * d);
         let o = linear(&mut g, format!("{p}o_proj"), w("self_attn.o_proj"), a, h);
@@ -981,6 +983,8 @@ pub struct Gemma4Options {
     pub final_softcap: bool,
     /// Attention scale 1.0 (off: 1/sqrt(head_dim)).
     pub unit_attention_scale: bool,
+    /// The image mask on sliding layers of `use_bidirectional_attention == "vision"` models (off: causal).
+    pub image_mask: bool,
 }
 
 impl Default for Gemma4Options {
@@ -995,6 +999,7 @@ impl Default for Gemma4Options {
             moe: true,
             final_softcap: true,
             unit_attention_scale: true,
+            image_mask: true,
         }
     }
 }
@@ -1139,6 +1144,9 @@ pub fn build_gemma4_graph(
             LayerType::Sliding => Some(c.sliding_window),
             LayerType::Full => None,
         };
+        // gemma-architecture.md 4.9: sliding layers causal OR same image (within the window), full layers
+        // causal, and only where `use_bidirectional_attention == "vision"`.
+        let image_groups = g4.bidirectional_vision && lt == LayerType::Sliding && o.image_mask;
         let mut rope = c.rope(lt).clone();
         if !o.partial_rope {
             rope.partial_rotary_factor = None;
@@ -1212,6 +1220,7 @@ pub fn build_gemma4_graph(
                 scale,
                 window,
                 softcap: None,
+                image_groups,
             };
             g.add(m("attn"), attn, &[q, k, v], nh * d)
         } else {
@@ -1233,6 +1242,7 @@ pub fn build_gemma4_graph(
                 scale,
                 window,
                 softcap: None,
+                image_groups,
             };
             g.add(m("attn"), attn, &[q, k, v], nh * d)
         };

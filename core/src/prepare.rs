@@ -200,7 +200,12 @@ pub fn gpu_supports(op: &Op, max_head_dim: usize, gemma4: bool) -> bool {
         | Op::LayerNorm { .. }
         | Op::GeluTanh
         | Op::EncoderAttention { .. }
-        | Op::AvgPool2d { .. } => false,
+        | Op::AvgPool2d { .. }
+        | Op::PosEmbed2d { .. }
+        | Op::Rope2d { .. }
+        | Op::PoolPositions { .. }
+        | Op::Clamp { .. }
+        | Op::ChannelScale { .. } => false,
     }
 }
 

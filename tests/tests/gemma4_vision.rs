@@ -1,0 +1,380 @@
+//! Gemma 4 images in, text out: preprocessing against transformers' Gemma4ImageProcessor
+//! (tests/fixtures/images/gemma4_pixels.json) and a tiny random Gemma4ForConditionalGeneration with a vision
+//! tower (tests/fixtures/tiny-gemma4-vision, tools/make_tiny_gemma4_vision.py).
+
+use e4m3_core::image::{gemma4_target_size, load_gemma4_pixels, GEMMA4_SOFT_TOKENS};
+use e4m3_tests::*;
+
+#[test]
+fn preprocessing_matches_transformers() {
+    let dir = fixture("images");
+    let summary = read_json(&dir.join("gemma4_pixels.json"));
+    assert_eq!(summary["processor"], "Gemma4ImageProcessor");
+    let stride = summary["stride"].as_u64().unwrap() as usize;
+    let images = summary["images"].as_array().unwrap();
+    assert_eq!(images.len(), 6);
+    for img in images {
+        let file = img["file"].as_str().unwrap();
+        let (w, h) = (
+            img["width"].as_u64().unwrap() as usize,
+            img["height"].as_u64().unwrap() as usize,
+        );
+        for budget in GEMMA4_SOFT_TOKENS {
+            let want = json_u32s(&img["sizes"][budget.to_string()]);
+            let got = gemma4_target_size(h, w, 16, budget * 9, 3).unwrap();
+            assert_eq!(
+                [got.0 as u32, got.1 as u32],
+                [want[0], want[1]],
+                "{file} at {budget}"
+            );
+        }
+        let px = load_gemma4_pixels(&dir.join(file), 16, 280, 3).unwrap();
+        let resized = json_u32s(&img["resized"]);
+        assert_eq!(
+            [px.grid_h as u32 * 16, px.grid_w as u32 * 16],
+            [resized[0], resized[1]],
+            "{file}"
+        );
+        assert_eq!(
+            px.num_patches() / 9,
+            img["soft_tokens"].as_u64().unwrap() as usize
+        );
+        // Back from patches (y, x, c) to CHW.
+        let (iw, ih) = (px.grid_w * 16, px.grid_h * 16);
+        let at = |c: usize, y: usize, x: usize| {
+            let patch = (y / 16) * px.grid_w + x / 16;
+            px.patches[patch * 768 + ((y % 16) * 16 + x % 16) * 3 + c]
+        };
+        // PNG and WebP decode identically, so the bicubic resize must be exact; JPEG decoders differ by a
+        // level or two (see vision.rs), and the filter spreads that a little.
+        let (levels_tol, mean_tol) = if file.ends_with(".jpg") {
+            (3.0, 1e-3)
+        } else {
+            (0.0, 1e-6)
+        };
+        let sub = img["subsample"].as_array().unwrap();
+        let mut worst = 0f32;
+        for c in 0..3 {
+            for (ri, row) in sub[c].as_array().unwrap().iter().enumerate() {
+                for (ci, level) in row.as_array().unwrap().iter().enumerate() {
+                    let want = level.as_f64().unwrap() as f32 / 255.0;
+                    worst = worst.max((at(c, ri * stride, ci * stride) - want).abs());
+                }
+            }
+            let mut sum = 0f64;
+            for y in 0..ih {
+                for x in 0..iw {
+                    sum += at(c, y, x) as f64;
+                }
+            }
+            let mean = sum / (iw * ih) as f64;
+            let want_mean = img["mean"][c].as_f64().unwrap();
+            assert!(
+                (mean - want_mean).abs() <= mean_tol,
+                "{file} channel {c}: mean {mean} vs transformers {want_mean}"
+            );
+        }
+        eprintln!("{file}: {iw}x{ih}, max |diff| on the subsample {worst:.2e}");
+        assert!(
+            worst <= levels_tol / 255.0 + 1e-6,
+            "{file}: max |diff| {worst} ({levels_tol} uint8 levels allowed)"
+        );
+    }
+}
+
+#[test]
+fn unsupported_or_broken_images_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.webp");
+    std::fs::write(&bad, b"RIFF\x00\x00\x00\x00WEBPVP8 junk").unwrap();
+    let err = load_gemma4_pixels(&bad, 16, 280, 3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("broken.webp"), "{err}");
+    let missing = dir.path().join("nope.png");
+    let err = load_gemma4_pixels(&missing, 16, 280, 3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nope.png"), "{err}");
+}
+
+mod tiny {
+    use e4m3_core::backend::{Batch, LogitsFor};
+    use e4m3_core::cpu::CpuBackend;
+    use e4m3_core::gemma4_vision::Gemma4Vision;
+    use e4m3_core::generate::{generate_with_inputs, GenerateRequest};
+    use e4m3_core::image::{gemma4_pixels, load_rgb8, Gemma4Pixels};
+    use e4m3_core::model::{Gemma4Options, Model};
+    use e4m3_core::sampling::SamplingParams;
+    use e4m3_core::tensor::Mat;
+    use e4m3_core::vision::ImageModel;
+    use e4m3_tests::*;
+    use serde_json::Value;
+
+    struct Fixture {
+        reference: Value,
+        model: Model,
+        vision: ImageModel,
+    }
+
+    fn load(variant: &str) -> Fixture {
+        let dir = fixture("tiny-gemma4-vision").join(variant);
+        let model = Model::load(&dir).unwrap();
+        let vision = ImageModel::load(&dir, &model.config)
+            .unwrap()
+            .expect("the config has a vision_config");
+        Fixture {
+            reference: read_json(&dir.join("reference.json")),
+            model,
+            vision,
+        }
+    }
+
+    fn tower(f: &Fixture) -> &Gemma4Vision {
+        match &f.vision {
+            ImageModel::Gemma4(v) => v,
+            ImageModel::Gemma3(_) => panic!("a Gemma 4 checkpoint loads a Gemma 4 tower"),
+        }
+    }
+
+    /// max |a - b| relative to the range (max - min) of `want`.
+    fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        let (lo, hi) = want
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+        max_abs_diff(got, want) / (hi - lo)
+    }
+
+    /// The processor's pixel values of the fixture's images (pixels.json), as our preprocessing gives them.
+    fn pixels(f: &Fixture) -> Vec<Gemma4Pixels> {
+        let px = read_json(&fixture("tiny-gemma4-vision").join("pixels.json"));
+        let n = f.reference["images"].as_array().unwrap().len();
+        let c = &tower(f).config;
+        (0..n)
+            .map(|i| {
+                let img = &px["images"][i];
+                let file = img["file"].as_str().unwrap();
+                assert_eq!(f.reference["images"][i], file);
+                let rgb = load_rgb8(&fixture("images").join(file)).unwrap();
+                // processor_config.json: max_soft_tokens 70.
+                assert_eq!(c.max_soft_tokens, 70);
+                let ours =
+                    gemma4_pixels(&rgb, c.patch_size, c.max_soft_tokens, c.pooling_kernel_size)
+                        .unwrap();
+                assert_eq!(
+                    [ours.grid_h * 2, ours.grid_w * 2],
+                    [
+                        img["height"].as_u64().unwrap() as usize,
+                        img["width"].as_u64().unwrap() as usize
+                    ]
+                );
+                let want: Vec<f32> = json_f32s(&img["levels"])
+                    .iter()
+                    .map(|l| l / 255.0)
+                    .collect();
+                assert!(
+                    max_abs_diff(&ours.patches, &want) < 1e-6,
+                    "{file}: preprocessing at the tiny patch size"
+                );
+                ours
+            })
+            .collect()
+    }
+
+    fn features(f: &Fixture) -> Mat {
+        let v = tower(f);
+        let mut r = v.runner(&CpuBackend, 2).unwrap();
+        v.encode(r.as_mut(), &pixels(f), &[]).unwrap().0
+    }
+
+    fn prompt_logits(f: &Fixture, model: &Model) -> Mat {
+        let ids = json_u32s(&f.reference["input_ids"]);
+        let (ids, inputs) = f
+            .vision
+            .prompt_inputs(ids, &features(f), &model.config)
+            .unwrap();
+        let mut runner = cpu_runner(model, 1, 256);
+        runner
+            .step_with_inputs(&Batch::single(0, 0, ids, LogitsFor::All), &inputs, &[])
+            .unwrap()
+            .logits
+    }
+
+    #[test]
+    fn tower_and_embedder_match_transformers() {
+        for variant in ["bidir", "e2b"] {
+            let f = load(variant);
+            let v = tower(&f);
+            assert_eq!(
+                v.config.use_clipped_linears && v.config.standardize,
+                variant == "bidir"
+            );
+            let mut r = v.runner(&CpuBackend, 2).unwrap();
+            let (feats, taps) = v
+                .encode(r.as_mut(), &pixels(&f), &["vision_hidden".into()])
+                .unwrap();
+            let tokens: usize = json_u32s(&f.reference["soft_tokens"])
+                .iter()
+                .map(|&t| t as usize)
+                .sum();
+            assert_eq!((feats.rows, feats.cols), (tokens, 32));
+            let e = rel_err(&feats.data, &json_f32s(&f.reference["image_features"]));
+            eprintln!("{variant}: image features max |diff| / range {e:.2e}");
+            assert!(e < 1e-3, "{variant} image features: {e}");
+            let e = rel_err(
+                &taps["vision_hidden"].data,
+                &json_f32s(&f.reference["vision_hidden"]),
+            );
+            eprintln!("{variant}: tower output max |diff| / range {e:.2e}");
+            assert!(e < 1e-3, "{variant} tower output: {e}");
+        }
+    }
+
+    #[test]
+    fn images_one_at_a_time_give_the_same_rows() {
+        let f = load("bidir");
+        let v = tower(&f);
+        let px = pixels(&f);
+        let mut r = v.runner(&CpuBackend, 2).unwrap();
+        let both = v.encode(r.as_mut(), &px, &[]).unwrap().0;
+        let second = v.encode(r.as_mut(), &px[1..], &[]).unwrap().0;
+        let first_rows = px[0].num_patches() / 9;
+        assert!(max_abs_diff(&second.data, &both.data[first_rows * 32..]) < 1e-5);
+    }
+
+    #[test]
+    fn image_prompt_logits_match_and_need_the_image_mask() {
+        let f = load("bidir");
+        let want = json_f32s(&f.reference["logits"]);
+        let got = prompt_logits(&f, &f.model);
+        let e = rel_err(&got.data, &want);
+        eprintln!("bidir logits: max |diff| / range {e:.2e}");
+        assert!(e < 1e-3, "logits: {e}");
+        // Without the image mask the logits are transformers' causal ones, not the reference.
+        let mut causal = Model::load(&fixture("tiny-gemma4-vision").join("bidir")).unwrap();
+        causal
+            .rebuild_gemma4_graph(&Gemma4Options {
+                image_mask: false,
+                ..Default::default()
+            })
+            .unwrap();
+        let off = prompt_logits(&f, &causal);
+        let e_off = rel_err(&off.data, &want);
+        eprintln!("bidir logits with the image mask off: max |diff| / range {e_off:.2e}");
+        assert!(e_off > 1e-2, "turning the mask off must fail: {e_off}");
+        let e_causal = rel_err(&off.data, &json_f32s(&f.reference["logits_causal"]));
+        assert!(e_causal < 1e-3, "causal logits: {e_causal}");
+    }
+
+    #[test]
+    fn e2b_image_prompt_logits_match() {
+        // Causal (no use_bidirectional_attention), per-layer embeddings: image rows gather the pad row.
+        let f = load("e2b");
+        let got = prompt_logits(&f, &f.model);
+        let e = rel_err(&got.data, &json_f32s(&f.reference["logits"]));
+        eprintln!("e2b logits: max |diff| / range {e:.2e}");
+        assert!(e < 1e-3, "logits: {e}");
+    }
+
+    #[test]
+    fn greedy_generation_with_images_matches() {
+        for variant in ["bidir", "e2b"] {
+            let f = load(variant);
+            let ids = json_u32s(&f.reference["input_ids"]);
+            let (ids, inputs) = f
+                .vision
+                .prompt_inputs(ids, &features(&f), &f.model.config)
+                .unwrap();
+            let mut runner = cpu_runner(&f.model, 1, 256);
+            let req = GenerateRequest {
+                prompt_ids: ids,
+                max_new_tokens: 8,
+                sampling: SamplingParams::greedy(),
+                stop_ids: vec![],
+                top_logits: 0,
+            };
+            let out =
+                generate_with_inputs(runner.as_mut(), 0, &req, Some(&inputs), |_| true).unwrap();
+            assert_eq!(
+                out.generated,
+                json_u32s(&f.reference["greedy"]),
+                "{variant}"
+            );
+        }
+    }
+
+    /// The one interface: images and text with markers in, the ids of the expanded prompt out.
+    #[test]
+    fn image_prompt_expands_markers_per_image() {
+        let f = load("bidir");
+        let images: Vec<(String, _)> = f.reference["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                let file = n.as_str().unwrap();
+                (
+                    file.to_string(),
+                    load_rgb8(&fixture("images").join(file)).unwrap(),
+                )
+            })
+            .collect();
+        let mut seen = String::new();
+        let mut tokenize = |t: &str| {
+            seen = t.to_string();
+            Ok(json_u32s(&f.reference["input_ids"]))
+        };
+        let p = f
+            .vision
+            .prompt(
+                &CpuBackend,
+                &f.model.config,
+                &images,
+                "a<|image|>b<|image|>c",
+                &mut tokenize,
+            )
+            .unwrap();
+        let n = json_u32s(&f.reference["soft_tokens"]);
+        assert_eq!(p.tokens_per_image, vec![n[0] as usize, n[1] as usize]);
+        let img = |k: u32| format!("<|image>{}<image|>", "<|image|>".repeat(k as usize));
+        assert_eq!(seen, format!("a{}b{}c", img(n[0]), img(n[1])));
+        assert_eq!(p.inputs.embed_rows.len(), (n[0] + n[1]) as usize);
+        // Image rows embed as padding (id 0) before their features replace them.
+        assert!(p.inputs.embed_rows.iter().all(|&r| p.ids[r] == 0));
+        let err = f
+            .vision
+            .prompt(
+                &CpuBackend,
+                &f.model.config,
+                &images,
+                "one <|image|> only",
+                &mut |_| Ok(vec![]),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("1 <|image|> markers but 2 images"), "{err}");
+    }
+}
+
+/// The Gemma 4 vision conformance cases run on the CPU reference (other backends report them unsupported).
+#[test]
+fn gemma4_vision_conformance_cases_run_on_the_cpu() {
+    use e4m3_core::conformance::run_suite;
+    use e4m3_core::cpu::CpuBackend;
+    let mut total = 0;
+    for filter in [
+        "pos_embed2d(",
+        "rope2d(",
+        "pool_positions(",
+        "clamp(",
+        "channel_scale(",
+        "image_groups=false",
+    ] {
+        let report = run_suite(&CpuBackend, Some(filter));
+        assert_eq!(report.failed() + report.unsupported(), 0, "{filter}");
+        assert!(report.passed() > 0, "{filter}: no case");
+        total += report.passed();
+    }
+    assert_eq!(total, 2 * 5 + 1);
+}
