@@ -378,3 +378,62 @@ fn gemma4_vision_conformance_cases_run_on_the_cpu() {
     }
     assert_eq!(total, 2 * 5 + 1);
 }
+
+/// Quantizing a Gemma 4 checkpoint with a vision tower keeps the tower and `embed_vision` as they are, names
+/// them in each format's exclusion list (so that every reader leaves them BF16), and images still encode to
+/// the same features.
+#[test]
+fn fp8_quantized_checkpoints_keep_the_vision_tower_bf16() {
+    use e4m3_core::cpu::CpuBackend;
+    use e4m3_core::gemma4_vision::Gemma4Vision;
+    use e4m3_core::image::{gemma4_pixels, load_rgb8};
+    use e4m3_core::model::Model;
+    use e4m3_core::quantize::{quantize, CalibSource, QuantizeOptions, Scheme};
+    use e4m3_core::vision::ImageModel;
+    let src = fixture("tiny-gemma4-vision").join("bidir");
+    let features = |dir: &std::path::Path| {
+        let m = Model::load(dir).unwrap();
+        let Some(ImageModel::Gemma4(v)) = ImageModel::load(dir, &m.config).unwrap() else {
+            panic!("a Gemma 4 tower");
+        };
+        let v: Gemma4Vision = v;
+        let rgb = load_rgb8(&fixture("images").join("grad_160x120.png")).unwrap();
+        let px = gemma4_pixels(&rgb, 2, 70, 3).unwrap();
+        let mut r = v.runner(&CpuBackend, 1).unwrap();
+        (m, v.encode(r.as_mut(), &[px], &[]).unwrap().0)
+    };
+    let (_, want) = features(&src);
+    for scheme in [
+        Scheme::Fp8Static,
+        Scheme::Fp8Dynamic,
+        Scheme::Fp8BlockWo,
+        Scheme::Fp8Block,
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let mut o = QuantizeOptions::new(scheme);
+        o.block = 16;
+        o.calib = CalibSource::Ids(vec![vec![2, 5, 9, 33, 17, 40, 4, 4, 12]]);
+        quantize(&src, out.path(), &o).unwrap();
+        let (m, got) = features(out.path());
+        assert_eq!(
+            got.data, want.data,
+            "{scheme:?}: features of the copied tower"
+        );
+        for module in [
+            "model.vision_tower.encoder.layers.1.self_attn.q_proj.linear",
+            "model.vision_tower.encoder.layers.0.mlp.down_proj.linear",
+            "model.vision_tower.patch_embedder.input_proj",
+            "model.embed_vision.embedding_projection",
+        ] {
+            assert!(
+                m.quant.excluded_by(module).is_some(),
+                "{scheme:?}: {module} is not excluded by {:?}",
+                m.quant.exclusions()
+            );
+        }
+        assert!(m
+            .quant
+            .excluded_by("model.language_model.layers.0.mlp.up_proj")
+            .is_none());
+    }
+}
