@@ -260,12 +260,116 @@ def tiny_pixel_fixture():
         f.write("\n")
 
 
+def run_unified():
+    """The 12B-like encoder-free model (Gemma4UnifiedForConditionalGeneration): merged 6x6x3 patches (patch 2,
+    pooling 3) -> LayerNorm, dense, LayerNorm, + factorized positions, LayerNorm -> embed_vision."""
+    import transformers
+    from transformers import (Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration,
+                              Gemma4UnifiedTextConfig, Gemma4UnifiedVisionConfig)
+    from transformers.models.gemma4_unified.image_processing_gemma4_unified import Gemma4UnifiedImageProcessor
+
+    out = os.path.join(OUT, "unified")
+    os.makedirs(out, exist_ok=True)
+    tk = {k: v for k, v in TEXT.items() if k != "hidden_size_per_layer_input"}
+    text = Gemma4UnifiedTextConfig(**tk, num_hidden_layers=4, num_key_value_heads=2, layer_types=[S, S, F, F],
+                                   sliding_window=4, global_head_dim=32, num_global_key_value_heads=1,
+                                   attention_k_eq_v=True)
+    vision = Gemma4UnifiedVisionConfig(patch_size=2, pooling_kernel_size=3, mm_embed_dim=24, mm_posemb_size=40,
+                                       rms_norm_eps=1e-6, output_proj_dims=24)
+    cfg = Gemma4UnifiedConfig(text_config=text, vision_config=vision, audio_config=None, image_token_id=IMG,
+                              boi_token_id=BOI, eoi_token_id=EOI, video_token_id=63, audio_token_id=59)
+    torch.manual_seed(SEED)
+    model = Gemma4UnifiedForConditionalGeneration(cfg).float()
+    g = torch.Generator().manual_seed(SEED + 99)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            last = name.split(".")[-2]
+            if last.endswith("norm") or last.endswith(("ln1", "ln2")):
+                if name.endswith("bias"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                else:
+                    p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.3)
+            elif name.endswith("pos_embedding") or "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            else:
+                raise RuntimeError(f"unexpected parameter {name} {tuple(p.shape)}")
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    model.eval().to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    for extra in ("generation_config.json",):
+        if os.path.exists(os.path.join(out, extra)):
+            os.remove(os.path.join(out, extra))
+    with open(os.path.join(out, "processor_config.json"), "w") as f:
+        json.dump({"image_processor": {"image_processor_type": "Gemma4UnifiedImageProcessor", "max_soft_tokens": 70,
+                                       "patch_size": 2, "pooling_kernel_size": 3}}, f, indent=2)
+        f.write("\n")
+    m = Gemma4UnifiedForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    t = m.model.language_model.embed_tokens
+    t.embed_scale.fill_(float(torch.tensor(float(t.scalar_embed_scale)).to(torch.bfloat16)))
+    proc = Gemma4UnifiedImageProcessor(patch_size=2, max_soft_tokens=70, pooling_kernel_size=3)
+    bf = proc(images=[load(f) for f in TINY_IMAGES], return_tensors="pt")
+    pv, pos = bf["pixel_values"], bf["image_position_ids"]
+    ntok = [int(n) for n in bf["num_soft_tokens_per_image"]]
+    # The merged patches are the 6x6x3 (y, x, c) blocks of the same resized image as the tower models'.
+    tpv, tpos, tn = tiny_pixels(TINY_IMAGES)
+    assert ntok == tn, (ntok, tn)
+    for i, n in enumerate(ntok):
+        p = pos[i, :n]
+        w, h = int(p[:, 0].max()) + 1, int(p[:, 1].max()) + 1
+        assert p.tolist() == [[x, y] for y in range(h) for x in range(w)], "row-major merged positions"
+        small = unpatch(tpv[i], n * 9, h * 3, w * 3, 2)
+        assert torch.equal(unpatch(pv[i], n, h, w, 6), small), "merged patches = 6x6 blocks"
+    g = torch.Generator().manual_seed(SEED + 7)
+    txt = lambda k: torch.randint(3, 59, (k,), generator=g).tolist()
+    ids = [2] + txt(4)
+    for n in ntok:
+        ids += [BOI] + [IMG] * n + [EOI] + txt(3)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        feats = torch.cat(m.model.get_image_features(pv, pos, return_dict=True).pooler_output)
+        lg = m(input_ids=x, pixel_values=pv, image_position_ids=pos, mm_token_type_ids=(x == IMG).long(),
+               use_cache=False).logits[0].float()
+        lg_causal = m(input_ids=x, pixel_values=pv, image_position_ids=pos, use_cache=False).logits[0].float()
+        seq = list(ids)
+        for _ in range(N_GREEDY):
+            s_ = torch.tensor([seq])
+            nxt = m(input_ids=s_, pixel_values=pv, image_position_ids=pos, mm_token_type_ids=(s_ == IMG).long(),
+                    use_cache=False).logits[0, -1]
+            seq.append(int(nxt.argmax()))
+    diff = float((lg - lg_causal).abs().max())
+    assert diff > 1.0, diff
+    print(f"unified: {len(ids)} tokens, soft tokens {ntok}; logits range [{lg.min():.2f}, {lg.max():.2f}], "
+          f"max |mask on - off| {diff:.4f}; greedy {seq[len(ids):]}")
+    r = lambda t, d: [round(float(v), d) for v in t.flatten().tolist()]
+    doc = {
+        "transformers_version": transformers.__version__, "torch_version": torch.__version__, "seed": SEED,
+        "variant": "unified", "attn_implementation": "eager",
+        "dtype": "weights bfloat16 (stored), computed in float32 with bf16 embedding scales",
+        "image_token_id": IMG, "boi_token_id": BOI, "eoi_token_id": EOI, "pad_token_id": 0,
+        "images": TINY_IMAGES, "soft_tokens": ntok, "input_ids": ids,
+        "image_features": r(feats, 5), "logits": r(lg, 4), "logits_causal": r(lg_causal, 4),
+        "greedy": seq[len(ids):],
+    }
+    with open(os.path.join(out, "reference.json"), "w") as f:
+        json.dump(doc, f, separators=(",", ":"))
+        f.write("\n")
+    for fn in sorted(os.listdir(out)):
+        print(f"  unified/{fn}: {os.path.getsize(os.path.join(out, fn))} bytes")
+
+
 def main():
     torch.set_num_threads(1)
     pixel_fixture()
     tiny_pixel_fixture()
     for v in VARIANTS:
         run_variant(v)
+    run_unified()
 
 
 if __name__ == "__main__":

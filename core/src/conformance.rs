@@ -15,7 +15,7 @@ use crate::checkpoint::Weight;
 use crate::cpu::CpuBackend;
 use crate::error::Error;
 use crate::fp8;
-use crate::graph::{CacheLayer, Graph, Op, QuantScheme, ValueId, WeightMap};
+use crate::graph::{CacheLayer, Graph, ImageGroups, Op, QuantScheme, ValueId, WeightMap};
 use crate::tensor::{DType, Mat};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -659,7 +659,7 @@ fn attention_cases(out: &mut Vec<Case>) {
                             scale: 1.0 / (d as f32).sqrt(),
                             window,
                             softcap,
-                            image_groups: false,
+                            image_groups: ImageGroups::Off,
                         },
                         &[q, k, v],
                         nh * d,
@@ -728,7 +728,7 @@ fn long_attention_cases(out: &mut Vec<Case>) {
                     scale: 1.0 / (d as f32).sqrt(),
                     window,
                     softcap: None,
-                    image_groups: false,
+                    image_groups: ImageGroups::Off,
                 },
                 &[q, k, v],
                 nh * d,
@@ -828,7 +828,7 @@ fn gemma4_cases(out: &mut Vec<Case>) {
                     scale: geom.4,
                     window: geom.5,
                     softcap: None,
-                    image_groups: false,
+                    image_groups: ImageGroups::Off,
                 },
                 &[q, k, v],
                 nh * d,
@@ -843,7 +843,7 @@ fn gemma4_cases(out: &mut Vec<Case>) {
                     scale: geom.4,
                     window: geom.5,
                     softcap: None,
-                    image_groups: false,
+                    image_groups: ImageGroups::Off,
                 },
                 &[q2, k, v],
                 nh * d,
@@ -1087,8 +1087,13 @@ fn vision_cases(out: &mut Vec<Case>) {
     out.push(case);
     // A text step with an image: given embedding rows, and attention causal except within each image
     // (window 3 smaller than an image on the sliding variant), two sequences in one step.
-    // image_groups off (Gemma 4's full layers): the groups are ignored, plain causal.
-    for (window, image_groups) in [(None, true), (Some(3usize), true), (Some(3), false)] {
+    // Off (Gemma 4's full layers): the groups are ignored, plain causal; WholeGroup: the image past the window.
+    for (window, image_groups) in [
+        (None, ImageGroups::Windowed),
+        (Some(3usize), ImageGroups::Windowed),
+        (Some(3), ImageGroups::Off),
+        (Some(3), ImageGroups::WholeGroup),
+    ] {
         let (nh, nkv, d) = (4usize, 2usize, 8usize);
         let mut b = Builder::new(VOCAB, 77 + window.unwrap_or(0) as u64);
         let table = rand_vec(&mut b.rng, VOCAB * nh * d, 1.0);
@@ -1153,7 +1158,7 @@ fn vision_cases(out: &mut Vec<Case>) {
         let rows: Vec<usize> = (0..16).filter(|&r| groups[r].is_some()).collect();
         let given = rand_vec(&mut b.rng, rows.len() * nh * d, 1.0);
         let mut case = b.finish(
-            format!("attention_image_groups(window={window:?},image_groups={image_groups})"),
+            format!("attention_image_groups(window={window:?},image_groups={image_groups:?})"),
             y,
             steps,
             KvCacheDtype::Auto,

@@ -6,6 +6,10 @@
 //! Rows of the tower are one image's real patches (transformers pads to `max_patches` and masks the padding
 //! out of attention and pooling, which is the same as leaving it out); each row's token id is its patch
 //! position `x + position_embedding_size * y`.
+//!
+//! The 12B (`Gemma4UnifiedForConditionalGeneration`, gemma-architecture.md 2.6, 4.11) has no tower: an
+//! encoder-free embedder (LayerNorm, dense, LayerNorm, factorized positions, LayerNorm) over merged
+//! `3 x 3`-patch rasters, then the same `embed_vision`; [`Gemma4VisionConfig::unified`] selects it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,6 +39,9 @@ pub struct Gemma4VisionConfig {
     pub position_embedding_size: usize,
     pub use_clipped_linears: bool,
     pub standardize: bool,
+    /// The 12B encoder-free embedder (`gemma4_unified_vision`): no layers; `hidden_size` is its
+    /// `mm_embed_dim`, `position_embedding_size` its `mm_posemb_size`, one token per merged patch.
+    pub unified: bool,
     /// `max_soft_tokens` of the checkpoint's image processor (processor_config.json), 280 by default.
     pub max_soft_tokens: usize,
     pub image_token_id: u32,
@@ -106,6 +113,45 @@ impl Gemma4VisionConfig {
             None => 100.0,
         } as f32;
         let heads = int(v, vp, "num_attention_heads", 12)?;
+        let unified = v.get("model_type").and_then(Value::as_str) == Some("gemma4_unified_vision")
+            || top.get("model_type").and_then(Value::as_str) == Some("gemma4_unified");
+        if unified {
+            let e = int(v, vp, "mm_embed_dim", 3840)?;
+            let out = int(v, vp, "output_proj_dims", 3840)?;
+            if out != e {
+                return Err(bad(
+                    "vision_config.output_proj_dims",
+                    &format!("{out}: embed_vision reads the embedder's mm_embed_dim ({e})"),
+                ));
+            }
+            let c = Gemma4VisionConfig {
+                hidden_size: e,
+                intermediate_size: 0,
+                num_hidden_layers: 0,
+                num_attention_heads: 0,
+                head_dim: 0,
+                rms_norm_eps: num(v, vp, "rms_norm_eps", 1e-6)? as f32,
+                rope_theta: 0.0,
+                pooling_kernel_size: int(v, vp, "pooling_kernel_size", 3)?,
+                patch_size: int(v, vp, "patch_size", 16)?,
+                position_embedding_size: int(v, vp, "mm_posemb_size", 1120)?,
+                use_clipped_linears: false,
+                standardize: false,
+                unified: true,
+                max_soft_tokens: 280,
+                image_token_id: int(top, "", "image_token_id", 258_880)? as u32,
+                boi_token_id: int(top, "", "boi_token_id", 255_999)? as u32,
+                eoi_token_id: int(top, "", "eoi_token_id", 258_882)? as u32,
+                text_hidden_size,
+            };
+            if c.patch_size == 0 || c.pooling_kernel_size == 0 || c.position_embedding_size == 0 {
+                return Err(bad(
+                    "vision_config",
+                    "patch_size, pooling_kernel_size and mm_posemb_size must be positive",
+                ));
+            }
+            return Ok(Some(c));
+        }
         let c = Gemma4VisionConfig {
             hidden_size: int(v, vp, "hidden_size", 768)?,
             intermediate_size: int(v, vp, "intermediate_size", 3072)?,
@@ -119,6 +165,7 @@ impl Gemma4VisionConfig {
             position_embedding_size: int(v, vp, "position_embedding_size", 10 * 1024)?,
             use_clipped_linears: flag("use_clipped_linears")?,
             standardize: flag("standardize")?,
+            unified: false,
             max_soft_tokens: 280,
             image_token_id: int(top, "", "image_token_id", 258_880)? as u32,
             boi_token_id: int(top, "", "boi_token_id", 255_999)? as u32,
@@ -185,11 +232,30 @@ impl Gemma4VisionConfig {
         Ok(())
     }
 
+    /// Rows of one image at most: patches (tower) or merged patches (unified).
     pub fn max_patches(&self) -> usize {
-        self.max_soft_tokens * self.pooling_kernel_size * self.pooling_kernel_size
+        if self.unified {
+            self.max_soft_tokens
+        } else {
+            self.max_soft_tokens * self.pooling_kernel_size * self.pooling_kernel_size
+        }
     }
+    /// Values of one input row: a patch, or a merged patch of `pooling_kernel_size^2` patches.
     pub fn patch_dim(&self) -> usize {
-        3 * self.patch_size * self.patch_size
+        let side = if self.unified {
+            self.patch_size * self.pooling_kernel_size
+        } else {
+            self.patch_size
+        };
+        3 * side * side
+    }
+    /// Input rows (patches) per soft token.
+    pub fn rows_per_token(&self) -> usize {
+        if self.unified {
+            1
+        } else {
+            self.pooling_kernel_size * self.pooling_kernel_size
+        }
     }
 }
 
@@ -209,11 +275,35 @@ const LINEARS: [&str; 7] = [
 ];
 const CLIPS: [&str; 4] = ["input_min", "input_max", "output_min", "output_max"];
 
+const U: &str = "vision_embedder.";
+/// The unified embedder's `pos_embedding` `[P, 2, E]` as one `[2P, E]` table (x table, then y table).
+const UNIFIED_POS: &str = "vision_embedder.pos_embedding.xy";
+
 /// Every tensor of the tower and embedder with its shape, by graph name (checkpoint name without `model.`).
 fn expected_tensors(c: &Gemma4VisionConfig) -> BTreeMap<String, Vec<usize>> {
     let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
-    let qd = c.num_attention_heads * d;
     let mut m = BTreeMap::new();
+    if c.unified {
+        let dim = c.patch_dim();
+        m.insert(format!("{U}patch_ln1.weight"), vec![dim]);
+        m.insert(format!("{U}patch_ln1.bias"), vec![dim]);
+        m.insert(format!("{U}patch_dense.weight"), vec![h, dim]);
+        for n in ["patch_dense.bias", "patch_ln2.weight", "patch_ln2.bias"] {
+            m.insert(format!("{U}{n}"), vec![h]);
+        }
+        m.insert(format!("{U}pos_norm.weight"), vec![h]);
+        m.insert(format!("{U}pos_norm.bias"), vec![h]);
+        m.insert(
+            format!("{U}pos_embedding"),
+            vec![c.position_embedding_size, 2, h],
+        );
+        m.insert(
+            "embed_vision.embedding_projection.weight".into(),
+            vec![c.text_hidden_size, h],
+        );
+        return m;
+    }
+    let qd = c.num_attention_heads * d;
     m.insert(
         format!("{T}patch_embedder.input_proj.weight"),
         vec![h, c.patch_dim()],
@@ -252,10 +342,29 @@ fn expected_tensors(c: &Gemma4VisionConfig) -> BTreeMap<String, Vec<usize>> {
     m
 }
 
-/// The graph name of a checkpoint tensor of the tower or embedder; None for other tensors.
+/// The graph name of a checkpoint tensor of the tower or embedder; None for other tensors. The unified
+/// embedder's hub names (`vision_embedder.*`, `embed_vision.embedding_projection`) are the graph names;
+/// transformers 5.23's module names (`embed_vision.patch_ln1`, `embed_vision.multimodal_embedder.*`) map to them.
 fn canonical_name(name: &str) -> Option<String> {
     let n = name.strip_prefix("model.").unwrap_or(name);
-    (n.starts_with(T) || n.starts_with("embed_vision.")).then(|| n.to_string())
+    if let Some(r) = n.strip_prefix("embed_vision.multimodal_embedder.") {
+        return Some(format!("embed_vision.{r}"));
+    }
+    for part in [
+        "patch_ln1.",
+        "patch_dense.",
+        "patch_ln2.",
+        "pos_embedding",
+        "pos_norm.",
+    ] {
+        if let Some(r) = n
+            .strip_prefix("embed_vision.")
+            .filter(|r| r.starts_with(part))
+        {
+            return Some(format!("{U}{r}"));
+        }
+    }
+    (n.starts_with(T) || n.starts_with(U) || n.starts_with("embed_vision.")).then(|| n.to_string())
 }
 
 /// The vision tower and embedder of a Gemma 4 checkpoint.
@@ -330,6 +439,29 @@ impl Gemma4Vision {
             ));
         }
         let c = &config;
+        if c.unified {
+            // [P, 2, E] -> [2P, E]: row a * P + i is pos_embedding[i, a].
+            let (p, e) = (c.position_embedding_size, c.hidden_size);
+            let v = weights[&format!("{U}pos_embedding")].to_f32();
+            let mut t = vec![0f32; v.len()];
+            for i in 0..p {
+                for a in 0..2 {
+                    t[(a * p + i) * e..(a * p + i + 1) * e]
+                        .copy_from_slice(&v[(i * 2 + a) * e..(i * 2 + a + 1) * e]);
+                }
+            }
+            weights.insert(
+                UNIFIED_POS.into(),
+                Weight::from_f32(UNIFIED_POS, vec![2 * p, e], &t),
+            );
+            weights.remove(&format!("{U}pos_embedding"));
+            let graph = build_gemma4_unified_graph(c);
+            return Ok(Gemma4Vision {
+                config,
+                graph,
+                weights,
+            });
+        }
         weights.get_mut(POS_TABLE).expect("checked").shape =
             vec![2 * c.position_embedding_size, c.hidden_size];
         if c.standardize {
@@ -388,7 +520,9 @@ impl Gemma4Vision {
         let mut r = 0;
         for (i, img) in images.iter().enumerate() {
             let n = img.num_patches();
-            let k = c.pooling_kernel_size;
+            // The tower pools kernel x kernel patches; the unified embedder's patches are merged already.
+            let k = if c.unified { 1 } else { c.pooling_kernel_size };
+            let side = (c.patch_dim() / 3).isqrt();
             if img.patches.len() != n * c.patch_dim()
                 || n > c.max_patches()
                 || !img.grid_w.is_multiple_of(k)
@@ -401,18 +535,19 @@ impl Gemma4Vision {
                     img.patches.len(),
                     img.grid_w,
                     img.grid_h,
-                    c.patch_size,
-                    c.patch_size,
+                    side,
+                    side,
                     c.max_patches(),
                     c.position_embedding_size
                 )));
             }
-            // Gemma4VisionPatchEmbedder: 2 * (pixel - 0.5).
+            // Gemma4VisionPatchEmbedder: 2 * (pixel - 0.5); the unified embedder takes the pixels as they are.
+            let (a, b) = if c.unified { (1.0, 0.0) } else { (2.0, -1.0) };
             for (dst, src) in rows.data[r * c.patch_dim()..(r + n) * c.patch_dim()]
                 .iter_mut()
                 .zip(&img.patches)
             {
-                *dst = 2.0 * (src - 0.5);
+                *dst = a * src + b;
             }
             let p = c.position_embedding_size;
             seqs.push(SeqStep {
@@ -601,6 +736,80 @@ pub fn build_gemma4_vision_graph(c: &Gemma4VisionConfig, clips: &BTreeMap<String
         );
     }
     let x = norm(&mut g, "embed_vision.norm".into(), None, x, h);
+    g.output = g.add(
+        "image_features",
+        Op::Linear {
+            weight: "embed_vision.embedding_projection.weight".into(),
+            scheme: QuantScheme::Dense,
+        },
+        &[x],
+        c.text_hidden_size,
+    );
+    g
+}
+
+/// The 12B encoder-free embedder (`Gemma4UnifiedVisionEmbedder`) and `embed_vision` as a graph: LayerNorm
+/// (eps 1e-5, torch's default), dense with bias, LayerNorm, `+ pos[x, 0] + pos[y, 1]`, LayerNorm (tap
+/// `vision_hidden`), weightless RMSNorm, projection (`image_features`).
+pub fn build_gemma4_unified_graph(c: &Gemma4VisionConfig) -> Graph {
+    let p = c.position_embedding_size;
+    let mut g = Graph::new(p * p);
+    let h = c.hidden_size;
+    let ln = |g: &mut Graph, name: &str, module: &str, x: ValueId| {
+        let cols = g.node(x).cols;
+        g.add(
+            name,
+            Op::LayerNorm {
+                weight: format!("{U}{module}.weight"),
+                bias: format!("{U}{module}.bias"),
+                eps: 1e-5,
+            },
+            &[x],
+            cols,
+        )
+    };
+    let x = g.add("vision.patches", Op::Input, &[], c.patch_dim());
+    let x = ln(&mut g, "vision.patch_ln1", "patch_ln1", x);
+    let x = g.add(
+        "vision.patch_dense.matmul",
+        Op::Linear {
+            weight: format!("{U}patch_dense.weight"),
+            scheme: QuantScheme::Dense,
+        },
+        &[x],
+        h,
+    );
+    let x = g.add(
+        "vision.patch_dense",
+        Op::BiasAdd {
+            bias: format!("{U}patch_dense.bias"),
+        },
+        &[x],
+        h,
+    );
+    let x = ln(&mut g, "vision.patch_ln2", "patch_ln2", x);
+    let pos = g.add(
+        "vision.positions",
+        Op::PosEmbed2d {
+            table: UNIFIED_POS.into(),
+            size: p,
+        },
+        &[],
+        h,
+    );
+    let x = g.add("vision.embeddings", Op::Add, &[x, pos], h);
+    let x = ln(&mut g, "vision_hidden", "pos_norm", x);
+    let x = g.add(
+        "embed_vision.norm",
+        Op::RmsNorm {
+            weight: None,
+            group: h,
+            eps: c.rms_norm_eps,
+            add_one: false,
+        },
+        &[x],
+        h,
+    );
     g.output = g.add(
         "image_features",
         Op::Linear {

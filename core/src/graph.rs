@@ -70,6 +70,20 @@ impl QuantScheme {
     }
 }
 
+/// How attention treats the step's bidirectional groups (contiguous runs of rows of one image,
+/// `StepInputs::groups`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageGroups {
+    /// Ignored: causal (within the window).
+    Off,
+    /// A row also sees the later rows of its group: (causal OR same group), then the window, which only
+    /// bounds the past (Gemma 3; Gemma 4's sliding layers).
+    Windowed,
+    /// A row sees every row of its group, the window notwithstanding: (causal AND window) OR same group
+    /// (transformers 5.23's `Gemma4UnifiedModel` on sliding layers).
+    WholeGroup,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     /// Gather rows of `table` for the step's token ids, times `scale`. No inputs.
@@ -88,10 +102,8 @@ pub enum Op {
     Rope { head_dim: usize, inv_freq: Vec<f32> },
     /// Causal attention of q (`[T, n_heads*head_dim]`) over the KV cache of `cache_layer` after appending
     /// this step's k and v (`[T, n_kv_heads*head_dim]`). `window`: a query sees the `window` most recent keys,
-    /// itself included. GQA: query head h reads kv head `h / (n_heads / n_kv_heads)`. `image_groups`: a row
-    /// of a bidirectional group (`StepInputs::groups`, an image) also sees the later rows of its contiguous
-    /// group in the step (causal OR same image, then the window, which only bounds the past); false: the
-    /// groups are ignored (always causal).
+    /// itself included. GQA: query head h reads kv head `h / (n_heads / n_kv_heads)`. `image_groups`: how
+    /// the step's bidirectional groups (`StepInputs::groups`, images) widen the causal mask.
     Attention {
         cache_layer: usize,
         n_heads: usize,
@@ -100,7 +112,7 @@ pub enum Op {
         scale: f32,
         window: Option<usize>,
         softcap: Option<f32>,
-        image_groups: bool,
+        image_groups: ImageGroups,
     },
     /// `gelu_tanh(gate) * up`; inputs gate, up.
     GeluTanhMul,
@@ -125,7 +137,7 @@ pub enum Op {
         scale: f32,
         window: Option<usize>,
         softcap: Option<f32>,
-        image_groups: bool,
+        image_groups: ImageGroups,
     },
     /// MoE routing weights from router logits `[T, E]`: softmax over all E, keep the `top_k` largest
     /// probabilities (ties: lower expert index first), divide them by their sum, multiply each by

@@ -320,13 +320,43 @@ impl Gemma4Pixels {
     }
 }
 
-/// Gemma 4 pixel values of an RGB image for `max_soft_tokens` (one of [`GEMMA4_SOFT_TOKENS`]).
+/// Gemma 4 pixel values of an RGB image for `max_soft_tokens` (one of [`GEMMA4_SOFT_TOKENS`]): patches of
+/// `patch` (the vision tower's input).
 pub fn gemma4_pixels(
     img: &Rgb8,
     patch: usize,
     max_soft_tokens: usize,
     kernel: usize,
 ) -> std::result::Result<Gemma4Pixels, String> {
+    Ok(patchify_hwc(
+        &gemma4_resize(img, patch, max_soft_tokens, kernel)?,
+        patch,
+    ))
+}
+
+/// The Gemma 4 12B (encoder-free) pixel values: the same resized image cut into merged patches of
+/// `kernel * patch` (transformers' `patches_merge` of `kernel x kernel` patches: each merged patch is its
+/// block of the image flattened as (y, x, channel), row-major over the merged grid).
+pub fn gemma4_merged_pixels(
+    img: &Rgb8,
+    patch: usize,
+    max_soft_tokens: usize,
+    kernel: usize,
+) -> std::result::Result<Gemma4Pixels, String> {
+    Ok(patchify_hwc(
+        &gemma4_resize(img, patch, max_soft_tokens, kernel)?,
+        patch * kernel,
+    ))
+}
+
+/// `Gemma4ImageProcessor`'s resize (bicubic, antialiased, on uint8) to [`gemma4_target_size`]; an image of
+/// that size already is left alone.
+fn gemma4_resize(
+    img: &Rgb8,
+    patch: usize,
+    max_soft_tokens: usize,
+    kernel: usize,
+) -> std::result::Result<Rgb8, String> {
     let (th, tw) = gemma4_target_size(
         img.height,
         img.width,
@@ -334,7 +364,12 @@ pub fn gemma4_pixels(
         max_soft_tokens * kernel * kernel,
         kernel,
     )?;
-    let r = resize_aa(img, tw, th, Filter::Cubic);
+    Ok(resize_aa(img, tw, th, Filter::Cubic))
+}
+
+/// Cut an image (sides multiples of `patch`) into `patch x patch` patches, rescaled by 1/255.
+fn patchify_hwc(r: &Rgb8, patch: usize) -> Gemma4Pixels {
+    let (tw, th) = (r.width, r.height);
     let (gw, gh) = (tw / patch, th / patch);
     let inv = 1.0f32 / 255.0;
     let mut patches = Vec::with_capacity(th * tw * 3);
@@ -350,11 +385,11 @@ pub fn gemma4_pixels(
             }
         }
     }
-    Ok(Gemma4Pixels {
+    Gemma4Pixels {
         patches,
         grid_w: gw,
         grid_h: gh,
-    })
+    }
 }
 
 /// Load an image file and preprocess it for Gemma 4. Errors name the file.

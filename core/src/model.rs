@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::{Checkpoint, Weight};
 use crate::config::{Gemma3Config, LayerType};
 use crate::error::{Error, Result};
-use crate::graph::{CacheLayer, Graph, Op, QuantScheme, ValueId, WeightMap};
+use crate::graph::{CacheLayer, Graph, ImageGroups, Op, QuantScheme, ValueId, WeightMap};
 use crate::quant_config::{CheckpointQuant, LinearQuant};
 use crate::tensor::{round_to_bf16, round_to_f16, DType};
 
@@ -890,7 +890,7 @@ pub fn build_gemma3_graph_quant(
             window,
             softcap: c.attn_logit_softcapping,
             // Gemma 3: every layer attends within an image both ways (gemma-architecture.md 3.6).
-            image_groups: true,
+            image_groups: ImageGroups::Windowed,
         };
         let a = g.add(format!("{p}attn"), attn, &[q, k, v], nh * d);
         let o = linear(&mut g, format!("{p}o_proj"), w("self_attn.o_proj"), a, h);
@@ -1146,7 +1146,15 @@ pub fn build_gemma4_graph(
         };
         // gemma-architecture.md 4.9: sliding layers causal OR same image (within the window), full layers
         // causal, and only where `use_bidirectional_attention == "vision"`.
-        let image_groups = g4.bidirectional_vision && lt == LayerType::Sliding && o.image_mask;
+        // transformers 5.23's Gemma4UnifiedModel (the 12B) still masks as Gemma 3 does on every layer, the
+        // whole image visible on sliding layers ((causal AND window) OR same image).
+        let image_groups = match (g4.bidirectional_vision && o.image_mask, g4.unified, lt) {
+            (false, _, _) => ImageGroups::Off,
+            (true, false, LayerType::Sliding) => ImageGroups::Windowed,
+            (true, false, LayerType::Full) => ImageGroups::Off,
+            (true, true, LayerType::Sliding) => ImageGroups::WholeGroup,
+            (true, true, LayerType::Full) => ImageGroups::Windowed,
+        };
         let mut rope = c.rope(lt).clone();
         if !o.partial_rope {
             rope.partial_rotary_factor = None;

@@ -14,7 +14,7 @@ use crate::config::Gemma3Config;
 use crate::error::{Error, Result};
 use crate::gemma4_vision::{expand_gemma4_placeholders, Gemma4Vision};
 use crate::graph::{Graph, Op, QuantScheme, ValueId, WeightMap};
-use crate::image::{gemma3_pixels, gemma4_pixels, Rgb8};
+use crate::image::{gemma3_pixels, gemma4_merged_pixels, gemma4_pixels, Rgb8};
 use crate::tensor::{DType, Mat};
 
 /// Prefixes of the vision tower and projector tensors, most specific first: the hub checkpoints'
@@ -654,16 +654,23 @@ impl ImageModel {
             }
             ImageModel::Gemma4(v) => {
                 let c = &v.config;
+                let cut = if c.unified {
+                    gemma4_merged_pixels
+                } else {
+                    gemma4_pixels
+                };
                 let px = images
                     .iter()
                     .map(|(label, img)| {
-                        gemma4_pixels(img, c.patch_size, c.max_soft_tokens, c.pooling_kernel_size)
+                        cut(img, c.patch_size, c.max_soft_tokens, c.pooling_kernel_size)
                             .map_err(|e| Error::invalid(format!("image {label}: {e}")))
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let pre = t0.elapsed().as_secs_f64();
-                let k2 = c.pooling_kernel_size * c.pooling_kernel_size;
-                let tokens = px.iter().map(|p| p.num_patches() / k2).collect();
+                let tokens = px
+                    .iter()
+                    .map(|p| p.num_patches() / c.rows_per_token())
+                    .collect();
                 let mut runner = v.runner(backend, images.len())?;
                 let (f, _) = v.encode(runner.as_mut(), &px, &[])?;
                 (f, tokens, pre)

@@ -369,14 +369,15 @@ fn gemma4_vision_conformance_cases_run_on_the_cpu() {
         "pool_positions(",
         "clamp(",
         "channel_scale(",
-        "image_groups=false",
+        "image_groups=Off",
+        "image_groups=WholeGroup",
     ] {
         let report = run_suite(&CpuBackend, Some(filter));
         assert_eq!(report.failed() + report.unsupported(), 0, "{filter}");
         assert!(report.passed() > 0, "{filter}: no case");
         total += report.passed();
     }
-    assert_eq!(total, 2 * 5 + 1);
+    assert_eq!(total, 2 * 5 + 2);
 }
 
 /// Quantizing a Gemma 4 checkpoint with a vision tower keeps the tower and `embed_vision` as they are, names
@@ -435,5 +436,115 @@ fn fp8_quantized_checkpoints_keep_the_vision_tower_bf16() {
             .quant
             .excluded_by("model.language_model.layers.0.mlp.up_proj")
             .is_none());
+    }
+}
+
+/// The 12B encoder-free embedder (`Gemma4UnifiedForConditionalGeneration`, tests/fixtures/tiny-gemma4-vision/
+/// unified): merged patches equal the processor's, features and logits match, the mask matters, greedy equal.
+mod unified {
+    use e4m3_core::backend::{Batch, LogitsFor};
+    use e4m3_core::cpu::CpuBackend;
+    use e4m3_core::generate::{generate_with_inputs, GenerateRequest};
+    use e4m3_core::image::{gemma4_merged_pixels, load_rgb8};
+    use e4m3_core::model::{Gemma4Options, Model};
+    use e4m3_core::sampling::SamplingParams;
+    use e4m3_core::vision::ImageModel;
+    use e4m3_tests::*;
+
+    fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        let (lo, hi) = want
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+        max_abs_diff(got, want) / (hi - lo)
+    }
+
+    #[test]
+    fn unified_embedder_and_logits_match_transformers() {
+        let dir = fixture("tiny-gemma4-vision").join("unified");
+        let reference = read_json(&dir.join("reference.json"));
+        let model = Model::load(&dir).unwrap();
+        let g4 = model.config.gemma4.as_ref().unwrap();
+        assert!(g4.bidirectional_vision && g4.hidden_size_per_layer_input == 0);
+        let Some(ImageModel::Gemma4(v)) = ImageModel::load(&dir, &model.config).unwrap() else {
+            panic!("a Gemma 4 vision model");
+        };
+        assert!(v.config.unified);
+        // The merged patches are the 6x6 blocks of the tower models' resized image (pixels.json levels,
+        // (y, x, c) per 2x2 patch), as the script checked against Gemma4UnifiedImageProcessor.
+        let px = read_json(&fixture("tiny-gemma4-vision").join("pixels.json"));
+        let mut images = Vec::new();
+        for (i, file) in ["grad_160x120.png", "alpha_96x64.png"].iter().enumerate() {
+            let m = gemma4_merged_pixels(
+                &load_rgb8(&fixture("images").join(file)).unwrap(),
+                2,
+                v.config.max_soft_tokens,
+                3,
+            )
+            .unwrap();
+            let small = json_f32s(&px["images"][i]["levels"]);
+            let (gw, n) = (m.grid_w * 3, m.num_patches());
+            let mut worst = 0f32;
+            for t in 0..n {
+                let (mx, my) = (t % m.grid_w, t / m.grid_w);
+                for y in 0..6 {
+                    for x in 0..6 {
+                        for c in 0..3 {
+                            let (sx, sy) = (mx * 3 + x / 2, my * 3 + y / 2);
+                            let want =
+                                small[(sy * gw + sx) * 12 + ((y % 2) * 2 + x % 2) * 3 + c] / 255.0;
+                            let got = m.patches[t * 108 + (y * 6 + x) * 3 + c];
+                            worst = worst.max((got - want).abs());
+                        }
+                    }
+                }
+            }
+            assert!(worst < 1e-6, "{file}: {worst}");
+            assert_eq!(n as u64, reference["soft_tokens"][i].as_u64().unwrap());
+            images.push(m);
+        }
+        let mut r = v.runner(&CpuBackend, 2).unwrap();
+        let feats = v.encode(r.as_mut(), &images, &[]).unwrap().0;
+        let e = rel_err(&feats.data, &json_f32s(&reference["image_features"]));
+        eprintln!("unified: image features max |diff| / range {e:.2e}");
+        assert!(e < 1e-3, "features: {e}");
+
+        let image = ImageModel::Gemma4(v);
+        let logits = |m: &Model| {
+            let ids = json_u32s(&reference["input_ids"]);
+            let (ids, inputs) = image.prompt_inputs(ids, &feats, &m.config).unwrap();
+            let mut runner = cpu_runner(m, 1, 256);
+            runner
+                .step_with_inputs(&Batch::single(0, 0, ids, LogitsFor::All), &inputs, &[])
+                .unwrap()
+                .logits
+        };
+        let want = json_f32s(&reference["logits"]);
+        let e = rel_err(&logits(&model).data, &want);
+        eprintln!("unified logits: max |diff| / range {e:.2e}");
+        assert!(e < 1e-3, "logits: {e}");
+        let mut causal = Model::load(&dir).unwrap();
+        causal
+            .rebuild_gemma4_graph(&Gemma4Options {
+                image_mask: false,
+                ..Default::default()
+            })
+            .unwrap();
+        let off = logits(&causal);
+        assert!(rel_err(&off.data, &want) > 1e-2, "the mask must matter");
+        assert!(rel_err(&off.data, &json_f32s(&reference["logits_causal"])) < 1e-3);
+
+        let ids = json_u32s(&reference["input_ids"]);
+        let (ids, inputs) = image.prompt_inputs(ids, &feats, &model.config).unwrap();
+        let mut runner = cpu_runner(&model, 1, 256);
+        let req = GenerateRequest {
+            prompt_ids: ids,
+            max_new_tokens: 8,
+            sampling: SamplingParams::greedy(),
+            stop_ids: vec![],
+            top_logits: 0,
+        };
+        let out = generate_with_inputs(runner.as_mut(), 0, &req, Some(&inputs), |_| true).unwrap();
+        assert_eq!(out.generated, json_u32s(&reference["greedy"]));
     }
 }

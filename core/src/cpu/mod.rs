@@ -12,7 +12,7 @@ use crate::backend::{
 };
 use crate::checkpoint::Weight;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Node, Op, QuantScheme, WeightMap};
+use crate::graph::{Graph, ImageGroups, Node, Op, QuantScheme, WeightMap};
 use crate::tensor::{DType, Mat};
 
 pub use kernels::KvLayer;
@@ -455,8 +455,9 @@ impl CpuRunner {
                             scale: *scale,
                             window: *window,
                             softcap: *softcap,
+                            whole_group: *image_groups == ImageGroups::WholeGroup,
                         };
-                        let g = if groups.is_empty() || !image_groups {
+                        let g = if groups.is_empty() || *image_groups == ImageGroups::Off {
                             &[][..]
                         } else {
                             &groups[row0..row0 + n]
