@@ -693,8 +693,8 @@ mod grouped_tests {
                 let hi = if group.is_some() { 3 } else { i };
                 let mut lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
                 if whole_group && group.is_some() {
-                    // Row 3 of the group (rows 1..=3) sees row 1 past its window of 2.
-                    lo = 1;
+                    // Row 3 of the group (rows 1..=3) also sees row 1, past its window of 2.
+                    lo = lo.min(1);
                 }
                 let s: Vec<f32> = (lo..=hi).map(|j| dot(q.row(i), k.row(j)) * 0.7).collect();
                 let m = s.iter().cloned().fold(f32::MIN, f32::max);
