@@ -520,12 +520,21 @@ fn run_chat_gemma4_thinking() {
     }
 }
 
-/// `run --image` on the tiny Gemma 4 checkpoint with a vision tower (tests/fixtures/tiny-gemma4-vision/bidir)
+/// `run --image` on the tiny Gemma 4 checkpoints (tests/fixtures/tiny-gemma4-vision/{bidir,unified})
 /// and a word tokenizer whose `<|image|>`, `<|image>`, `<image|>` are the fixture's ids 60, 61, 62: the
 /// prompt ids and the greedy tokens are transformers'.
 #[test]
 fn run_image_on_gemma4_matches_transformers() {
-    let src = root().join("tests/fixtures/tiny-gemma4-vision/bidir");
+    // The tower model, and the 12B-like encoder-free one: the same prompt and images.
+    for variant in ["bidir", "unified"] {
+        run_image_on_gemma4(variant);
+    }
+}
+
+fn run_image_on_gemma4(variant: &str) {
+    let src = root()
+        .join("tests/fixtures/tiny-gemma4-vision")
+        .join(variant);
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("reference.json")).unwrap())
             .unwrap();
@@ -623,7 +632,7 @@ fn run_image_on_gemma4_matches_transformers() {
         .map(|x| x.as_u64().unwrap())
         .collect();
     assert_eq!(got_ids, want_ids);
-    assert_eq!(v["generated_ids"], reference["greedy"]);
+    assert_eq!(v["generated_ids"], reference["greedy"], "{variant}");
     // One marker for two images is an error naming the marker.
     let one = prompt.replacen("<|image|>", "", 1);
     let a2 = args(&one);

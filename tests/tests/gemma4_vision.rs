@@ -271,10 +271,26 @@ mod tiny {
     fn e2b_image_prompt_logits_match() {
         // Causal (no use_bidirectional_attention), per-layer embeddings: image rows gather the pad row.
         let f = load("e2b");
+        let want = json_f32s(&f.reference["logits"]);
         let got = prompt_logits(&f, &f.model);
-        let e = rel_err(&got.data, &json_f32s(&f.reference["logits"]));
+        let e = rel_err(&got.data, &want);
         eprintln!("e2b logits: max |diff| / range {e:.2e}");
         assert!(e < 1e-3, "logits: {e}");
+        // With the image token's own id left at the image rows, the per-layer table gathers its row instead
+        // of the pad row, and the logits miss.
+        let ids = json_u32s(&f.reference["input_ids"]);
+        let (_, inputs) = f
+            .vision
+            .prompt_inputs(ids.clone(), &features(&f), &f.model.config)
+            .unwrap();
+        let mut runner = cpu_runner(&f.model, 1, 256);
+        let unmapped = runner
+            .step_with_inputs(&Batch::single(0, 0, ids, LogitsFor::All), &inputs, &[])
+            .unwrap()
+            .logits;
+        let e_off = rel_err(&unmapped.data, &want);
+        eprintln!("e2b logits with image ids for the per-layer embeddings: {e_off:.2e}");
+        assert!(e_off > 1e-2, "the pad ids must matter: {e_off}");
     }
 
     #[test]
