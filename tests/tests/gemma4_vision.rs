@@ -396,62 +396,76 @@ fn gemma4_vision_conformance_cases_run_on_the_cpu() {
     assert_eq!(total, 2 * 5 + 2);
 }
 
-/// Quantizing a Gemma 4 checkpoint with a vision tower keeps the tower and `embed_vision` as they are, names
-/// them in each format's exclusion list (so that every reader leaves them BF16), and images still encode to
-/// the same features.
+/// Quantizing a Gemma 4 checkpoint with a vision tower (or the 12B's encoder-free embedder) keeps the image
+/// parts as they are, names them in each format's exclusion list (so that every reader leaves them BF16), and
+/// images still encode to the same features.
 #[test]
 fn fp8_quantized_checkpoints_keep_the_vision_tower_bf16() {
     use e4m3_core::cpu::CpuBackend;
-    use e4m3_core::gemma4_vision::Gemma4Vision;
-    use e4m3_core::image::{gemma4_pixels, load_rgb8};
+    use e4m3_core::image::{gemma4_merged_pixels, gemma4_pixels, load_rgb8};
     use e4m3_core::model::Model;
     use e4m3_core::quantize::{quantize, CalibSource, QuantizeOptions, Scheme};
     use e4m3_core::vision::ImageModel;
-    let src = fixture("tiny-gemma4-vision").join("bidir");
     let features = |dir: &std::path::Path| {
         let m = Model::load(dir).unwrap();
         let Some(ImageModel::Gemma4(v)) = ImageModel::load(dir, &m.config).unwrap() else {
-            panic!("a Gemma 4 tower");
+            panic!("a Gemma 4 vision model");
         };
-        let v: Gemma4Vision = v;
         let rgb = load_rgb8(&fixture("images").join("grad_160x120.png")).unwrap();
-        let px = gemma4_pixels(&rgb, 2, 70, 3).unwrap();
+        let cut = if v.config.unified {
+            gemma4_merged_pixels
+        } else {
+            gemma4_pixels
+        };
+        let px = cut(&rgb, 2, 70, 3).unwrap();
         let mut r = v.runner(&CpuBackend, 1).unwrap();
         (m, v.encode(r.as_mut(), &[px], &[]).unwrap().0)
     };
-    let (_, want) = features(&src);
-    for scheme in [
-        Scheme::Fp8Static,
-        Scheme::Fp8Dynamic,
-        Scheme::Fp8BlockWo,
-        Scheme::Fp8Block,
+    for (variant, modules) in [
+        (
+            "bidir",
+            &[
+                "model.vision_tower.encoder.layers.1.self_attn.q_proj.linear",
+                "model.vision_tower.encoder.layers.0.mlp.down_proj.linear",
+                "model.vision_tower.patch_embedder.input_proj",
+                "model.embed_vision.embedding_projection",
+            ][..],
+        ),
+        (
+            "unified",
+            &[
+                "model.vision_embedder.patch_dense",
+                "model.embed_vision.embedding_projection",
+            ][..],
+        ),
     ] {
-        let out = tempfile::tempdir().unwrap();
-        let mut o = QuantizeOptions::new(scheme);
-        // The default block, 128 (ModelOpt's fp8_pb_wo block is fixed there: its config cannot say another).
-        o.calib = CalibSource::Ids(vec![vec![2, 5, 9, 33, 17, 40, 4, 4, 12]]);
-        quantize(&src, out.path(), &o).unwrap();
-        let (m, got) = features(out.path());
-        assert_eq!(
-            got.data, want.data,
-            "{scheme:?}: features of the copied tower"
-        );
-        for module in [
-            "model.vision_tower.encoder.layers.1.self_attn.q_proj.linear",
-            "model.vision_tower.encoder.layers.0.mlp.down_proj.linear",
-            "model.vision_tower.patch_embedder.input_proj",
-            "model.embed_vision.embedding_projection",
+        let src = fixture("tiny-gemma4-vision").join(variant);
+        let (_, want) = features(&src);
+        for scheme in [
+            Scheme::Fp8Static,
+            Scheme::Fp8Dynamic,
+            Scheme::Fp8BlockWo,
+            Scheme::Fp8Block,
         ] {
-            assert!(
-                m.quant.excluded_by(module).is_some(),
-                "{scheme:?}: {module} is not excluded by {:?}",
-                m.quant.exclusions()
-            );
+            let out = tempfile::tempdir().unwrap();
+            // The default block, 128 (ModelOpt's fp8_pb_wo block is fixed: its config cannot say another).
+            let mut o = QuantizeOptions::new(scheme);
+            o.calib = CalibSource::Ids(vec![vec![2, 5, 9, 33, 17, 40, 4, 4, 12]]);
+            quantize(&src, out.path(), &o).unwrap();
+            let (m, got) = features(out.path());
+            assert_eq!(got.data, want.data, "{variant} {scheme:?}: features");
+            for module in modules {
+                assert!(
+                    m.quant.excluded_by(module).is_some(),
+                    "{variant} {scheme:?}: {module} is not excluded by {:?}",
+                    m.quant.exclusions()
+                );
+            }
+            assert!(m
+                .quant
+                .excluded_by("model.language_model.layers.0.mlp.up_proj")
+                .is_none());
         }
-        assert!(m
-            .quant
-            .excluded_by("model.language_model.layers.0.mlp.up_proj")
-            .is_none());
     }
 }
 
