@@ -578,3 +578,68 @@ mod unified {
         assert_eq!(out.generated, json_u32s(&reference["greedy"]));
     }
 }
+
+/// Bad Gemma 4 vision configs and tensors are errors naming the field, file or tensor.
+#[test]
+fn bad_vision_configs_are_errors_naming_the_field_or_tensor() {
+    use e4m3_core::model::Model;
+    use e4m3_core::vision::ImageModel;
+    let src = fixture("tiny-gemma4-vision").join("bidir");
+    let model = Model::load(&src).unwrap();
+    let with = |edit: &dyn Fn(&mut serde_json::Value), processor: Option<&str>| -> String {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            src.join("model.safetensors"),
+            dir.path().join("model.safetensors"),
+        )
+        .unwrap();
+        let mut cfg = read_json(&src.join("config.json"));
+        edit(&mut cfg);
+        std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+        if let Some(p) = processor {
+            std::fs::write(dir.path().join("processor_config.json"), p).unwrap();
+        }
+        match ImageModel::load(dir.path(), &model.config) {
+            Ok(_) => panic!("must fail"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = with(
+        &|c| c["vision_config"]["num_key_value_heads"] = 2.into(),
+        None,
+    );
+    assert!(e.contains("vision_config.num_key_value_heads"), "{e}");
+    let e = with(&|c| c["vision_config"]["head_dim"] = 6.into(), None);
+    assert!(e.contains("vision_config.head_dim"), "{e}");
+    let e = with(&|c| c["vision_config"]["hidden_size"] = 48.into(), None);
+    assert!(
+        e.contains("tensor `model.") && e.contains("expected shape"),
+        "{e}"
+    );
+    let e = with(
+        &|c| c["vision_config"]["rope_parameters"]["rope_type"] = "default".into(),
+        None,
+    );
+    assert!(e.contains("rope_type"), "{e}");
+    let e = with(
+        &|_| {},
+        Some(r#"{"image_processor": {"max_soft_tokens": 100}}"#),
+    );
+    assert!(
+        e.contains("processor_config.json") && e.contains("image_processor.max_soft_tokens"),
+        "{e}"
+    );
+    let e = with(&|_| {}, Some("{ not json"));
+    assert!(
+        e.contains("processor_config.json") && e.contains("invalid JSON"),
+        "{e}"
+    );
+    // No vision_config: a text-only model, not an error.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = read_json(&src.join("config.json"));
+    cfg["vision_config"] = serde_json::Value::Null;
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    assert!(ImageModel::load(dir.path(), &model.config)
+        .unwrap()
+        .is_none());
+}
