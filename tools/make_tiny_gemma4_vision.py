@@ -23,13 +23,17 @@
      input_ids           BOS, text, <|image> 63 x <|image|> <image|>, text, <|image> 60 x <|image|> <image|>, text
      image_token_id, boi_token_id, eoi_token_id, pad_token_id
      images              per image: file, height/width after resizing, soft tokens
-     pixel_levels        per image: its real patches [n, 12] as uint8 levels round(x * 255) (patch layout (y, x, c))
-     positions           per image: [n, 2] (x, y) of each real patch
      image_features      [63 + 60, 32] get_image_features(...).pooler_output (embed_vision output), concatenated
      vision_hidden       [63 + 60, 32] the vision tower's output (pooled, scaled, standardized) before embed_vision
      logits              [T, 64] float32, mm_token_type_ids given (the bidirectional mask where the model has it)
-     logits_causal       [T, 64] without mm_token_type_ids (plain causal)
+     logits_causal       [T, 64] without mm_token_type_ids (plain causal; bidir only)
      greedy              8 greedy tokens (argmax of full recomputation, images and mm_token_type_ids given)
+   (pixel values: tiny-gemma4-vision/pixels.json, shared; positions are checked row-major here.)
+
+3. tests/fixtures/tiny-gemma4-vision/unified/: the 12B-like encoder-free Gemma4UnifiedForConditionalGeneration
+   (merged 6x6x3 patches -> LayerNorm, dense, LayerNorm, + factorized positions, LayerNorm -> embed_vision;
+   text 31B-like, use_bidirectional_attention "vision" by default), same images and prompt: image_features,
+   logits, greedy. Its processor's merged patches are checked to be the 6x6 blocks of the tower pixels.
 
 Usage: /tmp/oracle/bin/python tools/make_tiny_gemma4_vision.py
 """
@@ -353,7 +357,7 @@ def run_unified():
         "dtype": "weights bfloat16 (stored), computed in float32 with bf16 embedding scales",
         "image_token_id": IMG, "boi_token_id": BOI, "eoi_token_id": EOI, "pad_token_id": 0,
         "images": TINY_IMAGES, "soft_tokens": ntok, "input_ids": ids,
-        "image_features": r(feats, 5), "logits": r(lg, 4), "logits_causal": r(lg_causal, 4),
+        "image_features": r(feats, 5), "logits": r(lg, 4),
         "greedy": seq[len(ids):],
     }
     with open(os.path.join(out, "reference.json"), "w") as f:
