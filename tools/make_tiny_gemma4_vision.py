@@ -22,7 +22,7 @@
    reference.json:
      input_ids           BOS, text, <|image> 63 x <|image|> <image|>, text, <|image> 60 x <|image|> <image|>, text
      image_token_id, boi_token_id, eoi_token_id, pad_token_id
-     images              per image: file, height/width after resizing, soft tokens
+     images, soft_tokens the image files and the soft tokens of each
      image_features      [63 + 60, 32] get_image_features(...).pooler_output (embed_vision output), concatenated
      vision_hidden       [63 + 60, 32] the vision tower's output (pooled, scaled, standardized) before embed_vision
      logits              [T, 64] float32, mm_token_type_ids given (the bidirectional mask where the model has it)

@@ -184,7 +184,7 @@ pub enum Op {
     /// blocks: `(side / kernel)^2` rows per sequence, row-major over the pooled grid. The rows of the
     /// sequence must number `side * side`.
     AvgPool2d { side: usize, kernel: usize },
-    // Gemma 4 vision (crate::vision, gemma-architecture.md 2.5). Each row's token id is its patch position
+    // Gemma 4 vision (crate::gemma4_vision, gemma-architecture.md 2.5). Each row's token id is its patch position
     // on a grid of `size` columns: `x = id % size`, `y = id / size`.
     /// `table[x] + table[size + y]` at each row's position (the x and y tables stacked, `[2 * size, cols]`).
     /// No inputs.

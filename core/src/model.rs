@@ -983,7 +983,8 @@ pub struct Gemma4Options {
     pub final_softcap: bool,
     /// Attention scale 1.0 (off: 1/sqrt(head_dim)).
     pub unit_attention_scale: bool,
-    /// The image mask on sliding layers of `use_bidirectional_attention == "vision"` models (off: causal).
+    /// The image mask of `use_bidirectional_attention == "vision"` models (section 4.9; the 12B's as
+    /// transformers 5.23 has it) (off: causal).
     pub image_mask: bool,
 }
 
