@@ -1,5 +1,5 @@
 // Causal attention with GQA, sliding window and softcap over a paged KV cache, and the cache write
-// (core/src/cpu/kernels.rs attention). Keys of positions before the step's start come from the cache
+// (core/src/cpu/kernels.rs attention_grouped). Keys of positions before the step's start come from the cache
 // (logical position p of a slot sits at ring index p % cap, in page table[slot][(p % cap) / PAGE]);
 // the step's own keys come from `k`/`v`, rounded as the cache stores them. Cache element types:
 // 0 f32, 1 BF16, 2 E4M3 codes of x / scale.
@@ -62,7 +62,7 @@ __device__ __forceinline__ float score_warp(const float* qs, const float* k, con
 template <int KT>
 __device__ void attention_impl(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                                float* __restrict__ o, const u8* kc, const u8* vc, const u32* table,
-                               const uint4* info, AttnP p) {
+                               const uint4* info, AttnP p, const u32* ends) {
     __shared__ float qs[MAX_D];
     __shared__ float pt[ATT_THREADS];
     __shared__ float red_m[ATT_THREADS / 32], red_l[ATT_THREADS / 32];
@@ -70,6 +70,8 @@ __device__ void attention_impl(const float* __restrict__ q, const float* __restr
     uint4 inf = info[r];
     u32 slot = inf.x, start = inf.y, row0 = inf.w;
     u32 pos = start + (r - row0);
+    // The last position the row sees: itself, or the end of its image group (`ends`, when given).
+    u32 hi = ends ? ends[r] : pos;
     u32 lo = (p.window != 0 && pos + 1 > p.window) ? pos + 1 - p.window : 0;
     u32 kvh = h / (p.n_heads / p.n_kv_heads);
     u32 kvo = kvh * p.d;
@@ -79,7 +81,7 @@ __device__ void attention_impl(const float* __restrict__ q, const float* __restr
     const u32 NW = ATT_THREADS / 32;
     u32 warp = tid >> 5, lane = tid & 31;
     float m = -3.0e38f, l = 0.0f;
-    for (u32 j = lo + warp; j <= pos; j += NW) {
+    for (u32 j = lo + warp; j <= hi; j += NW) {
         float s = score_warp<KT>(qs, k, kc, table, p, j, slot, start, row0, kvo, lane);
         if (s > m) {
             l = l * expf(m - s) + 1.0f;
@@ -100,16 +102,16 @@ __device__ void attention_impl(const float* __restrict__ q, const float* __restr
     float acc[MAX_D / ATT_THREADS];
 #pragma unroll
     for (int i = 0; i < MAX_D / ATT_THREADS; i++) acc[i] = 0.0f;
-    for (u32 jt = lo; jt <= pos; jt += ATT_THREADS) {
+    for (u32 jt = lo; jt <= hi; jt += ATT_THREADS) {
         // Each warp scores 32 of the tile's keys.
         for (u32 i = 0; i < 32; i++) {
             u32 idx = warp * 32 + i, j = jt + idx;
-            if (j > pos) break;
+            if (j > hi) break;
             float s = score_warp<KT>(qs, k, kc, table, p, j, slot, start, row0, kvo, lane);
             if (lane == 0) pt[idx] = expf(s - gm) / gl;
         }
         __syncthreads();
-        u32 nj = min((u32)ATT_THREADS, pos + 1 - jt);
+        u32 nj = min((u32)ATT_THREADS, hi + 1 - jt);
 #pragma unroll
         for (int ci = 0; ci < MAX_D / ATT_THREADS; ci++) {
             u32 c = tid + ci * ATT_THREADS;
@@ -246,8 +248,8 @@ extern "C" __global__ void attention_combine(const float* __restrict__ part, flo
 #define ATTN(sfx, KT)                                                                                           \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_##sfx(                                 \
         const float* q, const float* k, const float* v, float* o, const u8* kc, const u8* vc, const u32* table, \
-        const uint4* info, AttnP p) {                                                                           \
-        attention_impl<KT>(q, k, v, o, kc, vc, table, info, p);                                                 \
+        const uint4* info, AttnP p, const u32* ends) {                                                          \
+        attention_impl<KT>(q, k, v, o, kc, vc, table, info, p, ends);                                           \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_split_##sfx(                           \
         const float* q, const float* k, const float* v, const u8* kc, const u8* vc, const u32* table,           \

@@ -10,7 +10,9 @@
 # against its sha256). OUT receives gpu-check.json and every step's log.
 # Steps: devices; the CUDA conformance suite; import of the GGUF (BF16); quantize to the four FP8 schemes;
 # crosscheck cuda,cpu on every model (and cuda,wgpu when a Vulkan adapter exists); greedy generation on
-# cuda vs cpu; a short benchmark per model. Exit status 0 only when every check passed.
+# cuda vs cpu; a short benchmark per model; the tiny Gemma 4 checkpoints (F32, schemes C and D) crosschecked
+# cuda,cpu and the synthetic gemma-4-31b benchmark; e4m3 serve on CUDA under tools/serve_bench.py.
+# Exit status 0 only when every check passed.
 set -uo pipefail
 STAGE="${1:?usage: gpu-check.sh STAGE OUT}"
 OUT="${2:?usage: gpu-check.sh STAGE OUT}"
@@ -49,6 +51,22 @@ step conformance-cuda - "$BIN" conformance --backend cuda --json "$OUT/conforman
 
 MODELS="$WORK/models"
 mkdir -p "$MODELS"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Gemma 4 (issue #8): the tiny transformers checkpoints of every variant, as committed and quantized to
+# schemes C (fp8-block-wo) and D (fp8-block), crosschecked cuda,cpu; then the 31B shape at batch 1 and 32.
+for v in dense31b dense12b e2b moe26b; do
+  src="$ROOT/tests/fixtures/tiny-gemma4/$v"
+  [[ -d "$src" ]] || continue
+  step "crosscheck-cuda-cpu-g4-$v" "tiny-gemma4/$v" "$BIN" crosscheck --model "$src" --backends cuda,cpu --tokens 24 --json
+  for s in fp8-block-wo fp8-block; do
+    step "quantize-g4-$v-$s" "tiny-gemma4/$v" "$BIN" quantize --from "$src" --to "$MODELS/g4-$v-$s" --scheme "$s" --block 64
+    step "crosscheck-cuda-cpu-g4-$v-$s" "tiny-gemma4/$v+$s" "$BIN" crosscheck --model "$MODELS/g4-$v-$s" --backends cuda,cpu --tokens 24 --threshold 2e-2 --json
+  done
+done
+for s in fp8-block-wo fp8-block; do
+  step "bench-cuda-synthetic-gemma-4-31b-$s" "synthetic gemma-4-31b $s" "$BIN" bench --synthetic gemma-4-31b --scheme "$s" --backend cuda --prompt-lens 128 --batches 1,32 --decode 32 --json
+done
 if compgen -G "$STAGE/gguf.part-*" >/dev/null; then
   cat $(ls "$STAGE"/gguf.part-* | sort) >"$WORK/model.gguf"
   got=$(sha256sum "$WORK/model.gguf" | cut -d' ' -f1)
@@ -74,6 +92,13 @@ if compgen -G "$STAGE/gguf.part-*" >/dev/null; then
       step "sample-cpu-$m" "$m" "$BIN" run --model "$MODELS/$m" --backend cpu --prompt "Write a haiku about the sea." --max-tokens 32 --temperature 1 --top-k 64 --top-p 0.95 --seed 7 --json
       step "bench-cuda-$m" "$m" "$BIN" bench --model "$MODELS/$m" --backend cuda --prompt-len 128 --decode 64 --runs 3 --json
     done
+    # Serving on CUDA (issue #7): e4m3 serve on the BF16 270M, tools/serve_bench.py at concurrency 1 and 32.
+    "$BIN" serve --model "$MODELS/bf16" --served-model-name bf16 --backend cuda --port 8123 --max-num-seqs 32 >"$OUT/serve-cuda.log" 2>&1 &
+    serve_pid=$!
+    for _ in $(seq 120); do curl -sf http://127.0.0.1:8123/health >/dev/null 2>&1 && break; sleep 1; done
+    step serve-bench-cuda-bf16 bf16 python3 "$ROOT/tools/serve_bench.py" --url http://127.0.0.1:8123 --model bf16 \
+      --concurrency 1,32 --requests-per-user 2 --max-tokens 64 --prompt-words 32,256 --out "$OUT/serve-bench-cuda.json"
+    kill "$serve_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null
     if "$BIN" devices 2>/dev/null | grep -q "^wgpu\[.*Gpu"; then
       step crosscheck-cuda-wgpu-bf16 bf16 "$BIN" crosscheck --model "$MODELS/bf16" --backends cuda,wgpu --tokens 32 --json
     else

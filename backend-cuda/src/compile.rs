@@ -20,6 +20,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("attention", include_str!("../../kernels/attention.cu")),
     ("topk", include_str!("../../kernels/topk.cu")),
     ("gemma4", include_str!("../../kernels/gemma4.cu")),
+    ("vision", include_str!("../../kernels/vision.cu")),
 ];
 
 /// The full text NVRTC compiles for one file: the shared helpers, then the file.

@@ -80,6 +80,16 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         "gemma4",
         &["slice_cols", "gelu_split", "moe_acc", "router_topk"],
     ),
+    (
+        "vision",
+        &[
+            "bias_add",
+            "gelu_tanh",
+            "layer_norm",
+            "avg_pool2d",
+            "encoder_attention",
+        ],
+    ),
 ];
 
 /// The CUDA libraries that cannot be loaded here (empty when all are present).
@@ -295,6 +305,15 @@ impl Dev {
             unsafe { drv::memcpy_htod_sync(m.ptr, data) }.map_err(drv_err("copy to device"))?;
         }
         Ok(m)
+    }
+
+    /// Copy `bytes` bytes from device address `src` to `dst`, stream-ordered.
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .map_err(drv_err("device copy"))
     }
 
     /// Copy `data` to `dst` (stream-ordered) through page-locked staging memory, so the copy is a true
@@ -532,7 +551,7 @@ impl Backend for CudaBackend {
 
     fn supports(&self, op: &Op) -> bool {
         // Gemma 4 ops: kernels/gemma4.cu, not yet run on a GPU (issue #8).
-        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true)
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true, true)
     }
 
     fn describe(&self) -> String {

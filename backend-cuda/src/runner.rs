@@ -7,7 +7,10 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
 use std::sync::Arc;
 
-use e4m3_core::backend::{validate_batch, Batch, CacheConfig, Runner, StepOutput};
+use e4m3_core::backend::{
+    attention_ends, check_step_inputs, validate_batch, Batch, CacheConfig, Runner, StepInputs,
+    StepOutput,
+};
 use e4m3_core::cpu::{kv_rounding, KvRounding};
 use e4m3_core::error::{Error, Result};
 use e4m3_core::graph::{Graph, Op, WeightMap};
@@ -55,6 +58,8 @@ enum Plan {
     Router(Mem),
     /// MoeExperts: per expert, gate_up `[2I, H]` and down `[H, I]` (the e4m3 kernels, no cuBLASLt).
     Moe(Vec<[LinearPlan; 2]>),
+    /// BiasAdd: the bias; LayerNorm: the weight and the bias.
+    Vectors(Vec<Mem>),
 }
 
 /// The page table shared by all layers whose ring buffers have the same capacity, and its device copy.
@@ -113,6 +118,19 @@ pub struct CudaRunner {
     fused: Vec<Option<Fused>>,
     /// Partial results of split attention: SPLIT_MAX_ROWS x heads x splits x (head_dim + 2).
     attn_part: Option<Mem>,
+    /// Per row: the last position its attention sees (a step with image groups).
+    ends: Option<Mem>,
+    /// This step's given rows (`Runner::step_with_inputs`), and whether `ends` holds image groups.
+    given: Option<Given>,
+    groups: bool,
+}
+
+/// A step's given rows on the device, their runs of consecutive rows (`StepInputs::given_runs`) and
+/// columns.
+struct Given {
+    rows: Mem,
+    runs: Vec<(usize, usize, usize)>,
+    cols: usize,
 }
 
 impl Drop for CudaRunner {
@@ -314,6 +332,11 @@ impl CudaRunner {
                     moe_cols[2] = moe_cols[2].max(n.cols);
                     Plan::Moe(per)
                 }
+                (_, NodeWeights::Vectors(v)) => Plan::Vectors(
+                    v.iter()
+                        .map(|x| dev.upload(x))
+                        .collect::<Result<Vec<_>>>()?,
+                ),
                 (Op::Rope { head_dim, inv_freq }, _) => {
                     let idx = match rope
                         .iter()
@@ -433,6 +456,9 @@ impl CudaRunner {
             seen: HashSet::new(),
             fused,
             attn_part,
+            ends: None,
+            given: None,
+            groups: false,
             profile: (std::env::var("E4M3_CUDA_PROFILE").as_deref() == Ok("1"))
                 .then(Profile::default),
         };
@@ -456,6 +482,7 @@ impl CudaRunner {
         self.ids = Some(self.dev.alloc(cap * 4)?);
         self.sel = Some(self.dev.alloc(cap * 4)?);
         self.info = Some(self.dev.alloc(cap * 16)?);
+        self.ends = Some(self.dev.alloc(cap * 4)?);
         for t in &mut self.rope {
             t.2 = Some(self.dev.alloc(cap * t.1 * 4)?);
         }
@@ -500,6 +527,7 @@ impl CudaRunner {
     fn run(
         &mut self,
         batch: &Batch,
+        inputs: Option<&StepInputs>,
         taps: &[String],
     ) -> Result<(Vec<usize>, BTreeMap<String, Mat>)> {
         let t_start = std::time::Instant::now();
@@ -518,6 +546,7 @@ impl CudaRunner {
         let (ids, positions) = batch.flat_tokens();
         let logit_rows = batch.logit_rows();
         let t = ids.len();
+        check_step_inputs(inputs, &self.graph, t)?;
         let nsel = logit_rows.len();
         self.ensure_rows(t.max(1))?;
         self.allocate_pages(batch)?;
@@ -525,8 +554,18 @@ impl CudaRunner {
         let mut rows = vec![0usize; self.graph.nodes.len()];
         for (i, n) in self.graph.nodes.iter().enumerate() {
             rows[i] = match n.op {
-                Op::Embed { .. } => t,
+                Op::Embed { .. } | Op::Input => t,
                 Op::SelectRows => nsel,
+                Op::AvgPool2d { side, kernel } => {
+                    if let Some(s) = batch.seqs.iter().find(|s| s.tokens.len() != side * side) {
+                        return Err(Error::invalid(format!(
+                            "node `{}` pools a {side}x{side} grid; a sequence has {} rows",
+                            n.name,
+                            s.tokens.len()
+                        )));
+                    }
+                    batch.seqs.len() * (side / kernel) * (side / kernel)
+                }
                 _ => n.inputs.first().map_or(t, |v| rows[v.0]),
             };
         }
@@ -564,10 +603,27 @@ impl CudaRunner {
             let sel: Vec<u32> = logit_rows.iter().map(|r| r.0 as u32).collect();
             dev.write(self.sel.as_ref().expect("allocated"), &sel)?;
         }
+        // Image inputs: the given rows on the device, and where a row's attention ends.
+        self.given = None;
+        self.groups = inputs.is_some_and(|i| !i.groups.is_empty());
+        if let Some(inp) = inputs {
+            if self.groups {
+                let ends = attention_ends(batch, &inp.groups);
+                dev.write(self.ends.as_ref().expect("allocated"), &ends)?;
+            }
+            if !inp.embed_rows.is_empty() {
+                self.given = Some(Given {
+                    rows: dev.upload(&inp.embeds.data)?,
+                    runs: inp.given_runs(),
+                    cols: inp.embeds.cols,
+                });
+            }
+        }
         // Steps of few rows (decode) replay a CUDA graph captured the second time their shape is seen:
         // every per-step value lives in device buffers written above, so the launches are the same.
         let key = (t, nsel);
-        let graphable = taps.is_empty() && t <= GRAPH_MAX_ROWS && self.graphs_enabled;
+        let graphable =
+            taps.is_empty() && inputs.is_none() && t <= GRAPH_MAX_ROWS && self.graphs_enabled;
         let t_prep = t_start.elapsed().as_secs_f64();
         if t <= GRAPH_MAX_ROWS {
             if let Some(p) = &mut self.profile {
@@ -643,6 +699,8 @@ impl CudaRunner {
             ptr(&self.xq),
             ptr(&self.xs),
         );
+        let ends_p = if self.groups { ptr(&self.ends) } else { 0 };
+        let has_input = self.graph.nodes.iter().any(|n| matches!(n.op, Op::Input));
         let mut tapped = BTreeMap::new();
         #[allow(clippy::needless_range_loop)] // the loop body mutates self.plans[i]
         // Fusions need every fused-away value unread: none when taps are asked for.
@@ -675,7 +733,11 @@ impl CudaRunner {
                                 A::F(*scale),
                             ],
                         )?;
+                        if !has_input {
+                            self.copy_given(*cols, out)?;
+                        }
                     }
+                    (Op::Input, _) => self.copy_given(node.cols, out)?,
                     (
                         Op::RmsNorm {
                             group,
@@ -811,8 +873,11 @@ impl CudaRunner {
                             A::P(c.dev.ptr),
                             A::P(info_p),
                             A::S(p.clone()),
+                            A::P(ends_p),
                         ];
-                        if r <= SPLIT_MAX_ROWS {
+                        // Image groups (ends) take the one-block-per-row kernel: a group may see past the
+                        // keys a split grid sized for the ring capacity covers.
+                        if r <= SPLIT_MAX_ROWS && ends_p == 0 {
                             // Decode: keys split over blocks sized for the ring capacity, then merged.
                             let splits = c.pages.cap.div_ceil(SPLIT_KEYS);
                             let part = self.attn_part.as_ref().expect("allocated at load").ptr;
@@ -961,6 +1026,81 @@ impl CudaRunner {
                         256,
                         &[A::P(inp(0)), A::P(out), A::L(ne as u64), A::F(*cap)],
                     )?,
+                    (Op::BiasAdd { .. }, Plan::Vectors(b)) => dev.launch(
+                        "bias_add",
+                        grid1(ne, 256),
+                        256,
+                        &[
+                            A::P(inp(0)),
+                            A::P(b[0].ptr),
+                            A::P(out),
+                            A::L(ne as u64),
+                            A::U(node.cols as u32),
+                        ],
+                    )?,
+                    (Op::GeluTanh, _) => dev.launch(
+                        "gelu_tanh",
+                        grid1(ne, 256),
+                        256,
+                        &[A::P(inp(0)), A::P(out), A::L(ne as u64)],
+                    )?,
+                    (Op::LayerNorm { eps, .. }, Plan::Vectors(wb)) => dev.launch(
+                        "layer_norm",
+                        (r as u32, 1, 1),
+                        256,
+                        &[
+                            A::P(inp(0)),
+                            A::P(wb[0].ptr),
+                            A::P(wb[1].ptr),
+                            A::P(out),
+                            A::U(node.cols as u32),
+                            A::U(r as u32),
+                            A::F(*eps),
+                        ],
+                    )?,
+                    (Op::AvgPool2d { side, kernel }, _) => dev.launch(
+                        "avg_pool2d",
+                        grid1(ne, 256),
+                        256,
+                        &[
+                            A::P(inp(0)),
+                            A::P(out),
+                            A::L(ne as u64),
+                            A::U(node.cols as u32),
+                            A::U(*side as u32),
+                            A::U(*kernel as u32),
+                        ],
+                    )?,
+                    (
+                        Op::EncoderAttention {
+                            n_heads,
+                            head_dim,
+                            scale,
+                        },
+                        _,
+                    ) => {
+                        if r != t {
+                            return Err(Error::invalid(format!(
+                                "node `{}` attends among a step's {t} rows, its input has {r}",
+                                node.name
+                            )));
+                        }
+                        dev.launch(
+                            "encoder_attention",
+                            (r as u32, *n_heads as u32, 1),
+                            128,
+                            &[
+                                A::P(inp(0)),
+                                A::P(inp(1)),
+                                A::P(inp(2)),
+                                A::P(out),
+                                A::P(info_p),
+                                A::U(*n_heads as u32),
+                                A::U(*head_dim as u32),
+                                A::F(*scale),
+                            ],
+                        )?
+                    }
                     (Op::SelectRows, _) => {
                         let src = self.graph.nodes[node.inputs[0].0].cols;
                         dev.launch(
@@ -992,6 +1132,21 @@ impl CudaRunner {
             }
         }
         Ok(tapped)
+    }
+
+    /// Copy this step's given rows into the `cols`-wide buffer at `out` (nothing without given rows of
+    /// that width).
+    fn copy_given(&self, cols: usize, out: u64) -> Result<()> {
+        if let Some(g) = self.given.as_ref().filter(|g| g.cols == cols) {
+            for &(r0, i0, n) in &g.runs {
+                self.dev.copy(
+                    out + (r0 * cols * 4) as u64,
+                    g.rows.ptr + (i0 * cols * 4) as u64,
+                    n * cols * 4,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Account a profiled step once its results are back on the host.
@@ -1133,9 +1288,15 @@ impl CudaRunner {
     }
 }
 
-impl Runner for CudaRunner {
-    fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput> {
-        let (rows, tapped) = self.run(batch, taps)?;
+impl CudaRunner {
+    /// One step; `inputs`: given embedding rows and image groups ([`Runner::step_with_inputs`]).
+    fn run_step(
+        &mut self,
+        batch: &Batch,
+        inputs: Option<&StepInputs>,
+        taps: &[String],
+    ) -> Result<StepOutput> {
+        let (rows, tapped) = self.run(batch, inputs, taps)?;
         let out_id = self.graph.output.0;
         let (orows, ocols) = (rows[out_id], self.graph.nodes[out_id].cols);
         let data = self.dev.read::<f32>(self.act(out_id), orows * ocols)?;
@@ -1146,9 +1307,24 @@ impl Runner for CudaRunner {
             taps: tapped,
         })
     }
+}
+
+impl Runner for CudaRunner {
+    fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput> {
+        self.run_step(batch, None, taps)
+    }
+
+    fn step_with_inputs(
+        &mut self,
+        batch: &Batch,
+        inputs: &StepInputs,
+        taps: &[String],
+    ) -> Result<StepOutput> {
+        self.run_step(batch, Some(inputs), taps)
+    }
 
     fn step_top_k(&mut self, batch: &Batch, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
-        let (rows, _) = self.run(batch, &[])?;
+        let (rows, _) = self.run(batch, None, &[])?;
         let out_id = self.graph.output.0;
         let (orows, vocab) = (rows[out_id], self.graph.nodes[out_id].cols);
         if orows == 0 || k == 0 {

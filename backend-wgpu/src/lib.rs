@@ -12,14 +12,17 @@
 //! the CPU's `round_kv`). With `Runner::enable_guards` (the conformance suite) activation and scratch
 //! buffers get guard regions of `GUARD_WORD` before and after their data, checked after every step; the
 //! KV cache and the weights are not guarded. `E4M3_WGPU_PROFILE=1` times every dispatch alone and prints
-//! the time per op and shape when the runner is dropped.
+//! the time per op and shape when the runner is dropped. Images (`Runner::step_with_inputs`): given rows
+//! are uploaded once per step and copied into the Embed (or Input) node's buffer; the attention kernel
+//! reads per row the last position it sees (its image group's end); EncoderAttention has its own entry
+//! point there, one dispatch per image.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use e4m3_core::backend::{
-    check_supported, guard_damage, guard_fill, validate_batch, Backend, Batch, CacheConfig, Runner,
-    StepOutput,
+    attention_ends, check_step_inputs, check_supported, guard_damage, guard_fill, validate_batch,
+    Backend, Batch, CacheConfig, Runner, StepInputs, StepOutput,
 };
 use e4m3_core::checkpoint::Weight;
 use e4m3_core::cpu::fp8_linear::Fp8Scales;
@@ -41,6 +44,7 @@ const LINEAR: &str = include_str!("../../shaders/linear.wgsl");
 const QUANT: &str = include_str!("../../shaders/quant.wgsl");
 const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
 const GEMMA4: &str = include_str!("../../shaders/gemma4.wgsl");
+const POOL: &str = include_str!("../../shaders/pool.wgsl");
 /// The activations of linear.wgsl: a 64 KiB uniform window (one scalar load per element on lavapipe) or,
 /// for rows longer than that, a storage buffer.
 const LINEAR_X_UNIFORM: &str = "@group(0) @binding(1) var<uniform> xu: array<vec4<f32>, 4096>;
@@ -52,6 +56,8 @@ const XU_BYTES: u64 = 65536;
 
 /// Largest head_dim the attention shader handles (8 values per thread of a 64-thread workgroup).
 pub const MAX_HEAD_DIM: usize = 512;
+/// Query rows per workgroup of attention.wgsl's encoder_attention (`ER`).
+const ENCODER_ROWS: usize = 4;
 
 /// One adapter as `e4m3 devices` lists it.
 #[derive(Debug, Clone)]
@@ -188,11 +194,16 @@ struct Pipes {
     quant_static: wgpu::ComputePipeline,
     quant_group: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
+    encoder_attention: wgpu::ComputePipeline,
     kv_write: wgpu::ComputePipeline,
     slice_cols: wgpu::ComputePipeline,
     gelu_split: wgpu::ComputePipeline,
     moe_acc: wgpu::ComputePipeline,
     router_topk: wgpu::ComputePipeline,
+    gelu_only: wgpu::ComputePipeline,
+    bias_add: wgpu::ComputePipeline,
+    layer_norm: wgpu::ComputePipeline,
+    avg_pool2d: wgpu::ComputePipeline,
 }
 
 struct Gpu {
@@ -284,7 +295,7 @@ impl Pipes {
         let lin_layout = layout(device, &[Tex, Uniform, Rw, Uniform, Ro, Ro, Ro]);
         let lin_layout_s = layout(device, &[Tex, Ro, Rw, Uniform, Ro, Ro, Ro]);
         let quant_layout = layout(device, &[Ro, Rw, Uniform, Rw]);
-        let attn_layout = layout(device, &[Ro, Ro, Ro, Rw, Uniform, Rw, Rw, Ro]);
+        let attn_layout = layout(device, &[Ro, Ro, Ro, Rw, Uniform, Rw, Rw, Ro, Ro]);
         let el = module(device, "elementwise", ELEMENTWISE);
         let norm = module(device, "norm", NORM);
         let rope = module(device, "rope", ROPE);
@@ -302,6 +313,7 @@ impl Pipes {
         let quant = module(device, "quant", QUANT);
         let attn = module(device, "attention", ATTENTION);
         let g4 = module(device, "gemma4", GEMMA4);
+        let pool = module(device, "pool", POOL);
         let mut linear = BTreeMap::new();
         for (dt, scheme) in [(0, 0), (1, 0), (2, 0), (3, 1), (3, 2), (3, 3), (3, 4)] {
             for (uni, module, bgl) in [(true, &lin_u, &lin_layout), (false, &lin_s, &lin_layout_s)]
@@ -333,11 +345,16 @@ impl Pipes {
             quant_static: pipeline(device, &quant, &quant_layout, "quant_static", &[]),
             quant_group: pipeline(device, &quant, &quant_layout, "quant_group", &[]),
             attention: pipeline(device, &attn, &attn_layout, "attention", &[]),
+            encoder_attention: pipeline(device, &attn, &attn_layout, "encoder_attention", &[]),
             kv_write: pipeline(device, &attn, &attn_layout, "kv_write", &[]),
             slice_cols: pipeline(device, &g4, &el_layout, "slice_cols", &[]),
             gelu_split: pipeline(device, &g4, &el_layout, "gelu_split", &[]),
             moe_acc: pipeline(device, &g4, &el_layout, "moe_acc", &[]),
             router_topk: pipeline(device, &g4, &el_layout, "router_topk", &[]),
+            gelu_only: pipeline(device, &el, &el_layout, "gelu_tanh_only", &[]),
+            bias_add: pipeline(device, &el, &el_layout, "bias_add", &[]),
+            layer_norm: pipeline(device, &norm, &el_layout, "layer_norm", &[]),
+            avg_pool2d: pipeline(device, &pool, &el_layout, "avg_pool2d", &[]),
             el_layout,
             lin_layout,
             lin_layout_s,
@@ -398,7 +415,7 @@ impl Backend for WgpuBackend {
     }
 
     fn supports(&self, op: &Op) -> bool {
-        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true)
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true, true)
     }
 
     fn load(
@@ -600,6 +617,8 @@ enum Plan {
     Router(wgpu::Buffer),
     /// MoeExperts: per expert, gate_up `[2I, H]` and down `[H, I]`.
     Moe(Vec<[Lin; 2]>),
+    /// BiasAdd: the bias; LayerNorm: the weight then the bias, in one buffer.
+    Vector(wgpu::Buffer),
 }
 
 /// A linear weight as linear.wgsl reads it.
@@ -667,6 +686,8 @@ struct WgpuRunner {
     cap_rows: usize,
     ids: wgpu::Buffer,
     info: wgpu::Buffer,
+    /// Per row: the last position its attention sees (itself, or the end of its image group).
+    ends: wgpu::Buffer,
     sel: wgpu::Buffer,
     /// (inv_freq, head_dim, table of [rows, head_dim] cos|sin).
     rope: Vec<(Vec<f32>, usize, wgpu::Buffer)>,
@@ -792,6 +813,9 @@ impl WgpuRunner {
                     moe_cols[2] = moe_cols[2].max(n.cols);
                     Plan::Moe(per)
                 }
+                (_, NodeWeights::Vectors(v)) => {
+                    Plan::Vector(upload_f32(&gpu, &n.name, &v.concat()))
+                }
                 (Op::Rope { head_dim, inv_freq }, _) => {
                     let idx = match rope
                         .iter()
@@ -843,6 +867,7 @@ impl WgpuRunner {
             cap_rows: 0,
             ids: dummy.clone(),
             info: dummy.clone(),
+            ends: dummy.clone(),
             sel: dummy.clone(),
             xq: dummy.clone(),
             xs: dummy.clone(),
@@ -921,6 +946,7 @@ impl WgpuRunner {
         self.ids = storage(&gpu, "ids", (cap * 4) as u64);
         self.sel = storage(&gpu, "select", (cap * 4) as u64);
         self.info = storage(&gpu, "rows", (cap * 16) as u64);
+        self.ends = storage(&gpu, "attention ends", (cap * 4) as u64);
         for t in &mut self.rope {
             t.2 = storage(&gpu, "rope", (cap * t.1 * 4) as u64);
         }
@@ -1210,6 +1236,7 @@ impl WgpuRunner {
     }
 
     /// Elementwise op over `n` values, in windows no larger than one binding.
+    #[allow(clippy::too_many_arguments)]
     fn elementwise(
         &self,
         cmds: &mut Vec<Cmd>,
@@ -1220,6 +1247,23 @@ impl WgpuRunner {
         n: usize,
         factor: f32,
     ) {
+        self.elementwise_v(cmds, pipe, a, b, o, n, factor, 0)
+    }
+
+    /// [`Self::elementwise`]; with `bias_cols` > 0, `b` is a vector of that many values (one per column of
+    /// rows of `bias_cols`), bound whole.
+    #[allow(clippy::too_many_arguments)]
+    fn elementwise_v(
+        &self,
+        cmds: &mut Vec<Cmd>,
+        pipe: &wgpu::ComputePipeline,
+        a: &B,
+        b: Option<&B>,
+        o: &B,
+        n: usize,
+        factor: f32,
+        bias_cols: usize,
+    ) {
         let chunk = ((self.gpu.max_binding() / 4) as usize / 64 * 64).max(64);
         let mut e0 = 0;
         while e0 < n {
@@ -1229,13 +1273,22 @@ impl WgpuRunner {
                 off: x.off + (e0 * 4) as u64,
                 size: (len * 4) as u64,
             };
-            let bb = b.map(win).unwrap_or_else(|| whole(&self.dummy, 16));
+            let bb = match b {
+                Some(b) if bias_cols > 0 => b.clone(),
+                Some(b) => win(b),
+                None => whole(&self.dummy, 16),
+            };
             cmds.push(Cmd::Dispatch {
                 tex: None,
                 pipe: pipe.clone(),
                 layout: self.gpu.pipes.el_layout.clone(),
                 binds: vec![win(a), bb, win(o)],
-                params: params(&[len as u32, f(factor)]),
+                params: params(&[
+                    len as u32,
+                    f(factor),
+                    bias_cols as u32,
+                    (e0 % bias_cols.max(1)) as u32,
+                ]),
                 groups: grid(len, 256),
             });
             e0 += len;
@@ -1251,8 +1304,14 @@ fn gcd(a: u64, b: u64) -> u64 {
     }
 }
 
-impl Runner for WgpuRunner {
-    fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput> {
+impl WgpuRunner {
+    /// One step; `inputs`: given embedding rows and image groups ([`Runner::step_with_inputs`]).
+    fn run_step(
+        &mut self,
+        batch: &Batch,
+        inputs: Option<&StepInputs>,
+        taps: &[String],
+    ) -> Result<StepOutput> {
         validate_batch(batch, &self.cache, self.graph.vocab_size, |s| {
             self.lens[s].unwrap_or(0)
         })?;
@@ -1264,6 +1323,7 @@ impl Runner for WgpuRunner {
         let (ids, positions) = batch.flat_tokens();
         let logit_rows = batch.logit_rows();
         let t = ids.len();
+        check_step_inputs(inputs, &self.graph, t)?;
         let nsel = logit_rows.len();
         self.ensure_rows(t.max(1))?;
         let gpu = self.gpu.clone();
@@ -1274,8 +1334,18 @@ impl Runner for WgpuRunner {
         let mut rows = vec![0usize; self.graph.nodes.len()];
         for (i, n) in self.graph.nodes.iter().enumerate() {
             rows[i] = match n.op {
-                Op::Embed { .. } => t,
+                Op::Embed { .. } | Op::Input => t,
                 Op::SelectRows => nsel,
+                Op::AvgPool2d { side, kernel } => {
+                    if let Some(s) = batch.seqs.iter().find(|s| s.tokens.len() != side * side) {
+                        return Err(Error::invalid(format!(
+                            "node `{}` pools a {side}x{side} grid; a sequence has {} rows",
+                            n.name,
+                            s.tokens.len()
+                        )));
+                    }
+                    batch.seqs.len() * (side / kernel) * (side / kernel)
+                }
                 _ => n.inputs.first().map_or(t, |v| rows[v.0]),
             };
         }
@@ -1297,6 +1367,8 @@ impl Runner for WgpuRunner {
                 base += s.tokens.len() as u32;
             }
             q.write_buffer(&self.info, 0, bytemuck::cast_slice(&info));
+            let ends = attention_ends(batch, inputs.map_or(&[][..], |i| &i.groups));
+            q.write_buffer(&self.ends, 0, bytemuck::cast_slice(&ends));
             for (inv_freq, hd, buf) in &self.rope {
                 let half = hd / 2;
                 let mut tab = vec![0f32; t * hd];
@@ -1315,6 +1387,32 @@ impl Runner for WgpuRunner {
             q.write_buffer(&self.sel, 0, bytemuck::cast_slice(&sel));
         }
 
+        // Given rows (Op::Input, or replacing the Embed rows of a text step), as (row, index of the given
+        // row) runs of consecutive rows, copied from one upload.
+        let has_input = self.graph.nodes.iter().any(|n| matches!(n.op, Op::Input));
+        let given = inputs.filter(|i| !i.embed_rows.is_empty()).map(|inp| {
+            let buf = gpu
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("given embeddings"),
+                    contents: bytemuck::cast_slice(&inp.embeds.data),
+                    usage: wgpu::BufferUsages::COPY_SRC,
+                });
+            (buf, inp.given_runs(), inp.embeds.cols)
+        });
+        let copy_given = |cmds: &mut Vec<Cmd>, out: &B| {
+            if let Some((buf, runs, cols)) = &given {
+                for &(r0, i0, n) in runs {
+                    cmds.push(Cmd::Copy {
+                        src: buf.clone(),
+                        src_off: (i0 * cols * 4) as u64,
+                        dst: out.buf.clone(),
+                        dst_off: out.off + (r0 * cols * 4) as u64,
+                        size: (n * cols * 4) as u64,
+                    });
+                }
+            }
+        };
         let mut cmds: Vec<Cmd> = Vec::new();
         let profile = std::env::var_os("E4M3_WGPU_PROFILE").is_some();
         let mut tap_bufs: Vec<(String, usize, usize, wgpu::Buffer)> = Vec::new();
@@ -1347,7 +1445,11 @@ impl Runner for WgpuRunner {
                                 groups: grid(t * cols, 256),
                             });
                         }
+                        if !has_input && given.as_ref().is_some_and(|g| g.2 == *cols) {
+                            copy_given(&mut cmds, &out);
+                        }
                     }
+                    (Op::Input, _) => copy_given(&mut cmds, &out),
                     (
                         Op::RmsNorm {
                             group,
@@ -1434,6 +1536,7 @@ impl Runner for WgpuRunner {
                             whole(&kvb.k, kvb.k.size()),
                             whole(&kvb.v, kvb.v.size()),
                             whole(&self.info, (t * 16) as u64),
+                            whole(&self.ends, (t * 4) as u64),
                         ];
                         let prm = params(&[
                             *n_heads as u32,
@@ -1451,6 +1554,7 @@ impl Runner for WgpuRunner {
                             f(kvb.v_scale),
                             (kvb.cap * kvb.width) as u32,
                             r as u32,
+                            0,
                         ]);
                         cmds.push(Cmd::Dispatch {
                             tex: None,
@@ -1573,6 +1677,108 @@ impl Runner for WgpuRunner {
                             });
                         }
                     }
+                    (Op::BiasAdd { .. }, Plan::Vector(b)) => self.elementwise_v(
+                        &mut cmds,
+                        &p.bias_add,
+                        &inp(0),
+                        Some(&whole(b, b.size())),
+                        &out,
+                        r * node.cols,
+                        0.0,
+                        node.cols,
+                    ),
+                    (Op::GeluTanh, _) => self.elementwise(
+                        &mut cmds,
+                        &p.gelu_only,
+                        &inp(0),
+                        None,
+                        &out,
+                        r * node.cols,
+                        0.0,
+                    ),
+                    (Op::LayerNorm { eps, .. }, Plan::Vector(wb)) => {
+                        cmds.push(Cmd::Dispatch {
+                            tex: None,
+                            pipe: p.layer_norm.clone(),
+                            layout: el(),
+                            binds: vec![inp(0), whole(wb, wb.size()), out.clone()],
+                            params: params(&[node.cols as u32, r as u32, f(*eps)]),
+                            groups: grid(r, 1),
+                        });
+                    }
+                    (
+                        Op::EncoderAttention {
+                            n_heads,
+                            head_dim,
+                            scale,
+                        },
+                        _,
+                    ) => {
+                        if r != t {
+                            return Err(Error::invalid(format!(
+                                "node `{}` attends among a step's {t} rows, its input has {r}",
+                                node.name
+                            )));
+                        }
+                        // One dispatch per sequence (an image), ER query rows a workgroup.
+                        let none = whole(&self.dummy, 16);
+                        let mut row0 = 0;
+                        for s in &batch.seqs {
+                            let n = s.tokens.len();
+                            if n > 0 {
+                                cmds.push(Cmd::Dispatch {
+                                    tex: None,
+                                    pipe: p.encoder_attention.clone(),
+                                    layout: p.attn_layout.clone(),
+                                    binds: vec![
+                                        inp(0),
+                                        inp(1),
+                                        inp(2),
+                                        out.clone(),
+                                        none.clone(),
+                                        none.clone(),
+                                        whole(&self.info, (t * 16) as u64),
+                                        whole(&self.ends, (t * 4) as u64),
+                                    ],
+                                    params: params(&[
+                                        *n_heads as u32,
+                                        *n_heads as u32,
+                                        *head_dim as u32,
+                                        node.cols as u32,
+                                        node.cols as u32,
+                                        1,
+                                        0,
+                                        0,
+                                        f(*scale),
+                                        f(1.0),
+                                        0,
+                                        f(1.0),
+                                        f(1.0),
+                                        0,
+                                        n as u32,
+                                        row0 as u32,
+                                    ]),
+                                    groups: [n.div_ceil(ENCODER_ROWS) as u32, *n_heads as u32, 1],
+                                });
+                            }
+                            row0 += n;
+                        }
+                    }
+                    (Op::AvgPool2d { side, kernel }, _) => {
+                        cmds.push(Cmd::Dispatch {
+                            tex: None,
+                            pipe: p.avg_pool2d.clone(),
+                            layout: el(),
+                            binds: vec![inp(0), whole(&self.dummy, 16), out.clone()],
+                            params: params(&[
+                                (r * node.cols) as u32,
+                                node.cols as u32,
+                                *side as u32,
+                                *kernel as u32,
+                            ]),
+                            groups: grid(r * node.cols, 256),
+                        });
+                    }
                     (Op::SelectRows, _) => {
                         let src = self.graph.nodes[node.inputs[0].0].cols;
                         cmds.push(Cmd::Dispatch {
@@ -1602,7 +1808,7 @@ impl Runner for WgpuRunner {
                 };
                 labels.resize(cmds.len(), lab);
             }
-            if taps.iter().any(|x| *x == node.name) {
+            if taps.contains(&node.name) {
                 let size = (r * node.cols * 4) as u64;
                 let dst = gpu.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("tap"),
@@ -1810,6 +2016,21 @@ impl Runner for WgpuRunner {
             rows: logit_rows.iter().map(|r| (r.1, r.2)).collect(),
             taps: tapped,
         })
+    }
+}
+
+impl Runner for WgpuRunner {
+    fn step(&mut self, batch: &Batch, taps: &[String]) -> Result<StepOutput> {
+        self.run_step(batch, None, taps)
+    }
+
+    fn step_with_inputs(
+        &mut self,
+        batch: &Batch,
+        inputs: &StepInputs,
+        taps: &[String],
+    ) -> Result<StepOutput> {
+        self.run_step(batch, Some(inputs), taps)
     }
 
     fn enable_guards(&mut self) -> bool {

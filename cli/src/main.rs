@@ -515,12 +515,14 @@ struct RunOpts {
 
 /// The prompt of `--image` runs: the family's processor expansion of every image marker (Gemma 3
 /// `<start_of_image>`, Gemma 4 `<|image|>`; with --chat, one per image before the user text), then the image
-/// embeddings and their attention groups ([`ImageModel::prompt`]).
+/// embeddings and their attention groups ([`ImageModel::prompt`]). The tower runs on `backend` (one that
+/// lacks its ops says which with an error).
 fn image_prompt(
     tok: &Tokenizer,
     input: &PromptInput,
     model: &Model,
     images: &[PathBuf],
+    backend: &dyn Backend,
     stats: bool,
 ) -> Result<(Vec<u32>, StepInputs)> {
     let dir = &model.dir;
@@ -559,17 +561,22 @@ fn image_prompt(
             tok.encode(t, false)
         }
     };
-    // The tower runs on the CPU reference (the only backend with its ops for now).
     let p = vision
-        .prompt(&CpuBackend, &model.config, &decoded, &text, &mut tokenize)
-        .with_context(|| format!("--image with a prompt that needs one {marker} per image"))?;
+        .prompt(backend, &model.config, &decoded, &text, &mut tokenize)
+        .with_context(|| {
+            format!(
+                "--image (one {marker} per image; the vision tower on {})",
+                backend.name()
+            )
+        })?;
     if stats {
         eprintln!(
-            "images: {} decoded in {:.3}s, preprocessed in {:.3}s, encoded (tower + projector, CPU) in {:.3}s; \
+            "images: {} decoded in {:.3}s, preprocessed in {:.3}s, encoded (tower + projector, {}) in {:.3}s; \
              soft tokens {:?}",
             images.len(),
             t_decode,
             p.preprocess_s,
+            backend.name(),
             p.encode_s,
             p.tokens_per_image
         );
@@ -591,22 +598,16 @@ fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOp
     let gen = GenerationConfig::from_dir(dir)?;
     let params = sampling_params(&gen, sampling)?;
     let model = load_model(dir)?;
+    let backend = open_backend(backend)?;
     let (ids, parser, inputs) = if images.is_empty() {
         let (ids, parser) = prompt_ids(&tok, &input)?;
         (ids, parser, None)
     } else {
-        let (ids, inputs) = image_prompt(&tok, &input, &model, images, stats)?;
+        let (ids, inputs) = image_prompt(&tok, &input, &model, images, backend.as_ref(), stats)?;
         (ids, None, Some(inputs))
     };
     let budget = sequence_budget(&model, ids.len(), max_tokens)?;
     let max_new = budget - ids.len();
-    let backend = open_backend(backend)?;
-    if inputs.is_some() && backend.name() != "cpu" {
-        bail!(
-            "--image runs on the CPU backend only for now (--backend cpu); {} has no image inputs yet",
-            backend.name()
-        );
-    }
     let mut runner = load_runner(backend.as_ref(), &model, budget, kv)?;
     let mut stop_ids = gen.eos_token_ids.clone();
     if stop_ids.is_empty() {

@@ -88,6 +88,115 @@ pub struct StepInputs {
     pub groups: Vec<Option<u32>>,
 }
 
+/// Check a step's inputs (None: a plain step) against its `rows` rows of `graph`: one row index per given
+/// embedding, each within the step, embeddings as wide as the graph's input (its `Op::Input`, else its
+/// first `Op::Embed`), one group per row (or none); and an `Op::Input` needs every row given, in order.
+pub fn check_step_inputs(inputs: Option<&StepInputs>, graph: &Graph, rows: usize) -> Result<()> {
+    let input = graph.nodes.iter().find(|n| matches!(n.op, Op::Input));
+    let Some(inp) = inputs else {
+        return match input {
+            Some(n) => Err(Error::invalid(format!(
+                "node `{}` reads the step's input rows: every row must be given",
+                n.name
+            ))),
+            None => Ok(()),
+        };
+    };
+    inp.check(input, graph, rows)
+}
+
+impl StepInputs {
+    /// The given rows as runs of consecutive rows: (first row of the step, first given row, rows), for a
+    /// GPU backend to copy each run at once.
+    pub fn given_runs(&self) -> Vec<(usize, usize, usize)> {
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+        for (i, &r) in self.embed_rows.iter().enumerate() {
+            match runs.last_mut() {
+                Some((r0, i0, n)) if *r0 + *n == r && *i0 + *n == i => *n += 1,
+                _ => runs.push((r, i, 1)),
+            }
+        }
+        runs
+    }
+
+    fn check(&self, input: Option<&crate::graph::Node>, graph: &Graph, rows: usize) -> Result<()> {
+        let cols = input
+            .or_else(|| {
+                graph
+                    .nodes
+                    .iter()
+                    .find(|n| matches!(n.op, Op::Embed { .. }))
+            })
+            .map_or(0, |n| n.cols);
+        if self.embed_rows.len() != self.embeds.rows {
+            return Err(Error::invalid(format!(
+                "{} embedding rows given for {} row indices",
+                self.embeds.rows,
+                self.embed_rows.len()
+            )));
+        }
+        if let Some(&r) = self.embed_rows.iter().find(|&&r| r >= rows) {
+            return Err(Error::invalid(format!(
+                "embedding for row {r} of a step of {rows} rows"
+            )));
+        }
+        if !self.embed_rows.is_empty() && self.embeds.cols != cols {
+            return Err(Error::invalid(format!(
+                "embeddings of {} columns for a graph input of {cols}",
+                self.embeds.cols
+            )));
+        }
+        if !self.groups.is_empty() && self.groups.len() != rows {
+            return Err(Error::invalid(format!(
+                "{} attention groups for a step of {rows} rows",
+                self.groups.len()
+            )));
+        }
+        if let Some(n) = input {
+            let every = self.embed_rows.len() == rows
+                && self.embed_rows.iter().enumerate().all(|(i, &r)| i == r);
+            if !every {
+                return Err(Error::invalid(format!(
+                    "node `{}` reads the step's input rows: every row must be given",
+                    n.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per flat row of `batch`, the last position its attention sees ([`group_ends`] of each sequence, with
+/// `groups` one per flat row or empty), as GPU kernels take it.
+pub fn attention_ends(batch: &Batch, groups: &[Option<u32>]) -> Vec<u32> {
+    let mut ends: Vec<u32> = Vec::with_capacity(batch.num_tokens());
+    for s in &batch.seqs {
+        let (row0, n) = (ends.len(), s.tokens.len());
+        let g = if groups.is_empty() {
+            groups
+        } else {
+            &groups[row0..row0 + n]
+        };
+        ends.extend(group_ends(g, n).iter().map(|&l| (s.start_pos + l) as u32));
+    }
+    ends
+}
+
+/// For each of a sequence's `n` rows in a step, with `groups` its rows' image groups (or empty), the last
+/// row (within the sequence's rows) its attention sees: itself, or the end of its contiguous group (Gemma
+/// 3's image mask: causal OR same image).
+pub fn group_ends(groups: &[Option<u32>], n: usize) -> Vec<usize> {
+    let mut last: Vec<usize> = (0..n).collect();
+    if !groups.is_empty() {
+        for i in (0..n.saturating_sub(1)).rev() {
+            if groups[i].is_some() && groups[i] == groups[i + 1] {
+                last[i] = last[i + 1];
+            }
+        }
+    }
+    last
+}
+
 /// What a step returns.
 #[derive(Debug, Clone)]
 pub struct StepOutput {
@@ -322,6 +431,39 @@ pub fn validate_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_groups_end_at_their_last_row_and_given_rows_run() {
+        // Sequence 0: rows 0..5 at positions 3.., rows 1-2 one image, row 4 alone in another; sequence 1:
+        // rows 5..8 from position 0, rows 5-7 one image.
+        let seq = |slot, start_pos, n| SeqStep {
+            slot,
+            start_pos,
+            tokens: vec![0; n],
+            logits: LogitsFor::None,
+        };
+        let batch = Batch {
+            seqs: vec![seq(0, 3, 5), seq(1, 0, 3)],
+        };
+        let g = [
+            None,
+            Some(0),
+            Some(0),
+            None,
+            Some(1),
+            Some(2),
+            Some(2),
+            Some(2),
+        ];
+        assert_eq!(attention_ends(&batch, &g), vec![3, 5, 5, 6, 7, 2, 2, 2]);
+        assert_eq!(attention_ends(&batch, &[]), vec![3, 4, 5, 6, 7, 0, 1, 2]);
+        let inputs = StepInputs {
+            embed_rows: vec![1, 2, 4, 5, 6, 7],
+            embeds: Mat::zeros(6, 1),
+            groups: g.to_vec(),
+        };
+        assert_eq!(inputs.given_runs(), vec![(1, 0, 2), (4, 2, 4)]);
+    }
 
     #[test]
     fn guard_damage_finds_the_first_overwritten_word() {

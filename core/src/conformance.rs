@@ -1025,9 +1025,15 @@ fn vision_cases(out: &mut Vec<Case>) {
             ));
         }
     }
-    // Two images (sequences) of different lengths in one step; SigLIP's 16 heads of 72.
-    for &(nh, d, lens) in &[(2usize, 8usize, [5usize, 9usize]), (16, 72, [16, 3])] {
-        let mut b = Builder::new(VOCAB, (nh * 10 + d) as u64);
+    // Two images (sequences) of different lengths in one step; SigLIP's 16 heads of 72; sequences longer
+    // than a GPU kernel's tile of keys (64) and not multiples of its query rows, with distinct keys (a
+    // table of 256 rows) so that later tiles hold larger scores.
+    for &(nh, d, lens, vocab) in &[
+        (2usize, 8usize, [5usize, 9usize], VOCAB),
+        (16, 72, [16, 3], VOCAB),
+        (2, 16, [130, 67], 256),
+    ] {
+        let mut b = Builder::new(vocab, (nh * 10 + d) as u64);
         let q = b.input("q", nh * d, 1.5);
         let k = b.input("k", nh * d, 1.5);
         let v = b.input("v", nh * d, 2.0);
@@ -1041,8 +1047,10 @@ fn vision_cases(out: &mut Vec<Case>) {
             &[q, k, v],
             nh * d,
         );
+        let toks =
+            |n: usize, salt: usize| (0..n).map(|i| ((i * 7 + salt) % vocab) as u32).collect();
         let steps = vec![Batch {
-            seqs: vec![seq(0, ids(lens[0], 1)), seq(1, ids(lens[1], 5))],
+            seqs: vec![seq(0, toks(lens[0], 1)), seq(1, toks(lens[1], 5))],
         }];
         out.push(b.finish(
             format!("encoder_attention(heads={nh},head_dim={d},rows={lens:?})"),
@@ -1341,10 +1349,15 @@ pub fn compare(got: &Mat, want: &Mat, threshold: f64) -> Result<f64, String> {
 }
 
 fn run_on(backend: &dyn Backend, case: &Case) -> Result<Vec<Mat>, Error> {
+    // 64 positions a slot, or as many as the case's longest sequence.
+    let longest = (case.steps.iter().flat_map(|b| &b.seqs))
+        .map(|s| s.start_pos + s.tokens.len())
+        .max()
+        .unwrap_or(0);
     let mut runner = backend.load(
         &case.graph,
         &case.weights,
-        CacheConfig::new(4, 64).with_kv_dtype(case.kv),
+        CacheConfig::new(4, longest.max(64)).with_kv_dtype(case.kv),
     )?;
     let guarded = runner.enable_guards();
     case.steps
@@ -1507,13 +1520,21 @@ mod tests {
             assert_eq!(report.passed(), report.results.len(), "{n}");
         }
         // A GPU backend without Gemma 4 kernels (prepare::gpu_supports with `gemma4` false) refuses exactly
-        // these cases; one with them runs every case.
+        // these cases, one without vision kernels exactly the vision-op cases; one with both runs every case.
+        let vision_ops = [
+            "bias_add(",
+            "gelu_tanh(",
+            "layer_norm(",
+            "encoder_attention(",
+            "avg_pool2d(",
+            "input(",
+        ];
         for c in cases() {
-            let ok = |gemma4| {
+            let ok = |gemma4, vision| {
                 c.graph
                     .nodes
                     .iter()
-                    .all(|n| crate::prepare::gpu_supports(&n.op, 512, gemma4))
+                    .all(|n| crate::prepare::gpu_supports(&n.op, 512, gemma4, vision))
             };
             // The vision-encoder ops run on the CPU reference only (issue #9).
             const CPU_ONLY: [&str; 11] = [
@@ -1538,8 +1559,10 @@ mod tests {
                 continue;
             }
             let gemma4 = names.iter().any(|n| c.name.starts_with(n));
-            assert_eq!(ok(false), !gemma4, "{}", c.name);
-            assert!(ok(true), "{}", c.name);
+            let vision = vision_ops.iter().any(|n| c.name.starts_with(n));
+            assert_eq!(ok(false, true), !gemma4, "{}", c.name);
+            assert_eq!(ok(true, false), !vision, "{}", c.name);
+            assert!(ok(true, true), "{}", c.name);
         }
     }
 

@@ -25,6 +25,8 @@ pub enum NodeWeights<'a> {
     Router(Vec<f32>),
     /// MoeExperts: per expert, gate_up `[2I, H]` and down `[H, I]` as ordinary linears.
     Experts(Vec<[ExpertLinear; 2]>),
+    /// BiasAdd (the bias) and LayerNorm (the weight, then the bias) as f32, each one value per column.
+    Vectors(Vec<Vec<f32>>),
 }
 
 /// One expert's linear: a 2-D view of the fused tensor, its scheme and, for an FP8 scheme, its scales.
@@ -158,14 +160,37 @@ pub fn node_weights<'a>(
                     .collect::<Result<_>>()?,
             )
         }
+        Op::BiasAdd { bias } => NodeWeights::Vectors(vec![vector(get(bias)?, n)?]),
+        Op::LayerNorm { weight, bias, .. } => {
+            NodeWeights::Vectors(vec![vector(get(weight)?, n)?, vector(get(bias)?, n)?])
+        }
         _ => NodeWeights::None,
     })
 }
 
+/// A per-column vector weight of node `n` as f32, checked: a plain dtype and one value per column.
+fn vector(w: &Weight, n: &Node) -> Result<Vec<f32>> {
+    dense_ok(w)?;
+    let v = w.to_f32();
+    if v.len() != n.cols {
+        return Err(Error::tensor(
+            &w.name,
+            format!(
+                "has {} values, node `{}` has {} columns",
+                v.len(),
+                n.name,
+                n.cols
+            ),
+        ));
+    }
+    Ok(v)
+}
+
 /// The ops a GPU backend runs, with attention limited to `max_head_dim` and whole GQA groups; the Gemma 4
 /// ops (`SliceCols`, `AttentionShared`, `RouterTopK`, `MoeExperts`) only where `gemma4` says the backend has
-/// kernels for them.
-pub fn gpu_supports(op: &Op, max_head_dim: usize, gemma4: bool) -> bool {
+/// kernels for them, and the vision-encoder ops (`Input`, `BiasAdd`, `LayerNorm`, `GeluTanh`,
+/// `EncoderAttention`, `AvgPool2d`, which come with `Runner::step_with_inputs`) only where `vision` does.
+pub fn gpu_supports(op: &Op, max_head_dim: usize, gemma4: bool, vision: bool) -> bool {
     match op {
         Op::Attention {
             head_dim,
@@ -194,14 +219,11 @@ pub fn gpu_supports(op: &Op, max_head_dim: usize, gemma4: bool) -> bool {
         | Op::Softcap { .. }
         | Op::SelectRows => true,
         Op::SliceCols { .. } | Op::RouterTopK { .. } | Op::MoeExperts { .. } => gemma4,
-        // Vision encoder ops: CPU reference only for now (issue #9).
-        Op::Input
-        | Op::BiasAdd { .. }
-        | Op::LayerNorm { .. }
-        | Op::GeluTanh
-        | Op::EncoderAttention { .. }
-        | Op::AvgPool2d { .. }
-        | Op::PosEmbed2d { .. }
+        Op::EncoderAttention { head_dim, .. } => vision && *head_dim <= max_head_dim,
+        Op::AvgPool2d { kernel, .. } => vision && *kernel > 0,
+        Op::Input | Op::BiasAdd { .. } | Op::LayerNorm { .. } | Op::GeluTanh => vision,
+        // Gemma 4 vision-tower ops: CPU reference only for now (issue #9).
+        Op::PosEmbed2d { .. }
         | Op::Rope2d { .. }
         | Op::PoolPositions { .. }
         | Op::Clamp { .. }

@@ -294,18 +294,11 @@ pub fn attention_grouped(
 ) {
     // Last row (within the step) each row sees: itself, or the end of its group; and the first row of its
     // group.
-    let mut last = (0..n).collect::<Vec<usize>>();
+    let last = crate::backend::group_ends(groups, n);
     let mut first = (0..n).collect::<Vec<usize>>();
-    if !groups.is_empty() {
-        for i in (0..n.saturating_sub(1)).rev() {
-            if groups[i].is_some() && groups[i] == groups[i + 1] {
-                last[i] = last[i + 1];
-            }
-        }
-        for i in 1..n {
-            if groups[i].is_some() && groups[i] == groups[i - 1] {
-                first[i] = first[i - 1];
-            }
+    for i in 1..groups.len().min(n) {
+        if groups[i].is_some() && groups[i] == groups[i - 1] {
+            first[i] = first[i - 1];
         }
     }
     let d = g.head_dim;

@@ -7,8 +7,8 @@ pub mod vision;
 use std::collections::BTreeMap;
 
 use crate::backend::{
-    check_supported, validate_batch, Backend, Batch, CacheConfig, KvCacheDtype, Runner, StepInputs,
-    StepOutput,
+    check_step_inputs, check_supported, validate_batch, Backend, Batch, CacheConfig, KvCacheDtype,
+    Runner, StepInputs, StepOutput,
 };
 use crate::checkpoint::Weight;
 use crate::error::{Error, Result};
@@ -280,35 +280,6 @@ impl Runner for CpuRunner {
     }
 }
 
-/// Check a step's inputs against its rows.
-fn validate_inputs(inputs: &StepInputs, rows: usize, cols: usize) -> Result<()> {
-    if inputs.embed_rows.len() != inputs.embeds.rows {
-        return Err(Error::invalid(format!(
-            "{} embedding rows given for {} row indices",
-            inputs.embeds.rows,
-            inputs.embed_rows.len()
-        )));
-    }
-    if let Some(&r) = inputs.embed_rows.iter().find(|&&r| r >= rows) {
-        return Err(Error::invalid(format!(
-            "embedding for row {r} of a step of {rows} rows"
-        )));
-    }
-    if !inputs.embed_rows.is_empty() && inputs.embeds.cols != cols {
-        return Err(Error::invalid(format!(
-            "embeddings of {} columns for a graph input of {cols}",
-            inputs.embeds.cols
-        )));
-    }
-    if !inputs.groups.is_empty() && inputs.groups.len() != rows {
-        return Err(Error::invalid(format!(
-            "{} attention groups for a step of {rows} rows",
-            inputs.groups.len()
-        )));
-    }
-    Ok(())
-}
-
 impl CpuRunner {
     fn run_step(
         &mut self,
@@ -331,22 +302,8 @@ impl CpuRunner {
             }
         }
         let (ids, positions) = batch.flat_tokens();
-        if let Some(inp) = inputs {
-            // Given rows feed `Op::Input` where the graph has one (an encoder), else replace embeddings.
-            let cols = self
-                .graph
-                .nodes
-                .iter()
-                .find(|n| matches!(n.op, Op::Input))
-                .or_else(|| {
-                    self.graph
-                        .nodes
-                        .iter()
-                        .find(|n| matches!(n.op, Op::Embed { .. }))
-                })
-                .map_or(0, |n| n.cols);
-            validate_inputs(inp, ids.len(), cols)?;
-        }
+        // Given rows feed `Op::Input` where the graph has one (an encoder), else replace embeddings.
+        check_step_inputs(inputs, &self.graph, ids.len())?;
         let has_input = self.graph.nodes.iter().any(|n| matches!(n.op, Op::Input));
         // Given embeddings replace rows of the graph's first Embed (the token embedding; a later one, such
         // as Gemma 4's per-layer table, gathers by id).
