@@ -827,6 +827,7 @@ impl CudaRunner {
                             scale,
                             window,
                             softcap,
+                            ..
                         }
                         | Op::AttentionShared {
                             cache_layer,
@@ -836,6 +837,7 @@ impl CudaRunner {
                             scale,
                             window,
                             softcap,
+                            ..
                         },
                         _,
                     ) => {

@@ -1513,6 +1513,7 @@ impl WgpuRunner {
                             scale,
                             window,
                             softcap,
+                            ..
                         }
                         | Op::AttentionShared {
                             cache_layer,
@@ -1522,6 +1523,7 @@ impl WgpuRunner {
                             scale,
                             window,
                             softcap,
+                            ..
                         },
                         _,
                     ) => {

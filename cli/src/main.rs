@@ -20,13 +20,13 @@ use e4m3_core::chat_parse::{is_gemma4_template, prompt_opens_thought, Gemma4Pars
 use e4m3_core::cpu::CpuBackend;
 use e4m3_core::generate::{generate_with_inputs, prompt_logits, top_k, GenerateRequest};
 use e4m3_core::generation_config::GenerationConfig;
-use e4m3_core::image::load_gemma3_pixels;
+use e4m3_core::image::load_rgb8;
 use e4m3_core::import_gguf::{import_gguf, ImportOptions};
 use e4m3_core::model::Model;
 use e4m3_core::sampling::SamplingParams;
 use e4m3_core::tensor::DType;
 use e4m3_core::tokenizer::Tokenizer;
-use e4m3_core::vision::{expand_image_placeholders, prompt_inputs, VisionModel};
+use e4m3_core::vision::ImageModel;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -110,8 +110,9 @@ enum Cmd {
         /// template the thought channel is printed apart, dimmed, on stderr.
         #[arg(long, requires = "chat")]
         enable_thinking: bool,
-        /// An image (PNG, JPEG, WebP) for a Gemma 3 multimodal checkpoint; repeatable. With --chat the
-        /// images come before the text; with --prompt each needs a `<start_of_image>` in the prompt.
+        /// An image (PNG, JPEG, WebP) for a Gemma 3 or Gemma 4 multimodal checkpoint; repeatable. With --chat
+        /// the images come before the text; with --prompt each needs a marker in the prompt
+        /// (`<start_of_image>` for Gemma 3, `<|image|>` for Gemma 4).
         #[arg(long = "image")]
         images: Vec<PathBuf>,
         #[arg(long, value_enum, default_value = "auto")]
@@ -512,9 +513,10 @@ struct RunOpts {
     images: Vec<PathBuf>,
 }
 
-/// The prompt of `--image` runs: the Gemma 3 processor's expansion of every `<start_of_image>` (with
-/// --chat, one per image before the user text), then the image embeddings and their attention groups.
-/// The tower runs on `backend` (one that lacks its ops says which with an error).
+/// The prompt of `--image` runs: the family's processor expansion of every image marker (Gemma 3
+/// `<start_of_image>`, Gemma 4 `<|image|>`; with --chat, one per image before the user text), then the image
+/// embeddings and their attention groups ([`ImageModel::prompt`]). The tower runs on `backend` (one that
+/// lacks its ops says which with an error).
 fn image_prompt(
     tok: &Tokenizer,
     input: &PromptInput,
@@ -524,79 +526,62 @@ fn image_prompt(
     stats: bool,
 ) -> Result<(Vec<u32>, StepInputs)> {
     let dir = &model.dir;
-    let vision = VisionModel::load(dir, model.config.hidden_size)?.with_context(|| {
+    let vision = ImageModel::load(dir, &model.config)?.with_context(|| {
         format!(
             "--image: {} has no vision tower (its config.json has no vision_config)",
             dir.display()
         )
     })?;
-    let c = &vision.config;
     let t = Instant::now();
-    let pixels = images
+    let decoded = images
         .iter()
-        .map(|p| load_gemma3_pixels(p, c.image_size))
+        .map(|p| Ok((p.display().to_string(), load_rgb8(p)?)))
         .collect::<e4m3_core::Result<Vec<_>>>()?;
-    let t_pre = t.elapsed().as_secs_f64();
-    let input = match input {
+    let t_decode = t.elapsed().as_secs_f64();
+    let marker = vision.marker();
+    let (text, raw) = match input {
+        PromptInput::Raw(p) => (p.clone(), true),
         PromptInput::Chat {
             system,
             user,
             enable_thinking,
-        } => PromptInput::Chat {
-            system: system.clone(),
-            user: format!("{}{user}", "<start_of_image>".repeat(images.len())),
-            enable_thinking: *enable_thinking,
-        },
-        raw => raw.clone(),
-    };
-    let (ids, n) = match &input {
-        PromptInput::Raw(p) => {
-            let (text, n) = expand_image_placeholders(p, c.mm_tokens_per_image);
-            (tok.encode_prompt(&text)?, n)
-        }
-        chat => {
-            let text = prompt_text(tok, chat)?;
-            let (text, n) = expand_image_placeholders(&text, c.mm_tokens_per_image);
-            (tok.encode(&text, false)?, n)
+        } => {
+            let chat = PromptInput::Chat {
+                system: system.clone(),
+                user: format!("{}{user}", marker.repeat(images.len())),
+                enable_thinking: *enable_thinking,
+            };
+            (prompt_text(tok, &chat)?, false)
         }
     };
-    if n != images.len() {
-        bail!(
-            "--prompt has {n} <start_of_image> markers but {} --image files were given",
-            images.len()
-        );
-    }
-    let t = Instant::now();
-    let mut runner = vision
-        .runner(backend, images.len())
-        .with_context(|| format!("--image: the vision tower on {}", backend.name()))?;
-    let t_load = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let (features, _) = vision.encode(runner.as_mut(), &pixels, &[])?;
+    let mut tokenize = |t: &str| {
+        if raw {
+            tok.encode_prompt(t)
+        } else {
+            tok.encode(t, false)
+        }
+    };
+    let p = vision
+        .prompt(backend, &model.config, &decoded, &text, &mut tokenize)
+        .with_context(|| {
+            format!(
+                "--image (one {marker} per image; the vision tower on {})",
+                backend.name()
+            )
+        })?;
     if stats {
         eprintln!(
-            "images: {} preprocessed in {:.3}s, tower loaded on {} in {:.3}s, encoded (tower + projector) in {:.3}s",
+            "images: {} decoded in {:.3}s, preprocessed in {:.3}s, encoded (tower + projector, {}) in {:.3}s; \
+             soft tokens {:?}",
             images.len(),
-            t_pre,
+            t_decode,
+            p.preprocess_s,
             backend.name(),
-            t_load,
-            t.elapsed().as_secs_f64()
+            p.encode_s,
+            p.tokens_per_image
         );
     }
-    let inputs = prompt_inputs(&ids, c.image_token_id, &features, true)?;
-    // As transformers: an image token outside the text vocabulary is embedded as padding (0), then replaced.
-    let vocab = model.config.vocab_size;
-    let ids = ids
-        .into_iter()
-        .map(|t| {
-            if t == c.image_token_id && t as usize >= vocab {
-                0
-            } else {
-                t
-            }
-        })
-        .collect();
-    Ok((ids, inputs))
+    Ok((p.ids, p.inputs))
 }
 
 fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOpts) -> Result<()> {

@@ -519,3 +519,125 @@ fn run_chat_gemma4_thinking() {
         assert!(v["text"].is_string(), "{v}");
     }
 }
+
+/// `run --image` on the tiny Gemma 4 checkpoints (tests/fixtures/tiny-gemma4-vision/{bidir,unified})
+/// and a word tokenizer whose `<|image|>`, `<|image>`, `<image|>` are the fixture's ids 60, 61, 62: the
+/// prompt ids and the greedy tokens are transformers'.
+#[test]
+fn run_image_on_gemma4_matches_transformers() {
+    // The tower model, and the 12B-like encoder-free one: the same prompt and images.
+    for variant in ["bidir", "unified"] {
+        run_image_on_gemma4(variant);
+    }
+}
+
+fn run_image_on_gemma4(variant: &str) {
+    let src = root()
+        .join("tests/fixtures/tiny-gemma4-vision")
+        .join(variant);
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("reference.json")).unwrap())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "processor_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    let names: Vec<String> = (0..64)
+        .map(|i| match i {
+            0 => "<pad>".into(),
+            1 => "<eos>".into(),
+            2 => "<bos>".into(),
+            3 => "<unk>".into(),
+            60 => "<|image|>".into(),
+            61 => "<|image>".into(),
+            62 => "<image|>".into(),
+            i => format!("w{i}"),
+        })
+        .collect();
+    for (i, t) in names.iter().enumerate() {
+        vocab.insert(t.clone(), serde_json::json!(i));
+        if t.starts_with('<') && t != "<unk>" {
+            added.push(
+                serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}),
+            );
+        }
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"add_bos_token": true, "bos_token": "<bos>", "eos_token": "<eos>"}"#,
+    )
+    .unwrap();
+    // The reference prompt as text: words, and one <|image|> per image block.
+    let ids: Vec<u64> = reference["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let mut words = Vec::new();
+    for (i, &t) in ids.iter().enumerate().skip(1) {
+        match t {
+            61 => words.push("<|image|>".to_string()),
+            60 | 62 => {}
+            t => words.push(names[t as usize].clone()),
+        }
+        assert!(t != 60 || ids[i - 1] == 60 || ids[i - 1] == 61);
+    }
+    let prompt = words.join(" ");
+    let img = |f: &str| root().join("tests/fixtures/images").join(f);
+    let (a, b) = (img("grad_160x120.png"), img("alpha_96x64.png"));
+    let args = |prompt: &str| {
+        vec![
+            "run".to_string(),
+            "--model".into(),
+            dir.path().to_str().unwrap().into(),
+            "--prompt".into(),
+            prompt.into(),
+            "--image".into(),
+            a.to_str().unwrap().into(),
+            "--image".into(),
+            b.to_str().unwrap().into(),
+            "--max-tokens".into(),
+            "8".into(),
+            "--temperature".into(),
+            "0".into(),
+            "--json".into(),
+            "--backend".into(),
+            "cpu".into(),
+        ]
+    };
+    let a1 = args(&prompt);
+    let out = e4m3(&a1.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Image tokens are embedded as padding (0) before the features replace them.
+    let want_ids: Vec<u64> = ids.iter().map(|&t| if t == 60 { 0 } else { t }).collect();
+    let got_ids: Vec<u64> = v["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(got_ids, want_ids);
+    assert_eq!(v["generated_ids"], reference["greedy"], "{variant}");
+    // One marker for two images is an error naming the marker.
+    let one = prompt.replacen("<|image|>", "", 1);
+    let a2 = args(&one);
+    fails_with(
+        &a2.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["1 <|image|> markers but 2 images"],
+    );
+}

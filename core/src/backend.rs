@@ -79,7 +79,7 @@ impl Batch {
 #[derive(Debug, Clone)]
 pub struct StepInputs {
     /// Flat rows of the step (as in `Batch::flat_tokens`) whose embedding is given: row `embed_rows[i]`
-    /// takes `embeds.row(i)` instead of the Embed op's gather, unscaled. `Op::Input` reads `embeds`, which
+    /// takes `embeds.row(i)` instead of the first Embed op's gather, unscaled (later Embed ops gather by id). `Op::Input` reads `embeds`, which
     /// then must give every row of the step in order.
     pub embed_rows: Vec<usize>,
     pub embeds: Mat,

@@ -118,6 +118,15 @@ pub struct Gemma4Spec {
     /// KV-shared layers have a 2x wide MLP.
     pub use_double_wide_mlp: bool,
     pub moe: Option<MoeSpec>,
+    /// `use_bidirectional_attention == "vision"` (26B, 31B): image tokens attend both ways within their
+    /// image on sliding layers (gemma-architecture.md 4.9); E2B/E4B (unset) stay causal.
+    pub bidirectional_vision: bool,
+    /// The 12B encoder-free model (`gemma4_unified`): transformers 5.23 gives it Gemma 3's image mask on every
+    /// layer (the whole image on sliding layers) instead of section 4.9's.
+    pub unified: bool,
+    /// `pad_token_id`: the id image rows take for the per-layer embedding gather (transformers replaces
+    /// multimodal tokens by it before embedding).
+    pub pad_token_id: u32,
 }
 
 impl Gemma3Config {
@@ -215,6 +224,8 @@ impl Gemma3Config {
                 top_type
             } else if top_type == "gemma4" {
                 "gemma4_text"
+            } else if top_type == "gemma4_unified" {
+                "gemma4_unified_text"
             } else {
                 "gemma3_text"
             },
@@ -222,7 +233,12 @@ impl Gemma3Config {
         match (top_type, model_type.as_str()) {
             (_, "gemma3_text") | ("gemma3", _) | ("", "") => {}
             ("gemma4", _) | (_, "gemma4_text") => {
-                return Self::from_json_gemma4(path, top, &f, architecture)
+                return Self::from_json_gemma4(path, top, &f, architecture, false)
+            }
+            // The 12B encoder-free model (gemma-architecture.md 4.11): Gemma 4 dense text whose config has
+            // no per-layer-embedding or MoE fields and defaults to use_bidirectional_attention "vision".
+            ("gemma4_unified", _) | (_, "gemma4_unified_text") => {
+                return Self::from_json_gemma4(path, top, &f, architecture, true)
             }
             (_, m) => {
                 return Err(Error::field(
@@ -230,7 +246,7 @@ impl Gemma3Config {
                     format!("{prefix}model_type"),
                     format!(
                     "`{m}` is not a Gemma 3 or Gemma 4 text model (expected gemma3_text, gemma3, \
-                         gemma4_text or gemma4)"
+                         gemma4_text, gemma4, gemma4_unified_text or gemma4_unified)"
                 ),
                 ))
             }
@@ -303,6 +319,7 @@ impl Gemma3Config {
         top: &Map<String, Value>,
         f: &Fields,
         architecture: String,
+        unified: bool,
     ) -> Result<Gemma3Config> {
         let prefix = f.prefix;
         let num_hidden_layers = f.usize_or("num_hidden_layers", 30)?;
@@ -313,17 +330,18 @@ impl Gemma3Config {
                 format!("`{act}` is not supported (Gemma 4 uses gelu_pytorch_tanh)"),
             ));
         }
-        match f.get("use_bidirectional_attention") {
-            None => {}
+        let bidirectional_vision = match f.get("use_bidirectional_attention") {
+            None => unified,
+            Some(Value::Null) => false,
             // Only image/video tokens attend both ways; a text-only model is causal.
-            Some(Value::String(v)) if v == "vision" => {}
+            Some(Value::String(v)) if v == "vision" => true,
             Some(v) => {
                 return Err(f.err(
                     "use_bidirectional_attention",
                     format!("{v} is not supported (causal or \"vision\" only)"),
                 ))
             }
-        }
+        };
         let layer_types = parse_layer_types(f, num_hidden_layers, true)?;
 
         // RoPE per layer type; a missing entry gets transformers' default for that type.
@@ -435,10 +453,14 @@ impl Gemma3Config {
             layer_kv_heads,
             attention_k_eq_v,
             num_kv_shared_layers: f.usize_or("num_kv_shared_layers", 0)?,
-            hidden_size_per_layer_input: f.usize_or("hidden_size_per_layer_input", 256)?,
+            hidden_size_per_layer_input: f
+                .usize_or("hidden_size_per_layer_input", if unified { 0 } else { 256 })?,
             vocab_size_per_layer_input: f.usize_or("vocab_size_per_layer_input", 262_144)?,
             use_double_wide_mlp: f.bool_or("use_double_wide_mlp", false)?,
             moe,
+            bidirectional_vision,
+            unified,
+            pad_token_id: f.usize_or("pad_token_id", 0)? as u32,
         };
         let cfg = Gemma3Config {
             path: path.to_path_buf(),

@@ -70,6 +70,20 @@ impl QuantScheme {
     }
 }
 
+/// How attention treats the step's bidirectional groups (contiguous runs of rows of one image,
+/// `StepInputs::groups`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageGroups {
+    /// Ignored: causal (within the window).
+    Off,
+    /// A row also sees the later rows of its group: (causal OR same group), then the window, which only
+    /// bounds the past (Gemma 3; Gemma 4's sliding layers).
+    Windowed,
+    /// A row sees every row of its group, the window notwithstanding: (causal AND window) OR same group
+    /// (transformers 5.23's `Gemma4UnifiedModel` on sliding layers).
+    WholeGroup,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     /// Gather rows of `table` for the step's token ids, times `scale`. No inputs.
@@ -88,7 +102,8 @@ pub enum Op {
     Rope { head_dim: usize, inv_freq: Vec<f32> },
     /// Causal attention of q (`[T, n_heads*head_dim]`) over the KV cache of `cache_layer` after appending
     /// this step's k and v (`[T, n_kv_heads*head_dim]`). `window`: a query sees the `window` most recent keys,
-    /// itself included. GQA: query head h reads kv head `h / (n_heads / n_kv_heads)`.
+    /// itself included. GQA: query head h reads kv head `h / (n_heads / n_kv_heads)`. `image_groups`: how
+    /// the step's bidirectional groups (`StepInputs::groups`, images) widen the causal mask.
     Attention {
         cache_layer: usize,
         n_heads: usize,
@@ -97,6 +112,7 @@ pub enum Op {
         scale: f32,
         window: Option<usize>,
         softcap: Option<f32>,
+        image_groups: ImageGroups,
     },
     /// `gelu_tanh(gate) * up`; inputs gate, up.
     GeluTanhMul,
@@ -121,6 +137,7 @@ pub enum Op {
         scale: f32,
         window: Option<usize>,
         softcap: Option<f32>,
+        image_groups: ImageGroups,
     },
     /// MoE routing weights from router logits `[T, E]`: softmax over all E, keep the `top_k` largest
     /// probabilities (ties: lower expert index first), divide them by their sum, multiply each by
@@ -167,6 +184,28 @@ pub enum Op {
     /// blocks: `(side / kernel)^2` rows per sequence, row-major over the pooled grid. The rows of the
     /// sequence must number `side * side`.
     AvgPool2d { side: usize, kernel: usize },
+    // Gemma 4 vision (crate::gemma4_vision, gemma-architecture.md 2.5). Each row's token id is its patch position
+    // on a grid of `size` columns: `x = id % size`, `y = id / size`.
+    /// `table[x] + table[size + y]` at each row's position (the x and y tables stacked, `[2 * size, cols]`).
+    /// No inputs.
+    PosEmbed2d { table: String, size: usize },
+    /// 2-D rotate-half RoPE on each head of `head_dim` values: the first `head_dim / 2` values as
+    /// [`Op::Rope`] at position x, the second half at position y, both with `inv_freq` (`head_dim / 4`
+    /// frequencies).
+    Rope2d {
+        head_dim: usize,
+        inv_freq: Vec<f32>,
+        size: usize,
+    },
+    /// Average pool of each sequence's rows by position over `kernel x kernel` blocks: with
+    /// `w = (max x + 1) / kernel` pooled columns, row (x, y) adds `1 / kernel^2` of itself to pooled row
+    /// `x / kernel + w * (y / kernel)` of its sequence; a sequence of n rows gives `n / kernel^2` rows, each of
+    /// which must receive rows (a full grid whose sides are multiples of `kernel`).
+    PoolPositions { kernel: usize, size: usize },
+    /// `min(max(x, min), max)` elementwise.
+    Clamp { min: f32, max: f32 },
+    /// `x * w` on every row, `w` a vector of `cols` values.
+    ChannelScale { weight: String },
 }
 
 impl Op {
@@ -192,6 +231,11 @@ impl Op {
             Op::GeluTanh => "gelu_tanh",
             Op::EncoderAttention { .. } => "encoder_attention",
             Op::AvgPool2d { .. } => "avg_pool2d",
+            Op::PosEmbed2d { .. } => "pos_embed2d",
+            Op::Rope2d { .. } => "rope2d",
+            Op::PoolPositions { .. } => "pool_positions",
+            Op::Clamp { .. } => "clamp",
+            Op::ChannelScale { .. } => "channel_scale",
         }
     }
 }
@@ -354,6 +398,8 @@ impl Graph {
                     names.extend(down_scheme.scale_tensors());
                 }
                 Op::BiasAdd { bias } => names.push(bias),
+                Op::PosEmbed2d { table, .. } => names.push(table),
+                Op::ChannelScale { weight } => names.push(weight),
                 Op::LayerNorm { weight, bias, .. } => {
                     names.push(weight);
                     names.push(bias);

@@ -6,6 +6,13 @@
 //! rounded to uint8), then rescales and normalizes in f32 as `(x - 127.5) / 127.5` (mean = std = 0.5 fused with
 //! 1/255). The PIL backend (`Gemma3ImageProcessorPil`, picked without torchvision) differs from it by one uint8
 //! level on a few pixels (PIL keeps 22-bit weights).
+//!
+//! Gemma 4 (gemma-architecture.md 2.5): transformers 5.23's `Gemma4ImageProcessor` (torchvision backend)
+//! resizes each image, aspect ratio kept, to the largest size whose sides are multiples of
+//! `pooling_kernel_size * patch_size` within `max_soft_tokens * pooling_kernel_size^2` patches, with
+//! torchvision's antialiased *bicubic* filter on uint8 (ATen's int16 fixed-point kernel, Keys a = -0.5),
+//! rescales by 1/255 (no normalization: the tower maps to [-1, 1] itself) and cuts `patch x patch` patches,
+//! each flattened as (y, x, channel), row-major over the patch grid.
 
 use std::path::Path;
 
@@ -86,11 +93,48 @@ struct Taps {
     precision: u32,
 }
 
-/// torchvision/ATen `_compute_indices_int16_weights_aa` for the bilinear (triangle) filter, antialiased.
-fn taps(input: usize, output: usize) -> Taps {
+/// The interpolation filters of torchvision's antialiased resize.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// Bilinear: the triangle filter, support 1.
+    Triangle,
+    /// Bicubic: Keys' cubic convolution with a = -0.5 (ATen's antialiased `aa_filter`), support 2.
+    Cubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Triangle => 1.0,
+            Filter::Cubic => 2.0,
+        }
+    }
+    fn weight(self, x: f64) -> f64 {
+        let x = x.abs();
+        match self {
+            Filter::Triangle if x < 1.0 => 1.0 - x,
+            Filter::Cubic => {
+                const A: f64 = -0.5;
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
+                } else {
+                    0.0
+                }
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// torchvision/ATen `_compute_index_ranges_int16_weights` for `filter`, antialiased.
+fn taps(input: usize, output: usize, filter: Filter) -> Taps {
     let scale = input as f64 / output as f64;
-    let support = if scale >= 1.0 { scale } else { 1.0 };
+    let support = filter.support() * if scale >= 1.0 { scale } else { 1.0 };
     let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
+    // At most this many taps (ATen clamps a rounding overshoot by one).
+    let max_taps = support.ceil() as usize * 2 + 1;
     let mut start = Vec::with_capacity(output);
     let mut float_w = Vec::with_capacity(output);
     for i in 0..output {
@@ -98,15 +142,9 @@ fn taps(input: usize, output: usize) -> Taps {
         // C++ casts truncate toward zero.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(input as i64) as usize;
+        let xmax = xmax.max(xmin).min(xmin + max_taps);
         let mut w: Vec<f64> = (xmin..xmax)
-            .map(|j| {
-                let x = ((j as f64 - center + 0.5) * invscale).abs();
-                if x < 1.0 {
-                    1.0 - x
-                } else {
-                    0.0
-                }
-            })
+            .map(|j| filter.weight((j as f64 - center + 0.5) * invscale))
             .collect();
         let total: f64 = w.iter().sum();
         if total != 0.0 {
@@ -158,13 +196,18 @@ fn convolve(pixel: impl Fn(usize) -> u8, start: usize, w: &[i32], precision: u32
     (acc >> precision).clamp(0, 255) as u8
 }
 
-/// Resize RGB to `out_w x out_h` as torchvision's `resize(uint8, BILINEAR, antialias=True)` does on the CPU
-/// (ATen's uint8 kernel): a horizontal pass to uint8, then a vertical pass; a pass whose size is unchanged
-/// is skipped.
+/// Resize RGB to `out_w x out_h` as torchvision's `resize(uint8, BILINEAR, antialias=True)` does on the CPU.
 pub fn resize_bilinear_aa(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
+    resize_aa(img, out_w, out_h, Filter::Triangle)
+}
+
+/// Resize RGB to `out_w x out_h` as torchvision's `resize(uint8, filter, antialias=True)` does on the CPU
+/// (ATen's uint8 kernel): a horizontal pass to uint8 (clamped), then a vertical pass; a pass whose size is
+/// unchanged is skipped.
+pub fn resize_aa(img: &Rgb8, out_w: usize, out_h: usize, filter: Filter) -> Rgb8 {
     let mut cur = img.clone();
     if out_w != cur.width {
-        let t = taps(cur.width, out_w);
+        let t = taps(cur.width, out_w, filter);
         let mut data = vec![0u8; cur.height * out_w * 3];
         for y in 0..cur.height {
             let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
@@ -182,7 +225,7 @@ pub fn resize_bilinear_aa(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
         };
     }
     if out_h != cur.height {
-        let t = taps(cur.height, out_h);
+        let t = taps(cur.height, out_h, filter);
         let w = cur.width;
         let mut data = vec![0u8; out_h * w * 3];
         for y in 0..out_h {
@@ -221,6 +264,145 @@ pub fn load_gemma3_pixels(path: &Path, size: usize) -> Result<Vec<f32>> {
     Ok(gemma3_pixels(&load_rgb8(path)?, size))
 }
 
+/// The soft-token budgets `Gemma4ImageProcessor` accepts (`max_soft_tokens`).
+pub const GEMMA4_SOFT_TOKENS: [usize; 5] = [70, 140, 280, 560, 1120];
+
+/// transformers' `get_aspect_ratio_preserving_size`: the `(height, width)` an image is resized to, the largest
+/// with sides multiples of `kernel * patch` within `max_patches` patches of `patch x patch`.
+pub fn gemma4_target_size(
+    height: usize,
+    width: usize,
+    patch: usize,
+    max_patches: usize,
+    kernel: usize,
+) -> std::result::Result<(usize, usize), String> {
+    let total = (height * width) as f64;
+    let target_px = (max_patches * patch * patch) as f64;
+    let factor = (target_px / total).sqrt();
+    let side = kernel * patch;
+    let mut th = ((factor * height as f64) / side as f64).floor() as usize * side;
+    let mut tw = ((factor * width as f64) / side as f64).floor() as usize * side;
+    if th == 0 && tw == 0 {
+        return Err(format!(
+            "a {width}x{height} image resizes to 0x0 (sides must be multiples of {side})"
+        ));
+    }
+    let max_side = (max_patches / (kernel * kernel)) * side;
+    if th == 0 {
+        th = side;
+        tw = ((width / height) * side).min(max_side);
+    } else if tw == 0 {
+        tw = side;
+        th = ((height / width) * side).min(max_side);
+    }
+    if th * tw > max_patches * patch * patch {
+        return Err(format!(
+            "a {width}x{height} image resizes to {tw}x{th}, more than {max_patches} patches of {patch}"
+        ));
+    }
+    Ok((th, tw))
+}
+
+/// One image as the Gemma 4 vision tower takes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma4Pixels {
+    /// Patches of the patch grid, row-major (x fastest), each `patch * patch * 3` values in [0, 1] ordered
+    /// (y, x, channel): transformers' `pixel_values` without its padding.
+    pub patches: Vec<f32>,
+    /// The patch grid: columns, rows.
+    pub grid_w: usize,
+    pub grid_h: usize,
+}
+
+impl Gemma4Pixels {
+    pub fn num_patches(&self) -> usize {
+        self.grid_w * self.grid_h
+    }
+}
+
+/// Gemma 4 pixel values of an RGB image for `max_soft_tokens` (one of [`GEMMA4_SOFT_TOKENS`]): patches of
+/// `patch` (the vision tower's input).
+pub fn gemma4_pixels(
+    img: &Rgb8,
+    patch: usize,
+    max_soft_tokens: usize,
+    kernel: usize,
+) -> std::result::Result<Gemma4Pixels, String> {
+    Ok(patchify_hwc(
+        &gemma4_resize(img, patch, max_soft_tokens, kernel)?,
+        patch,
+    ))
+}
+
+/// The Gemma 4 12B (encoder-free) pixel values: the same resized image cut into merged patches of
+/// `kernel * patch` (transformers' `patches_merge` of `kernel x kernel` patches: each merged patch is its
+/// block of the image flattened as (y, x, channel), row-major over the merged grid).
+pub fn gemma4_merged_pixels(
+    img: &Rgb8,
+    patch: usize,
+    max_soft_tokens: usize,
+    kernel: usize,
+) -> std::result::Result<Gemma4Pixels, String> {
+    Ok(patchify_hwc(
+        &gemma4_resize(img, patch, max_soft_tokens, kernel)?,
+        patch * kernel,
+    ))
+}
+
+/// `Gemma4ImageProcessor`'s resize (bicubic, antialiased, on uint8) to [`gemma4_target_size`]; an image of
+/// that size already is left alone.
+fn gemma4_resize(
+    img: &Rgb8,
+    patch: usize,
+    max_soft_tokens: usize,
+    kernel: usize,
+) -> std::result::Result<Rgb8, String> {
+    let (th, tw) = gemma4_target_size(
+        img.height,
+        img.width,
+        patch,
+        max_soft_tokens * kernel * kernel,
+        kernel,
+    )?;
+    Ok(resize_aa(img, tw, th, Filter::Cubic))
+}
+
+/// Cut an image (sides multiples of `patch`) into `patch x patch` patches, rescaled by 1/255.
+fn patchify_hwc(r: &Rgb8, patch: usize) -> Gemma4Pixels {
+    let (tw, th) = (r.width, r.height);
+    let (gw, gh) = (tw / patch, th / patch);
+    let inv = 1.0f32 / 255.0;
+    let mut patches = Vec::with_capacity(th * tw * 3);
+    for py in 0..gh {
+        for px in 0..gw {
+            for y in 0..patch {
+                let row = (py * patch + y) * tw + px * patch;
+                patches.extend(
+                    r.data[row * 3..(row + patch) * 3]
+                        .iter()
+                        .map(|&v| v as f32 * inv),
+                );
+            }
+        }
+    }
+    Gemma4Pixels {
+        patches,
+        grid_w: gw,
+        grid_h: gh,
+    }
+}
+
+/// Load an image file and preprocess it for Gemma 4. Errors name the file.
+pub fn load_gemma4_pixels(
+    path: &Path,
+    patch: usize,
+    max_soft_tokens: usize,
+    kernel: usize,
+) -> Result<Gemma4Pixels> {
+    gemma4_pixels(&load_rgb8(path)?, patch, max_soft_tokens, kernel)
+        .map_err(|e| Error::file(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +428,33 @@ mod tests {
             assert!(r.data.iter().all(|&v| v == 200), "{w}x{h}");
         }
         assert_eq!(resize_bilinear_aa(&img, 7, 5), img);
+    }
+
+    #[test]
+    fn cubic_resize_keeps_constant_images() {
+        let img = Rgb8 {
+            width: 9,
+            height: 5,
+            data: vec![77; 9 * 5 * 3],
+        };
+        for (w, h) in [(3, 2), (20, 11)] {
+            let r = resize_aa(&img, w, h, Filter::Cubic);
+            assert!(r.data.iter().all(|&v| v == 77), "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn gemma4_sizes_follow_transformers_edge_cases() {
+        // 48 = kernel 3 * patch 16; a very wide image keeps one row of 48 and is capped in width.
+        assert_eq!(
+            gemma4_target_size(10, 4000, 16, 280 * 9, 3),
+            Ok((48, 280 * 48))
+        );
+        assert_eq!(
+            gemma4_target_size(4000, 10, 16, 280 * 9, 3),
+            Ok((280 * 48, 48))
+        );
+        assert_eq!(gemma4_target_size(1, 1, 16, 70 * 9, 3), Ok((384, 384)));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fp8;
+pub mod gemma4_vision;
 pub mod generate;
 pub mod generation_config;
 pub mod gguf;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::{Checkpoint, Weight};
 use crate::config::{Gemma3Config, LayerType};
 use crate::error::{Error, Result};
-use crate::graph::{CacheLayer, Graph, Op, QuantScheme, ValueId, WeightMap};
+use crate::graph::{CacheLayer, Graph, ImageGroups, Op, QuantScheme, ValueId, WeightMap};
 use crate::quant_config::{CheckpointQuant, LinearQuant};
 use crate::tensor::{round_to_bf16, round_to_f16, DType};
 
@@ -889,6 +889,8 @@ pub fn build_gemma3_graph_quant(
             scale: c.query_pre_attn_scalar.powf(-0.5),
             window,
             softcap: c.attn_logit_softcapping,
+            // Gemma 3: every layer attends within an image both ways (gemma-architecture.md 3.6).
+            image_groups: ImageGroups::Windowed,
         };
         let a = g.add(format!("{p}attn"), attn, &[q, k, v], nh * d);
         let o = linear(&mut g, format!("{p}o_proj"), w("self_attn.o_proj"), a, h);
@@ -981,6 +983,9 @@ pub struct Gemma4Options {
     pub final_softcap: bool,
     /// Attention scale 1.0 (off: 1/sqrt(head_dim)).
     pub unit_attention_scale: bool,
+    /// The image mask of `use_bidirectional_attention == "vision"` models (section 4.9; the 12B's as
+    /// transformers 5.23 has it) (off: causal).
+    pub image_mask: bool,
 }
 
 impl Default for Gemma4Options {
@@ -995,6 +1000,7 @@ impl Default for Gemma4Options {
             moe: true,
             final_softcap: true,
             unit_attention_scale: true,
+            image_mask: true,
         }
     }
 }
@@ -1139,6 +1145,17 @@ pub fn build_gemma4_graph(
             LayerType::Sliding => Some(c.sliding_window),
             LayerType::Full => None,
         };
+        // gemma-architecture.md 4.9: sliding layers causal OR same image (within the window), full layers
+        // causal, and only where `use_bidirectional_attention == "vision"`.
+        // transformers 5.23's Gemma4UnifiedModel (the 12B) still masks as Gemma 3 does on every layer, the
+        // whole image visible on sliding layers ((causal AND window) OR same image).
+        let image_groups = match (g4.bidirectional_vision && o.image_mask, g4.unified, lt) {
+            (false, _, _) => ImageGroups::Off,
+            (true, false, LayerType::Sliding) => ImageGroups::Windowed,
+            (true, false, LayerType::Full) => ImageGroups::Off,
+            (true, true, LayerType::Sliding) => ImageGroups::WholeGroup,
+            (true, true, LayerType::Full) => ImageGroups::Windowed,
+        };
         let mut rope = c.rope(lt).clone();
         if !o.partial_rope {
             rope.partial_rotary_factor = None;
@@ -1212,6 +1229,7 @@ pub fn build_gemma4_graph(
                 scale,
                 window,
                 softcap: None,
+                image_groups,
             };
             g.add(m("attn"), attn, &[q, k, v], nh * d)
         } else {
@@ -1233,6 +1251,7 @@ pub fn build_gemma4_graph(
                 scale,
                 window,
                 softcap: None,
+                image_groups,
             };
             g.add(m("attn"), attn, &[q, k, v], nh * d)
         };

@@ -222,6 +222,12 @@ pub fn gpu_supports(op: &Op, max_head_dim: usize, gemma4: bool, vision: bool) ->
         Op::EncoderAttention { head_dim, .. } => vision && *head_dim <= max_head_dim,
         Op::AvgPool2d { kernel, .. } => vision && *kernel > 0,
         Op::Input | Op::BiasAdd { .. } | Op::LayerNorm { .. } | Op::GeluTanh => vision,
+        // Gemma 4 vision-tower ops: CPU reference only for now (issue #9).
+        Op::PosEmbed2d { .. }
+        | Op::Rope2d { .. }
+        | Op::PoolPositions { .. }
+        | Op::Clamp { .. }
+        | Op::ChannelScale { .. } => false,
     }
 }
 

@@ -793,6 +793,41 @@ mod tests {
         );
     }
 
+    /// The entries FP8 checkpoints of multimodal Gemma use to keep the image parts BF16, against Gemma 4's
+    /// module names (the tower's `...q_proj.linear`, `embed_vision`) and Gemma 3's.
+    #[test]
+    fn vision_exclusions_of_every_format_cover_gemma4_modules() {
+        let c = Path::new("c");
+        let g4 = [
+            "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear",
+            "model.vision_tower.encoder.layers.15.mlp.down_proj.linear",
+            "model.vision_tower.patch_embedder.input_proj",
+        ];
+        let ct = |e: &str| Pattern::compressed_tensors(e, c, "ignore[0]").unwrap();
+        for p in [
+            Pattern::glob("model.vision_tower*"),
+            ct(r"re:model\.vision_tower.*"),
+            ct("re:.*vision_tower.*"),
+            Pattern::not_convert("vision_tower"),
+            Pattern::not_convert("model.vision_tower"),
+        ] {
+            for m in g4 {
+                assert!(p.matches(m), "{} must match {m}", p.source());
+            }
+            assert!(!p.matches("model.language_model.layers.0.self_attn.q_proj"));
+            assert!(p.matches("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1"));
+        }
+        for p in [
+            Pattern::glob("model.embed_vision*"),
+            ct(r"re:model\.embed_vision.*"),
+            Pattern::not_convert("embed_vision"),
+        ] {
+            assert!(p.matches("model.embed_vision.embedding_projection"));
+        }
+        // Anchored at the start: an unprefixed regex misses the `model.` names.
+        assert!(!ct("re:vision_tower.*").matches(g4[0]));
+    }
+
     #[test]
     fn not_convert_is_a_substring_or_a_start_regex() {
         let p = Pattern::not_convert("layers.1.mlp");

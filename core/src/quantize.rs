@@ -53,14 +53,20 @@ pub const MSE_CANDIDATES: usize = 65;
 
 /// Text-model tensor prefixes, most specific first (as `model.rs` reads them).
 const TEXT_PREFIXES: [&str; 3] = ["model.language_model.", "language_model.model.", "model."];
-const VISION_PREFIXES: [(&str, &str); 4] = [
+/// The image parts (Gemma 3's tower and projector, Gemma 4's tower or the 12B's encoder-free embedder, and
+/// `embed_vision`): copied as they are and named in each format's exclusion list.
+const VISION_PREFIXES: [(&str, &str); 8] = [
     ("model.vision_tower.", "model.vision_tower"),
     (
         "model.multi_modal_projector.",
         "model.multi_modal_projector",
     ),
+    ("model.embed_vision.", "model.embed_vision"),
+    ("model.vision_embedder.", "model.vision_embedder"),
     ("vision_tower.", "vision_tower"),
     ("multi_modal_projector.", "multi_modal_projector"),
+    ("embed_vision.", "embed_vision"),
+    ("vision_embedder.", "vision_embedder"),
 ];
 /// The Linear layers of one Gemma 3 decoder layer, with the graph node that feeds each.
 pub const LINEARS: [(&str, &str); 7] = [

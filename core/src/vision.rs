@@ -1,6 +1,7 @@
 //! Gemma 3 images in (gemma-architecture.md 2.3, 3.6): the SigLIP vision tower and the multimodal projector
 //! as a graph, run by a backend's runner (the CPU reference for now), and the prompt assembly that places
 //! the image embeddings at the `<image_soft_token>` rows with Gemma 3's bidirectional image mask.
+//! [`ImageModel`] puts it and Gemma 4's (crate::gemma4_vision) behind one interface.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,8 +10,11 @@ use serde_json::Value;
 
 use crate::backend::{Backend, Batch, CacheConfig, LogitsFor, Runner, SeqStep, StepInputs};
 use crate::checkpoint::{Checkpoint, Weight};
+use crate::config::Gemma3Config;
 use crate::error::{Error, Result};
+use crate::gemma4_vision::{expand_gemma4_placeholders, Gemma4Vision};
 use crate::graph::{Graph, Op, QuantScheme, ValueId, WeightMap};
+use crate::image::{gemma3_pixels, gemma4_merged_pixels, gemma4_pixels, Rgb8};
 use crate::tensor::{DType, Mat};
 
 /// Prefixes of the vision tower and projector tensors, most specific first: the hub checkpoints'
@@ -579,6 +583,155 @@ pub fn prompt_inputs(
         embeds: features.clone(),
         groups,
     })
+}
+
+/// The image side of a multimodal checkpoint, Gemma 3 or Gemma 4, behind one interface: images and a prompt
+/// text in, the prompt's token ids and step inputs out (`e4m3 run --image`, `serve`).
+pub enum ImageModel {
+    Gemma3(VisionModel),
+    Gemma4(Gemma4Vision),
+}
+
+/// A prompt with its images, ready for `generate_with_inputs`.
+#[derive(Debug, Clone)]
+pub struct ImagePrompt {
+    /// The prompt's token ids as the text model embeds them (image rows: their features replace them).
+    pub ids: Vec<u32>,
+    pub inputs: StepInputs,
+    /// Soft tokens of each image, in order.
+    pub tokens_per_image: Vec<usize>,
+    /// Seconds spent preprocessing and encoding the images.
+    pub preprocess_s: f64,
+    pub encode_s: f64,
+}
+
+impl ImageModel {
+    /// The vision tower of the checkpoint in `dir` whose text config is `config`; None when its
+    /// config.json has no `vision_config`.
+    pub fn load(dir: &Path, config: &Gemma3Config) -> Result<Option<ImageModel>> {
+        if config.gemma4.is_none() {
+            return Ok(VisionModel::load(dir, config.hidden_size)?.map(ImageModel::Gemma3));
+        }
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let top: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
+        Ok(Gemma4Vision::load(dir, &top, config.hidden_size)?.map(ImageModel::Gemma4))
+    }
+
+    /// The text that stands for one image in a prompt (the processor expands each).
+    pub fn marker(&self) -> &'static str {
+        match self {
+            ImageModel::Gemma3(_) => "<start_of_image>",
+            ImageModel::Gemma4(_) => "<|image|>",
+        }
+    }
+
+    /// Preprocess and encode `images` (`(label, image)`: the label names the image in errors) on `backend`,
+    /// expand the markers of `text` (one per image, in order) as the family's processor does, tokenize the
+    /// result with `tokenize`, and place the image embeddings at the soft-token rows with the family's
+    /// attention groups. `text_config` is the text model's config.
+    pub fn prompt(
+        &self,
+        backend: &dyn Backend,
+        text_config: &Gemma3Config,
+        images: &[(String, Rgb8)],
+        text: &str,
+        tokenize: &mut dyn FnMut(&str) -> Result<Vec<u32>>,
+    ) -> Result<ImagePrompt> {
+        let t0 = std::time::Instant::now();
+        let (features, tokens_per_image, preprocess_s) = match self {
+            ImageModel::Gemma3(v) => {
+                let c = &v.config;
+                let px: Vec<Vec<f32>> = images
+                    .iter()
+                    .map(|(_, img)| gemma3_pixels(img, c.image_size))
+                    .collect();
+                let pre = t0.elapsed().as_secs_f64();
+                let mut runner = v.runner(backend, images.len())?;
+                let (f, _) = v.encode(runner.as_mut(), &px, &[])?;
+                (f, vec![c.mm_tokens_per_image; images.len()], pre)
+            }
+            ImageModel::Gemma4(v) => {
+                let c = &v.config;
+                let cut = if c.unified {
+                    gemma4_merged_pixels
+                } else {
+                    gemma4_pixels
+                };
+                let px = images
+                    .iter()
+                    .map(|(label, img)| {
+                        cut(img, c.patch_size, c.max_soft_tokens, c.pooling_kernel_size)
+                            .map_err(|e| Error::invalid(format!("image {label}: {e}")))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let pre = t0.elapsed().as_secs_f64();
+                let tokens = px
+                    .iter()
+                    .map(|p| p.num_patches() / c.rows_per_token())
+                    .collect();
+                let mut runner = v.runner(backend, images.len())?;
+                let (f, _) = v.encode(runner.as_mut(), &px, &[])?;
+                (f, tokens, pre)
+            }
+        };
+        let encode_s = t0.elapsed().as_secs_f64() - preprocess_s;
+        let (expanded, markers) = match self {
+            ImageModel::Gemma3(v) => expand_image_placeholders(text, v.config.mm_tokens_per_image),
+            ImageModel::Gemma4(_) => expand_gemma4_placeholders(text, &tokens_per_image),
+        };
+        if markers != images.len() {
+            return Err(Error::invalid(format!(
+                "the prompt has {markers} {} markers but {} images were given",
+                self.marker(),
+                images.len()
+            )));
+        }
+        let ids = tokenize(&expanded)?;
+        let (ids, inputs) = self.prompt_inputs(ids, &features, text_config)?;
+        Ok(ImagePrompt {
+            ids,
+            inputs,
+            tokens_per_image,
+            preprocess_s,
+            encode_s,
+        })
+    }
+
+    /// The step ids and inputs of a tokenized prompt whose image rows take `features` (in order). Gemma 3:
+    /// bidirectional groups on every layer (the graph's attention reads them), an image token outside the
+    /// text vocabulary embedded as padding (0); Gemma 4: image tokens become `pad_token_id` (transformers'
+    /// `llm_input_ids`, which the per-layer embeddings gather), groups for the layers whose attention reads
+    /// them (sliding layers of `use_bidirectional_attention == "vision"` models).
+    pub fn prompt_inputs(
+        &self,
+        ids: Vec<u32>,
+        features: &Mat,
+        text_config: &Gemma3Config,
+    ) -> Result<(Vec<u32>, StepInputs)> {
+        let (image_token, pad) = match (self, &text_config.gemma4) {
+            (ImageModel::Gemma3(v), _) => {
+                let t = v.config.image_token_id;
+                (t, (t as usize >= text_config.vocab_size).then_some(0))
+            }
+            (ImageModel::Gemma4(v), Some(g4)) => (v.config.image_token_id, Some(g4.pad_token_id)),
+            (ImageModel::Gemma4(_), None) => {
+                return Err(Error::invalid(
+                    "a Gemma 4 vision tower needs a Gemma 4 text model",
+                ))
+            }
+        };
+        let inputs = prompt_inputs(&ids, image_token, features, true)?;
+        let ids = ids
+            .into_iter()
+            .map(|t| match pad {
+                Some(p) if t == image_token => p,
+                _ => t,
+            })
+            .collect();
+        Ok((ids, inputs))
+    }
 }
 
 #[cfg(test)]

@@ -317,7 +317,7 @@ fn vision_conformance_cases_run_on_the_cpu() {
         assert!(report.passed() > 0, "{filter}: no case");
         total += report.passed();
     }
-    assert_eq!(total, 3 * 3 + 3 + 2 + 1 + 2);
+    assert_eq!(total, 3 * 3 + 3 + 2 + 1 + 4);
 }
 
 /// `<start_of_image>` expanded as Gemma3Processor does, tokenized with the real Gemma 3 tokenizer: the same

@@ -255,6 +255,8 @@ pub struct AttnGeom {
     pub scale: f32,
     pub window: Option<usize>,
     pub softcap: Option<f32>,
+    /// With groups: a row sees its whole group even past the window (`ImageGroups::WholeGroup`).
+    pub whole_group: bool,
 }
 
 /// Attention for one sequence whose `n` new rows start at step row `row0` and position `start`.
@@ -290,8 +292,15 @@ pub fn attention_grouped(
     out: &mut Mat,
     groups: &[Option<u32>],
 ) {
-    // Last row (within the step) each row sees: itself, or the end of its group.
+    // Last row (within the step) each row sees: itself, or the end of its group; and the first row of its
+    // group.
     let last = crate::backend::group_ends(groups, n);
+    let mut first = (0..n).collect::<Vec<usize>>();
+    for i in 1..groups.len().min(n) {
+        if groups[i].is_some() && groups[i] == groups[i - 1] {
+            first[i] = first[i - 1];
+        }
+    }
     let d = g.head_dim;
     let group = g.n_heads / g.n_kv_heads;
     let cache_ref = &*cache;
@@ -315,7 +324,10 @@ pub fn attention_grouped(
         .enumerate()
         .for_each(|(i, orow)| {
             let p = start + i;
-            let lo = g.window.map_or(0, |w| (p + 1).saturating_sub(w));
+            let mut lo = g.window.map_or(0, |w| (p + 1).saturating_sub(w));
+            if g.whole_group {
+                lo = lo.min(start + first[i]);
+            }
             let hi = start + last[i];
             let mut scores = vec![0f32; hi + 1 - lo];
             for h in 0..g.n_heads {
@@ -582,6 +594,7 @@ mod tests {
                 scale: 0.5,
                 window,
                 softcap: None,
+                whole_group: false,
             };
             let t = 7;
             let q = mat(t, 16, |i| ((i * 31 % 23) as f32 - 11.0) * 0.1);
@@ -655,7 +668,7 @@ mod grouped_tests {
         )
         .unwrap();
         let groups = [None, Some(0), Some(0), Some(0), None];
-        for window in [None, Some(2)] {
+        for (window, whole_group) in [(None, false), (Some(2), false), (Some(2), true)] {
             let g = AttnGeom {
                 append: true,
                 n_heads: 1,
@@ -664,13 +677,18 @@ mod grouped_tests {
                 scale: 0.7,
                 window,
                 softcap: None,
+                whole_group,
             };
             let mut cache = KvLayer::new(8, 2);
             let mut out = Mat::zeros(t, 2);
             attention_grouped(&g, &q, &k, &v, 0, t, 0, &mut cache, &mut out, &groups);
             for (i, group) in groups.iter().enumerate() {
                 let hi = if group.is_some() { 3 } else { i };
-                let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+                let mut lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+                if whole_group && group.is_some() {
+                    // Row 3 of the group (rows 1..=3) also sees row 1, past its window of 2.
+                    lo = lo.min(1);
+                }
                 let s: Vec<f32> = (lo..=hi).map(|j| dot(q.row(i), k.row(j)) * 0.7).collect();
                 let m = s.iter().cloned().fold(f32::MIN, f32::max);
                 let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();

@@ -12,7 +12,7 @@ use crate::backend::{
 };
 use crate::checkpoint::Weight;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Node, Op, QuantScheme, WeightMap};
+use crate::graph::{Graph, ImageGroups, Node, Op, QuantScheme, WeightMap};
 use crate::tensor::{DType, Mat};
 
 pub use kernels::KvLayer;
@@ -44,7 +44,12 @@ impl Backend for CpuBackend {
             | Op::LayerNorm { .. }
             | Op::GeluTanh
             | Op::EncoderAttention { .. }
-            | Op::AvgPool2d { .. } => true,
+            | Op::AvgPool2d { .. }
+            | Op::PosEmbed2d { .. }
+            | Op::Rope2d { .. }
+            | Op::PoolPositions { .. }
+            | Op::Clamp { .. }
+            | Op::ChannelScale { .. } => true,
             // Dense, Fp8Static, Fp8Dynamic, Fp8BlockWeightOnly, Fp8Block (fp8_linear.rs).
             Op::Linear { .. } => true,
         }
@@ -129,6 +134,7 @@ impl Backend for CpuBackend {
             }
             let vectors: Vec<&String> = match &n.op {
                 Op::BiasAdd { bias } => vec![bias],
+                Op::ChannelScale { weight } => vec![weight],
                 Op::LayerNorm { weight, bias, .. } => vec![weight, bias],
                 _ => vec![],
             };
@@ -299,6 +305,13 @@ impl CpuRunner {
         // Given rows feed `Op::Input` where the graph has one (an encoder), else replace embeddings.
         check_step_inputs(inputs, &self.graph, ids.len())?;
         let has_input = self.graph.nodes.iter().any(|n| matches!(n.op, Op::Input));
+        // Given embeddings replace rows of the graph's first Embed (the token embedding; a later one, such
+        // as Gemma 4's per-layer table, gathers by id).
+        let first_embed = self
+            .graph
+            .nodes
+            .iter()
+            .position(|n| matches!(n.op, Op::Embed { .. }));
         let no_groups: Vec<Option<u32>> = Vec::new();
         let groups = inputs.map_or(&no_groups, |i| &i.groups);
         let seq_spans: Vec<(usize, usize)> = {
@@ -330,7 +343,7 @@ impl CpuRunner {
             let out = match &node.op {
                 Op::Embed { table, scale } => {
                     let mut e = kernels::embed(&self.weights[table], &ids, *scale);
-                    if let Some(inp) = inputs.filter(|_| !has_input) {
+                    if let Some(inp) = inputs.filter(|_| !has_input && first_embed == Some(i)) {
                         for (i, &r) in inp.embed_rows.iter().enumerate() {
                             e.row_mut(r).copy_from_slice(inp.embeds.row(i));
                         }
@@ -364,6 +377,7 @@ impl CpuRunner {
                     scale,
                     window,
                     softcap,
+                    image_groups,
                 }
                 | Op::AttentionShared {
                     cache_layer,
@@ -373,6 +387,7 @@ impl CpuRunner {
                     scale,
                     window,
                     softcap,
+                    image_groups,
                 } => {
                     // A shared layer reads its owner's cache without appending (KV sharing).
                     let append = matches!(node.op, Op::Attention { .. });
@@ -397,8 +412,9 @@ impl CpuRunner {
                             scale: *scale,
                             window: *window,
                             softcap: *softcap,
+                            whole_group: *image_groups == ImageGroups::WholeGroup,
                         };
-                        let g = if groups.is_empty() {
+                        let g = if groups.is_empty() || *image_groups == ImageGroups::Off {
                             &[][..]
                         } else {
                             &groups[row0..row0 + n]
@@ -464,6 +480,20 @@ impl CpuRunner {
                     }
                     vision::avg_pool2d(input(0), &seq_spans, *side, *kernel)
                 }
+                Op::PosEmbed2d { table, size } => {
+                    vision::pos_embed2d(&self.weights[table], &ids, *size)
+                }
+                Op::Rope2d {
+                    head_dim,
+                    inv_freq,
+                    size,
+                } => vision::rope2d(input(0), &ids, *head_dim, inv_freq, *size),
+                Op::PoolPositions { kernel, size } => {
+                    vision::pool_positions(input(0), &ids, &seq_spans, *kernel, *size)
+                        .map_err(|e| Error::invalid(format!("node `{}`: {e}", node.name)))?
+                }
+                Op::Clamp { min, max } => vision::clamp(input(0), *min, *max),
+                Op::ChannelScale { weight } => vision::channel_scale(input(0), &self.norms[weight]),
             };
             if taps.iter().any(|t| *t == node.name) {
                 tapped.insert(node.name.clone(), out.clone());

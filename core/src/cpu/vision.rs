@@ -1,8 +1,9 @@
-//! Reference kernels of the vision-encoder ops (graph.rs `Op::BiasAdd` ... `Op::AvgPool2d`).
+//! Reference kernels of the vision-encoder ops (graph.rs `Op::BiasAdd` ... `Op::ChannelScale`).
 
 use rayon::prelude::*;
 
-use super::kernels::{dot, gelu_tanh};
+use super::kernels::{dot, embed, gelu_tanh, rope};
+use crate::checkpoint::Weight;
 use crate::tensor::Mat;
 
 /// `x + b` on every row.
@@ -98,6 +99,90 @@ pub fn avg_pool2d(x: &Mat, spans: &[(usize, usize)], side: usize, kernel: usize)
             }
         }
     }
+    out
+}
+
+/// `table[x] + table[size + y]` for each id `x + size * y` (`table` is `[2 * size, cols]`).
+pub fn pos_embed2d(table: &Weight, ids: &[u32], size: usize) -> Mat {
+    let s = size as u32;
+    let xs: Vec<u32> = ids.iter().map(|&t| t % s).collect();
+    let ys: Vec<u32> = ids.iter().map(|&t| s + t / s).collect();
+    let mut out = embed(table, &xs, 1.0);
+    let y = embed(table, &ys, 1.0);
+    out.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+    out
+}
+
+/// [`rope`] on the first half of each head at x and on the second half at y (id `x + size * y`): the
+/// halves are the heads of `head_dim / 2` values of the same data read as twice as many heads.
+pub fn rope2d(x: &Mat, ids: &[u32], head_dim: usize, inv_freq: &[f32], size: usize) -> Mat {
+    let halves = x.cols / (head_dim / 2);
+    let mut positions = Vec::with_capacity(x.rows * halves);
+    for &t in ids {
+        let (px, py) = ((t as usize) % size, (t as usize) / size);
+        positions.extend((0..halves).map(|i| if i % 2 == 0 { px } else { py }));
+    }
+    let split = Mat::from_vec(x.rows * halves, head_dim / 2, x.data.clone()).expect("same data");
+    let r = rope(&split, &positions, head_dim / 2, inv_freq);
+    Mat::from_vec(x.rows, x.cols, r.data).expect("same data")
+}
+
+/// Average pool by position (graph.rs `Op::PoolPositions`) of each `(first row, rows)` span.
+pub fn pool_positions(
+    x: &Mat,
+    ids: &[u32],
+    spans: &[(usize, usize)],
+    kernel: usize,
+    size: usize,
+) -> Result<Mat, String> {
+    let k2 = kernel * kernel;
+    let total: usize = spans.iter().map(|s| s.1 / k2).sum();
+    let mut out = Mat::zeros(total, x.cols);
+    let mut hits = vec![0usize; total];
+    let inv = 1.0 / k2 as f32;
+    let mut base = 0;
+    for &(row0, n) in spans {
+        if n % k2 != 0 {
+            return Err(format!("{n} rows do not pool by {kernel}x{kernel}"));
+        }
+        let pos = |r: usize| ((ids[r] as usize) % size, (ids[r] as usize) / size);
+        let w = ((row0..row0 + n).map(|r| pos(r).0).max().unwrap_or(0) + 1) / kernel;
+        for r in row0..row0 + n {
+            let (px, py) = pos(r);
+            let cell = px / kernel + w * (py / kernel);
+            if px / kernel >= w || cell >= n / k2 {
+                return Err(format!(
+                    "patch ({px}, {py}) is outside a grid of {n} patches pooled by {kernel}"
+                ));
+            }
+            hits[base + cell] += 1;
+            let o = out.row_mut(base + cell);
+            o.iter_mut().zip(x.row(r)).for_each(|(a, b)| *a += b * inv);
+        }
+        base += n / k2;
+    }
+    if let Some(cell) = hits.iter().position(|&h| h != k2) {
+        return Err(format!(
+            "pooled cell {cell} gets {} patches, not {k2}: the patches are not a full grid",
+            hits[cell]
+        ));
+    }
+    Ok(out)
+}
+
+/// `min(max(x, lo), hi)`.
+pub fn clamp(x: &Mat, lo: f32, hi: f32) -> Mat {
+    let mut out = x.clone();
+    out.data.par_iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+    out
+}
+
+/// `x * w` on every row.
+pub fn channel_scale(x: &Mat, w: &[f32]) -> Mat {
+    let mut out = x.clone();
+    out.data
+        .par_chunks_mut(x.cols)
+        .for_each(|row| row.iter_mut().zip(w).for_each(|(v, wi)| *v *= wi));
     out
 }
 
