@@ -4,6 +4,7 @@ mod bench;
 mod conformance;
 mod crosscheck;
 mod eval;
+mod media;
 mod plot;
 mod quantize;
 mod serve;
@@ -20,13 +21,12 @@ use e4m3_core::chat_parse::{is_gemma4_template, prompt_opens_thought, Gemma4Pars
 use e4m3_core::cpu::CpuBackend;
 use e4m3_core::generate::{generate_with_inputs, prompt_logits, top_k, GenerateRequest};
 use e4m3_core::generation_config::GenerationConfig;
-use e4m3_core::image::load_gemma3_pixels;
 use e4m3_core::import_gguf::{import_gguf, ImportOptions};
 use e4m3_core::model::Model;
+use e4m3_core::multimodal::{ImageEncoder, ImagePromptError};
 use e4m3_core::sampling::SamplingParams;
 use e4m3_core::tensor::DType;
 use e4m3_core::tokenizer::Tokenizer;
-use e4m3_core::vision::{expand_image_placeholders, prompt_inputs, VisionModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -512,8 +512,9 @@ struct RunOpts {
     images: Vec<PathBuf>,
 }
 
-/// The prompt of `--image` runs: the Gemma 3 processor's expansion of every `<start_of_image>` (with
-/// --chat, one per image before the user text), then the image embeddings and their attention groups.
+/// The prompt of `--image` runs: every `<start_of_image>` (with --chat, one per image before the user text)
+/// expanded as the model's processor does, then the image embeddings and their attention groups
+/// ([`ImageEncoder::prompt`], the tower on the CPU reference).
 fn image_prompt(
     tok: &Tokenizer,
     input: &PromptInput,
@@ -522,19 +523,18 @@ fn image_prompt(
     stats: bool,
 ) -> Result<(Vec<u32>, StepInputs)> {
     let dir = &model.dir;
-    let vision = VisionModel::load(dir, model.config.hidden_size)?.with_context(|| {
-        format!(
-            "--image: {} has no vision tower (its config.json has no vision_config)",
-            dir.display()
-        )
-    })?;
-    let c = &vision.config;
-    let t = Instant::now();
-    let pixels = images
+    let c = &model.config;
+    let enc =
+        ImageEncoder::load(dir, c.hidden_size, c.vocab_size, &CpuBackend)?.with_context(|| {
+            format!(
+                "--image: {} has no vision tower (its config.json has no vision_config)",
+                dir.display()
+            )
+        })?;
+    let bytes = images
         .iter()
-        .map(|p| load_gemma3_pixels(p, c.image_size))
-        .collect::<e4m3_core::Result<Vec<_>>>()?;
-    let t_pre = t.elapsed().as_secs_f64();
+        .map(|p| std::fs::read(p).with_context(|| format!("--image {}", p.display())))
+        .collect::<Result<Vec<_>>>()?;
     let input = match input {
         PromptInput::Chat {
             system,
@@ -542,54 +542,38 @@ fn image_prompt(
             enable_thinking,
         } => PromptInput::Chat {
             system: system.clone(),
-            user: format!("{}{user}", "<start_of_image>".repeat(images.len())),
+            user: format!("{}{user}", enc.marker().repeat(images.len())),
             enable_thinking: *enable_thinking,
         },
         raw => raw.clone(),
     };
-    let (ids, n) = match &input {
-        PromptInput::Raw(p) => {
-            let (text, n) = expand_image_placeholders(p, c.mm_tokens_per_image);
-            (tok.encode_prompt(&text)?, n)
-        }
-        chat => {
-            let text = prompt_text(tok, chat)?;
-            let (text, n) = expand_image_placeholders(&text, c.mm_tokens_per_image);
-            (tok.encode(&text, false)?, n)
+    let text = prompt_text(tok, &input)?;
+    let raw = matches!(input, PromptInput::Raw(_));
+    // A rendered chat template writes BOS itself.
+    let tokenize = |t: &str| {
+        if raw {
+            tok.encode_prompt(t)
+        } else {
+            tok.encode(t, false)
         }
     };
-    if n != images.len() {
-        bail!(
-            "--prompt has {n} <start_of_image> markers but {} --image files were given",
-            images.len()
-        );
-    }
-    // The tower runs on the CPU reference (the only backend with its ops for now).
     let t = Instant::now();
-    let mut runner = vision.runner(&CpuBackend, images.len())?;
-    let (features, _) = vision.encode(runner.as_mut(), &pixels, &[])?;
+    let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+    let p = enc.prompt(&text, &refs, &tokenize).map_err(|e| match e {
+        ImagePromptError::Image { index, message } => {
+            anyhow::anyhow!("{}: {message}", images[index].display())
+        }
+        ImagePromptError::Prompt(m) => anyhow::anyhow!("--image: {m}"),
+    })?;
     if stats {
         eprintln!(
-            "images: {} preprocessed in {:.3}s, encoded (tower + projector, CPU) in {:.3}s",
+            "images: {} decoded, preprocessed and encoded (tower + projector, {}) in {:.3}s",
             images.len(),
-            t_pre,
+            enc.tower_backend(),
             t.elapsed().as_secs_f64()
         );
     }
-    let inputs = prompt_inputs(&ids, c.image_token_id, &features, true)?;
-    // As transformers: an image token outside the text vocabulary is embedded as padding (0), then replaced.
-    let vocab = model.config.vocab_size;
-    let ids = ids
-        .into_iter()
-        .map(|t| {
-            if t == c.image_token_id && t as usize >= vocab {
-                0
-            } else {
-                t
-            }
-        })
-        .collect();
-    Ok((ids, inputs))
+    Ok((p.ids, p.inputs))
 }
 
 fn cmd_run(dir: &Path, input: PromptInput, sampling: &SamplingArgs, opts: &RunOpts) -> Result<()> {
