@@ -531,11 +531,6 @@ impl Core {
         let _ = self.runner.release(s.slot);
         self.free_slots.push(s.slot);
         self.blocks.release(s.slot);
-        let _ = s.p.tx.send(Event::Finished {
-            reason,
-            prompt_tokens: s.p.req.prompt_ids.len(),
-            completion_tokens: s.generated(),
-        });
         if let Ok(mut m) = self.metrics.lock() {
             match reason {
                 FinishReason::Stop => m.finished_stop += 1,
@@ -543,6 +538,13 @@ impl Core {
                 FinishReason::Cancelled => m.finished_cancelled += 1,
             }
         }
+        // The metrics count it finished before its caller hears it.
+        self.publish();
+        let _ = s.p.tx.send(Event::Finished {
+            reason,
+            prompt_tokens: s.p.req.prompt_ids.len(),
+            completion_tokens: s.generated(),
+        });
     }
 
     fn drop_cancelled(&mut self) {
@@ -814,7 +816,7 @@ impl Core {
             m.generated_tokens += generated;
             m.recent.record(now, generated);
         }
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             self.finish(i, reason);
         }

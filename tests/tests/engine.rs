@@ -292,14 +292,17 @@ mod images {
         std::fs::read(fixture("images").join(name)).unwrap()
     }
 
-    /// (prompt, images, max tokens, logprobs) of the workload; the first is the reference prompt.
+    /// Text with image markers, its images, max tokens, logprobs.
+    type Case<'a> = (&'a str, Vec<&'a [u8]>, usize, Option<usize>);
+
+    /// The prompts of the workload, max tokens and logprobs; the first is the reference prompt.
     fn workload(enc: &ImageEncoder) -> Vec<(ImagePrompt, usize, Option<usize>)> {
         let (grad, alpha, gray) = (
             image("grad_160x120.png"),
             image("alpha_96x64.png"),
             image("gray_200x200.png"),
         );
-        let cases: Vec<(&str, Vec<&[u8]>, usize, Option<usize>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "w2 w5 w17 <start_of_image> w9 w33 w41 <start_of_image> w7 w21 w3",
                 vec![&grad, &alpha],
