@@ -265,6 +265,21 @@ mod tests {
     }
 
     #[test]
+    fn images_wider_than_the_limit_are_refused() {
+        let png = |w: u32| {
+            let mut out = std::io::Cursor::new(Vec::new());
+            ::image::GrayImage::new(w, 1)
+                .write_to(&mut out, ::image::ImageFormat::Png)
+                .unwrap();
+            out.into_inner()
+        };
+        let ok = decode_rgb8(&png(MAX_IMAGE_SIDE)).unwrap();
+        assert_eq!((ok.width, ok.height), (MAX_IMAGE_SIDE as usize, 1));
+        let err = decode_rgb8(&png(MAX_IMAGE_SIDE + 1)).unwrap_err();
+        assert!(err.contains("limit"), "{err}");
+    }
+
+    #[test]
     fn bad_bytes_are_an_error() {
         assert!(decode_rgb8(b"not an image").is_err());
         let err = load_rgb8(Path::new("/nonexistent/cat.png")).unwrap_err();
