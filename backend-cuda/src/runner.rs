@@ -1314,6 +1314,10 @@ impl Runner for CudaRunner {
         self.run_step(batch, None, taps)
     }
 
+    fn supports_step_inputs(&self) -> bool {
+        true
+    }
+
     fn step_with_inputs(
         &mut self,
         batch: &Batch,

@@ -2024,6 +2024,10 @@ impl Runner for WgpuRunner {
         self.run_step(batch, None, taps)
     }
 
+    fn supports_step_inputs(&self) -> bool {
+        true
+    }
+
     fn step_with_inputs(
         &mut self,
         batch: &Batch,

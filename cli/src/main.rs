@@ -4,6 +4,7 @@ mod bench;
 mod conformance;
 mod crosscheck;
 mod eval;
+mod media;
 mod plot;
 mod quantize;
 mod serve;
@@ -20,13 +21,12 @@ use e4m3_core::chat_parse::{is_gemma4_template, prompt_opens_thought, Gemma4Pars
 use e4m3_core::cpu::CpuBackend;
 use e4m3_core::generate::{generate_with_inputs, prompt_logits, top_k, GenerateRequest};
 use e4m3_core::generation_config::GenerationConfig;
-use e4m3_core::image::load_rgb8;
 use e4m3_core::import_gguf::{import_gguf, ImportOptions};
 use e4m3_core::model::Model;
+use e4m3_core::multimodal::{ImageEncoder, ImagePromptError};
 use e4m3_core::sampling::SamplingParams;
 use e4m3_core::tensor::DType;
 use e4m3_core::tokenizer::Tokenizer;
-use e4m3_core::vision::ImageModel;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -515,8 +515,8 @@ struct RunOpts {
 
 /// The prompt of `--image` runs: the family's processor expansion of every image marker (Gemma 3
 /// `<start_of_image>`, Gemma 4 `<|image|>`; with --chat, one per image before the user text), then the image
-/// embeddings and their attention groups ([`ImageModel::prompt`]). The tower runs on `backend` (one that
-/// lacks its ops says which with an error).
+/// embeddings and their attention groups ([`ImageEncoder::prompt`], as `serve` does). The tower runs on
+/// `backend`, or on the CPU reference when `backend` lacks one of its ops (`--stats` says which).
 fn image_prompt(
     tok: &Tokenizer,
     input: &PromptInput,
@@ -526,34 +526,33 @@ fn image_prompt(
     stats: bool,
 ) -> Result<(Vec<u32>, StepInputs)> {
     let dir = &model.dir;
-    let vision = ImageModel::load(dir, &model.config)?.with_context(|| {
+    let t = Instant::now();
+    let enc = ImageEncoder::load(dir, &model.config, backend)?.with_context(|| {
         format!(
             "--image: {} has no vision tower (its config.json has no vision_config)",
             dir.display()
         )
     })?;
-    let t = Instant::now();
-    let decoded = images
+    let t_load = t.elapsed().as_secs_f64();
+    let bytes = images
         .iter()
-        .map(|p| Ok((p.display().to_string(), load_rgb8(p)?)))
-        .collect::<e4m3_core::Result<Vec<_>>>()?;
-    let t_decode = t.elapsed().as_secs_f64();
-    let marker = vision.marker();
-    let (text, raw) = match input {
-        PromptInput::Raw(p) => (p.clone(), true),
+        .map(|p| std::fs::read(p).with_context(|| format!("--image {}", p.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let input = match input {
         PromptInput::Chat {
             system,
             user,
             enable_thinking,
-        } => {
-            let chat = PromptInput::Chat {
-                system: system.clone(),
-                user: format!("{}{user}", marker.repeat(images.len())),
-                enable_thinking: *enable_thinking,
-            };
-            (prompt_text(tok, &chat)?, false)
-        }
+        } => PromptInput::Chat {
+            system: system.clone(),
+            user: format!("{}{user}", enc.marker().repeat(images.len())),
+            enable_thinking: *enable_thinking,
+        },
+        raw => raw.clone(),
     };
+    let text = prompt_text(tok, &input)?;
+    let raw = matches!(input, PromptInput::Raw(_));
+    // A rendered chat template writes BOS itself.
     let mut tokenize = |t: &str| {
         if raw {
             tok.encode_prompt(t)
@@ -561,22 +560,23 @@ fn image_prompt(
             tok.encode(t, false)
         }
     };
-    let p = vision
-        .prompt(backend, &model.config, &decoded, &text, &mut tokenize)
-        .with_context(|| {
-            format!(
-                "--image (one {marker} per image; the vision tower on {})",
-                backend.name()
-            )
+    let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+    let p = enc
+        .prompt(&text, &refs, &mut tokenize)
+        .map_err(|e| match e {
+            ImagePromptError::Image { index, message } => {
+                anyhow::anyhow!("{}: {message}", images[index].display())
+            }
+            ImagePromptError::Prompt(m) => anyhow::anyhow!("--image: {m}"),
         })?;
     if stats {
         eprintln!(
-            "images: {} decoded in {:.3}s, preprocessed in {:.3}s, encoded (tower + projector, {}) in {:.3}s; \
+            "images: {} preprocessed in {:.3}s, tower loaded on {} in {:.3}s, encoded (tower + projector) in {:.3}s; \
              soft tokens {:?}",
             images.len(),
-            t_decode,
             p.preprocess_s,
-            backend.name(),
+            enc.tower_backend(),
+            t_load,
             p.encode_s,
             p.tokens_per_image
         );

@@ -26,7 +26,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use e4m3_core::backend::{Backend, CacheConfig, KvCacheDtype};
 use e4m3_core::chat::{
-    render_chat_with, ChatMessage, ChatOptions, ToolCall, RESERVED_TEMPLATE_VARS,
+    render_chat_with, ChatMessage, ChatOptions, MessageContent, ToolCall, RESERVED_TEMPLATE_VARS,
 };
 use e4m3_core::chat_parse::{
     prompt_opens_thought, Gemma4Parser, ParsedDelta, ParsedToolCall, CHANNEL_END, CHANNEL_START,
@@ -40,10 +40,12 @@ use e4m3_core::generation_config::GenerationConfig;
 use e4m3_core::kv_pages::{
     activation_bytes, blocks_for, bytes_per_block, system_memory, weight_bytes, KvBudget, KV_BLOCK,
 };
+use e4m3_core::multimodal::{ImageEncoder, ImagePrompt, ImagePromptError};
 use e4m3_core::sampling::SamplingParams;
 use e4m3_core::tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
 
+use crate::media::MediaPolicy;
 use crate::{load_model, open_backend, resolve_kv, spinner, BackendKind, KvDtypeArg};
 
 /// Default `--max-model-len` cap when the model allows more (KV caches of every slot are allocated up front).
@@ -86,6 +88,16 @@ pub struct ServeArgs {
     /// cache unless --num-kv-blocks is given; never more blocks than --max-num-seqs full-length sequences.
     #[arg(long, default_value_t = 0.9)]
     gpu_memory_utilization: f64,
+    /// Allow `file://` image URLs for files under this directory (as vLLM's flag); paths that leave it
+    /// through `..` or symlinks are refused. Without it every `file://` URL is refused.
+    #[arg(long)]
+    allowed_local_media_path: Option<PathBuf>,
+    /// Seconds an `http(s)://` image URL may take to download (the whole exchange).
+    #[arg(long, default_value_t = 5.0)]
+    media_fetch_timeout: f64,
+    /// Largest image, in bytes, from a data URL, a local file or a download.
+    #[arg(long, default_value_t = 20 << 20)]
+    max_image_bytes: usize,
     #[command(flatten)]
     parsers: ParserArgs,
 }
@@ -161,6 +173,9 @@ struct AppState {
     next_id: AtomicU64,
     created: u64,
     parsers: Parsers,
+    /// The image encoder, or why requests with images are refused.
+    images: std::result::Result<ImageEncoder, String>,
+    media: MediaPolicy,
 }
 
 pub fn cmd_serve(args: ServeArgs) -> Result<()> {
@@ -185,6 +200,16 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
     if !(f > 0.0 && f <= 1.0) {
         bail!("--gpu-memory-utilization must be in (0, 1], not {f}");
     }
+    let t = args.media_fetch_timeout;
+    if !(t > 0.0 && t.is_finite()) {
+        bail!("--media-fetch-timeout must be a positive number of seconds, not {t}");
+    }
+    let media = MediaPolicy::new(
+        args.allowed_local_media_path.as_deref(),
+        Duration::from_secs_f64(t),
+        args.max_image_bytes,
+    )
+    .map_err(anyhow::Error::msg)?;
     let per_seq = blocks_for(max_model_len);
     if let Some(n) = args.num_kv_blocks {
         if n < per_seq {
@@ -213,6 +238,7 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
         .with_kv_dtype(kv)
         .with_num_blocks(Some(blocks));
     let runner = backend.load(&model.graph, &model.weights, cache)?;
+    let images = image_encoder(&model, backend.as_ref(), runner.as_ref())?;
     pb.finish_and_clear();
     println!(
         "# KV blocks: {blocks}, maximum concurrency for {max_model_len} tokens per request: {:.2}x",
@@ -241,6 +267,8 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
         next_id: AtomicU64::new(1),
         created: now_secs(),
         parsers,
+        images,
+        media,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -251,6 +279,35 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
     drop(rt);
     drop(backend);
     Ok(())
+}
+
+/// The vision tower of the checkpoint, when it has one and the text runner takes image inputs; else why
+/// image requests are refused (printed at start).
+fn image_encoder(
+    model: &e4m3_core::model::Model,
+    backend: &dyn Backend,
+    runner: &dyn e4m3_core::backend::Runner,
+) -> Result<std::result::Result<ImageEncoder, String>> {
+    let c = &model.config;
+    let Some(enc) = ImageEncoder::load(&model.dir, c, backend)? else {
+        return Ok(Err(format!(
+            "the model has no vision tower ({} has no vision_config)",
+            model.dir.join("config.json").display()
+        )));
+    };
+    if !runner.supports_step_inputs() {
+        let why = format!(
+            "the {} backend cannot take image inputs yet (serve with --backend cpu)",
+            backend.name()
+        );
+        eprintln!("images: refused: {why}");
+        return Ok(Err(why));
+    }
+    eprintln!(
+        "images: accepted (vision tower on the {} backend)",
+        enc.tower_backend()
+    );
+    Ok(Ok(enc))
 }
 
 /// KV blocks from `--gpu-memory-utilization`: that fraction of the memory, less what the backend
@@ -832,34 +889,82 @@ fn parse_common(s: &AppState, obj: &Map<String, Value>, chat: bool) -> Result<Co
     })
 }
 
-/// Text of a message's `content`: a string, or a list of `{type: "text", text}` parts.
-fn message_content(v: Option<&Value>, i: usize) -> Result<String, ApiError> {
+/// An image of a chat request: where it is in the request (`messages[i].content[j].image_url`) and its
+/// URL.
+struct ImagePart {
+    name: String,
+    url: String,
+}
+
+/// A message's `content`: a string, or a list of `{type: "text", text}` and `{type: "image_url",
+/// image_url: {url}}` parts. Text-only parts are joined with newlines into a string; with images the
+/// template gets the parts (`{type: "image"}` for each image, as transformers passes them) and `images`
+/// the images in order.
+fn message_content(
+    v: Option<&Value>,
+    i: usize,
+    images: &mut Vec<ImagePart>,
+) -> Result<MessageContent, ApiError> {
     let name = format!("messages[{i}].content");
     match v {
-        None | Some(Value::Null) => Ok(String::new()),
-        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Value::Null) => Ok(MessageContent::Text(String::new())),
+        Some(Value::String(s)) => Ok(MessageContent::Text(s.clone())),
         Some(Value::Array(parts)) => {
             let mut texts = Vec::new();
+            let mut out = Vec::new();
+            let first_image = images.len();
             for (j, part) in parts.iter().enumerate() {
                 let ty = part.get("type").and_then(Value::as_str);
                 let text = part.get("text").and_then(Value::as_str);
+                let pname = format!("{name}[{j}]");
                 match (ty, text) {
-                    (Some("text"), Some(t)) => texts.push(t),
+                    (Some("text"), Some(t)) => {
+                        texts.push(t);
+                        out.push(json!({"type": "text", "text": t}));
+                    }
+                    (Some("image_url"), _) => {
+                        let iname = format!("{pname}.image_url");
+                        let url = part
+                            .get("image_url")
+                            .and_then(|u| u.get("url"))
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| {
+                                ApiError::param(
+                                    &iname,
+                                    format!("`{iname}` must be {{\"url\": STRING}}, got {}", part.get("image_url").unwrap_or(&Value::Null)),
+                                )
+                            })?;
+                        images.push(ImagePart {
+                            name: iname,
+                            url: url.to_string(),
+                        });
+                        out.push(json!({"type": "image"}));
+                    }
                     (Some(other), _) if other != "text" => {
                         return Err(ApiError::param(
-                            &format!("{name}[{j}].type"),
-                            format!("content parts of type `{other}` are not supported (only `text`)"),
+                            &format!("{pname}.type"),
+                            format!("content parts of type `{other}` are not supported (only `text` and `image_url`)"),
                         ))
                     }
                     _ => {
                         return Err(ApiError::param(
-                            &format!("{name}[{j}]"),
-                            format!("a content part must be {{\"type\": \"text\", \"text\": STRING}}, got {part}"),
+                            &pname,
+                            format!("a content part must be {{\"type\": \"text\", \"text\": STRING}} or {{\"type\": \"image_url\", \"image_url\": {{\"url\": STRING}}}}, got {part}"),
                         ))
                     }
                 }
             }
-            Ok(texts.join("\n"))
+            if images.len() == first_image {
+                return Ok(MessageContent::Text(texts.join("\n")));
+            }
+            Ok(MessageContent::Parts(
+                out.into_iter()
+                    .filter_map(|v| match v {
+                        Value::Object(m) => Some(m),
+                        _ => None,
+                    })
+                    .collect(),
+            ))
         }
         Some(v) => Err(ApiError::param(
             &name,
@@ -971,7 +1076,17 @@ fn opt_string(o: &Map<String, Value>, key: &str, i: usize) -> Result<Option<Stri
     }
 }
 
-fn chat_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<(Vec<u32>, ChatMode), ApiError> {
+/// A chat prompt: token ids, or with images the rendered text (one image marker per image) and the
+/// images, encoded later off the async executor ([`image_prompt`]).
+enum ChatPrompt {
+    Ids(Vec<u32>),
+    Images {
+        text: String,
+        images: Vec<ImagePart>,
+    },
+}
+
+fn chat_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<(ChatPrompt, ChatMode), ApiError> {
     let msgs = match field(obj, "messages") {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => return Err(ApiError::param("messages", "`messages` is empty")),
@@ -1030,6 +1145,7 @@ fn chat_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<(Vec<u32>, Chat
         }
     };
     let mut messages = Vec::with_capacity(msgs.len());
+    let mut images = Vec::new();
     for (i, m) in msgs.iter().enumerate() {
         let Some(o) = m.as_object() else {
             return Err(ApiError::param(
@@ -1050,7 +1166,8 @@ fn chat_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<(Vec<u32>, Chat
                 ))
             }
         };
-        let mut msg = ChatMessage::new(role.as_str(), message_content(o.get("content"), i)?);
+        let mut msg = ChatMessage::new(role.as_str(), "");
+        msg.content = Some(message_content(o.get("content"), i, &mut images)?);
         if role == "assistant" {
             if let Some(v) = field(o, "tool_calls") {
                 msg.tool_calls = parse_tool_calls(v, i)?;
@@ -1068,6 +1185,12 @@ fn chat_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<(Vec<u32>, Chat
             msg.name = opt_string(o, "name", i)?;
         }
         messages.push(msg);
+    }
+    if let (Some(first), Err(why)) = (images.first(), &s.images) {
+        return Err(ApiError::param(
+            &first.name,
+            format!("`{}`: images are not accepted: {why}", first.name),
+        ));
     }
     let template = s
         .tok
@@ -1090,11 +1213,38 @@ fn chat_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<(Vec<u32>, Chat
         tools: auto && s.parsers.tools,
         in_thought: s.parsers.reasoning && prompt_opens_thought(&text),
     };
+    if !images.is_empty() {
+        return Ok((ChatPrompt::Images { text, images }, mode));
+    }
     let ids = s
         .tok
         .encode(&text, false)
         .map_err(|e| ApiError::bad(e.to_string()))?;
-    Ok((ids, mode))
+    Ok((ChatPrompt::Ids(ids), mode))
+}
+
+/// The prompt of a chat request with images: every image fetched ([`MediaPolicy`]), then decoded and
+/// encoded with the prompt expanded ([`ImageEncoder::prompt`]). Blocking. Errors name the image part.
+fn image_prompt(s: &AppState, text: &str, images: &[ImagePart]) -> Result<ImagePrompt, ApiError> {
+    let enc = s
+        .images
+        .as_ref()
+        .map_err(|why| ApiError::bad(format!("images are not accepted: {why}")))?;
+    let part_error =
+        |p: &ImagePart, e: String| ApiError::param(&p.name, format!("`{}`: {e}", p.name));
+    let bytes = images
+        .iter()
+        .map(|p| s.media.fetch(&p.url).map_err(|e| part_error(p, e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+    enc.prompt(text, &refs, &mut |t: &str| s.tok.encode(t, false))
+        .map_err(|e| match e {
+            ImagePromptError::Image { index, message } => part_error(&images[index], message),
+            ImagePromptError::Prompt(m) => ApiError::param(
+                "messages",
+                format!("the prompt with its images: {m} (does the chat template write {} for each image part?)", enc.marker()),
+            ),
+        })
 }
 
 fn completion_prompt(s: &AppState, obj: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
@@ -1447,9 +1597,24 @@ async fn generate(
             k => k.map(|k| k as usize),
         },
     };
-    let (prompt_ids, mode) = match api {
-        Api::Chat => chat_prompt(&s, &obj)?,
-        Api::Completion => (completion_prompt(&s, &obj)?, ChatMode::default()),
+    let (prompt_ids, inputs, mode) = match api {
+        Api::Chat => match chat_prompt(&s, &obj)? {
+            (ChatPrompt::Ids(ids), mode) => (ids, None, mode),
+            (ChatPrompt::Images { text, images }, mode) => {
+                // Downloads and the vision tower block: run them off the async executor.
+                let s2 = s.clone();
+                let p = tokio::task::spawn_blocking(move || image_prompt(&s2, &text, &images))
+                    .await
+                    .map_err(|e| {
+                        ApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("internal error: preparing the images failed: {e}"),
+                        )
+                    })??;
+                (p.ids, Some(p.inputs), mode)
+            }
+        },
+        Api::Completion => (completion_prompt(&s, &obj)?, None, ChatMode::default()),
     };
     if mode.tools {
         // The model ends a tool-calling step with `<|tool_response>` (the client runs the tool).
@@ -1470,6 +1635,7 @@ async fn generate(
             sampling: c.sampling,
             stop_ids: c.stop_ids.clone(),
             logprobs: top_logprobs,
+            inputs,
         })
         .map_err(|e| ApiError::bad(e.to_string()))?;
     let job = Job {

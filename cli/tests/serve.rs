@@ -1085,3 +1085,395 @@ fn serve_kv_blocks_from_flags() {
         &["--num-kv-blocks 3 cannot hold one sequence of --max-model-len 64 (4 blocks of 16 positions)"],
     );
 }
+
+/// Images in `/v1/chat/completions` on the tiny transformers Gemma 3 with a vision tower
+/// (tests/fixtures/tiny-gemma3-vision, given a word tokenizer whose `<start_of_image>`, `<end_of_image>`,
+/// `<image_soft_token>` are its ids 58, 59, 60 and a template that writes `<start_of_image>` per image part).
+mod images {
+    use super::*;
+    use base64::Engine as _;
+    use std::net::TcpListener;
+
+    const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m.content is string %}{{ m.content }} {% else %}{% for p in m.content %}{% if p.type == 'image' %}<start_of_image>{% elif p.type == 'text' %}{{ p.text }} {% endif %}{% endfor %}{% endif %}{% endfor %}";
+
+    fn vision_model(dir: &Path) {
+        let src = root().join("tests/fixtures/tiny-gemma3-vision");
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        write_word_tokenizer(dir, 64);
+        let path = dir.join("tokenizer.json");
+        let mut tok: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for (id, t) in [
+            (58, "<start_of_image>"),
+            (59, "<end_of_image>"),
+            (60, "<image_soft_token>"),
+        ] {
+            let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+            vocab.remove(&format!("w{id}"));
+            vocab.insert(t.into(), json!(id));
+            tok["added_tokens"].as_array_mut().unwrap().push(json!(
+                {"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+            ));
+        }
+        std::fs::write(&path, tok.to_string()).unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            json!({"add_bos_token": true, "bos_token": "<bos>", "eos_token": "<eos>", "chat_template": TEMPLATE})
+                .to_string(),
+        )
+        .unwrap();
+        // <pad> ends generation, so the reference's 8 greedy tokens (the first is <eos>) all come out.
+        std::fs::write(
+            dir.join("generation_config.json"),
+            r#"{"eos_token_id": [0], "do_sample": false}"#,
+        )
+        .unwrap();
+    }
+
+    fn image(name: &str) -> Vec<u8> {
+        std::fs::read(root().join("tests/fixtures/images").join(name)).unwrap()
+    }
+
+    fn data_url(bytes: &[u8]) -> String {
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
+    }
+
+    /// The reference request of the fixture: text, image, text, image, text (its input_ids exactly).
+    fn reference_request(urls: [&str; 2], extra: Value) -> Value {
+        let mut v = json!({"model": "tiny", "temperature": 0, "max_tokens": 8, "logprobs": true, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "w5 w17"},
+            {"type": "image_url", "image_url": {"url": urls[0]}},
+            {"type": "text", "text": "w9 w33 w41"},
+            {"type": "image_url", "image_url": {"url": urls[1]}},
+            {"type": "text", "text": "w7 w21 w3"},
+        ]}]});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    }
+
+    /// Token ids of a chat response, from its logprobs tokens (`wN`, `<eos>`, ...).
+    fn ids(r: &Value) -> Vec<u32> {
+        r["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{r}"))
+            .iter()
+            .map(|t| match t["token"].as_str().unwrap() {
+                "<pad>" => 0,
+                "<eos>" => 1,
+                "<bos>" => 2,
+                w => w.strip_prefix('w').unwrap().parse().unwrap(),
+            })
+            .collect()
+    }
+
+    /// A loopback HTTP server: `/NAME` answers the bytes of the fixture image NAME, `/slow` waits 3 s,
+    /// anything else is a 404.
+    fn media_server() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                std::thread::spawn(move || {
+                    let mut line = String::new();
+                    let mut r = BufReader::new(s.try_clone().unwrap());
+                    r.read_line(&mut line).unwrap();
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    let path = line.split(' ').nth(1).unwrap_or("/").to_string();
+                    let file = root().join("tests/fixtures/images").join(&path[1..]);
+                    let (status, body) = if path == "/slow" {
+                        std::thread::sleep(Duration::from_secs(3));
+                        ("200 OK", b"late".to_vec())
+                    } else if path.len() > 1 && file.is_file() {
+                        ("200 OK", std::fs::read(file).unwrap())
+                    } else {
+                        ("404 Not Found", b"no".to_vec())
+                    };
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: image/png\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(&body);
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn serve_images_give_the_reference_tokens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("model");
+        let media = tmp.path().join("media");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&media).unwrap();
+        vision_model(&dir);
+        let (grad, alpha) = (image("grad_160x120.png"), image("alpha_96x64.png"));
+        std::fs::write(media.join("grad.png"), &grad).unwrap();
+        std::fs::write(media.join("alpha.png"), &alpha).unwrap();
+        let reference =
+            e4m3_tests::read_json(&root().join("tests/fixtures/tiny-gemma3-vision/reference.json"));
+        let want = e4m3_tests::json_u32s(&reference["greedy"]);
+        let web = media_server();
+        let srv = Server::start(
+            &dir,
+            &["--allowed-local-media-path", media.to_str().unwrap()],
+        );
+        let file = |n: &str| format!("file://{}", media.join(n).display());
+        let http = |n: &str| format!("http://{web}/{n}");
+        let cases = [
+            [data_url(&grad), data_url(&alpha)],
+            [file("grad.png"), file("alpha.png")],
+            [http("grad_160x120.png"), http("alpha_96x64.png")],
+            [data_url(&grad), http("alpha_96x64.png")],
+        ];
+        let mut content = None;
+        for urls in &cases {
+            let (status, r) = srv.post(
+                "/v1/chat/completions",
+                &reference_request([&urls[0], &urls[1]], json!({})),
+            );
+            assert_eq!(status, 200, "{r}");
+            // The prompt is the fixture's input_ids (21 tokens with 2 x 4 image tokens); the tokens are
+            // transformers' greedy ones for it.
+            assert_eq!(r["usage"]["prompt_tokens"], 21, "{r}");
+            assert_eq!(ids(&r), want, "{:?}", &urls[1][..20.min(urls[1].len())]);
+            let c = r["choices"][0]["message"]["content"].clone();
+            assert_eq!(*content.get_or_insert(c.clone()), c);
+        }
+        // Streaming gives the same text.
+        let events = srv.stream(
+            "/v1/chat/completions",
+            &reference_request([&cases[0][0], &cases[0][1]], json!({"stream": true})),
+        );
+        let streamed: String = events
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .filter_map(|e| {
+                serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        assert_eq!(Value::String(streamed), content.unwrap());
+        assert_eq!(events.last().unwrap(), "[DONE]");
+        // `e4m3 run --image` (the CPU reference) gives the same prompt and tokens.
+        let (a, b) = (media.join("grad.png"), media.join("alpha.png"));
+        let out = common::e4m3(&[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--prompt",
+            "w5 w17 <start_of_image> w9 w33 w41 <start_of_image> w7 w21 w3",
+            "--image",
+            a.to_str().unwrap(),
+            "--image",
+            b.to_str().unwrap(),
+            "--max-tokens",
+            "8",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(run["prompt_ids"], reference["input_ids"]);
+        assert_eq!(e4m3_tests::json_u32s(&run["generated_ids"]), want);
+        // A text request on the same server.
+        let (status, r) = srv.post(
+            "/v1/chat/completions",
+            &chat("w5 w6 w7", json!({"max_tokens": 3})),
+        );
+        assert_eq!(status, 200, "{r}");
+    }
+
+    #[test]
+    fn serve_bad_images_are_400_naming_the_part() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("model");
+        let media = tmp.path().join("media");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&media).unwrap();
+        vision_model(&dir);
+        let (grad, alpha) = (image("grad_160x120.png"), image("alpha_96x64.png"));
+        std::fs::write(media.join("alpha.png"), &alpha).unwrap();
+        std::fs::write(media.join("grad.png"), &grad).unwrap();
+        std::fs::write(tmp.path().join("secret.png"), &alpha).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("secret.png"), media.join("link.png")).unwrap();
+        let web = media_server();
+        // 4000 bytes: alpha (3351) fits, grad (4952) does not.
+        let srv = Server::start(
+            &dir,
+            &[
+                "--allowed-local-media-path",
+                media.to_str().unwrap(),
+                "--max-image-bytes",
+                "4000",
+                "--media-fetch-timeout",
+                "1",
+            ],
+        );
+        let ok = data_url(&alpha);
+        let file = |n: &str| format!("file://{}/{n}", media.display());
+        let part = "messages[0].content[3].image_url";
+        let cases: Vec<(String, &str)> = vec![
+            (
+                "data:image/png;base64,bm90IGFuIGltYWdl".into(),
+                "cannot read the image",
+            ),
+            (
+                data_url(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"),
+                "unsupported image format Gif",
+            ),
+            (data_url(&grad), "over the limit of 4000"),
+            (file("grad.png"), "over the limit of 4000"),
+            (
+                format!("http://{web}/grad_160x120.png"),
+                "over the limit of 4000",
+            ),
+            (file("../secret.png"), "outside --allowed-local-media-path"),
+            (file("link.png"), "outside --allowed-local-media-path"),
+            (file("missing.png"), "cannot open"),
+            (format!("http://{web}/slow"), "--media-fetch-timeout"),
+            (format!("http://{web}/nothing.png"), "404"),
+            ("ftp://example.com/a.png".into(), "unsupported URL"),
+            ("data:text/plain;base64,AAAA".into(), "not an image"),
+        ];
+        for (url, why) in &cases {
+            let t = std::time::Instant::now();
+            let (status, r) = srv.post(
+                "/v1/chat/completions",
+                &reference_request([&ok, url], json!({})),
+            );
+            assert_error(status, &r, 400, &[why, part]);
+            assert_eq!(r["error"]["param"], part, "{r}");
+            assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "{url}: {:?}",
+                t.elapsed()
+            );
+        }
+        // A malformed image part, and a marker typed into the text (one marker too many).
+        let mut bad = reference_request([&ok, &ok], json!({}));
+        bad["messages"][0]["content"][1] = json!({"type": "image_url", "image_url": {"uri": "x"}});
+        let (status, r) = srv.post("/v1/chat/completions", &bad);
+        assert_error(
+            status,
+            &r,
+            400,
+            &["messages[0].content[1].image_url", "url"],
+        );
+        let mut bad = reference_request([&ok, &ok], json!({}));
+        bad["messages"][0]["content"][0]["text"] = json!("w5 <start_of_image>");
+        let (status, r) = srv.post("/v1/chat/completions", &bad);
+        assert_error(status, &r, 400, &["3 <start_of_image> markers", "2 images"]);
+        assert_eq!(r["error"]["param"], "messages");
+        // The server goes on serving images.
+        let (status, r) = srv.post(
+            "/v1/chat/completions",
+            &reference_request([&ok, &ok], json!({})),
+        );
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(ids(&r).len(), 8);
+
+        // Without --allowed-local-media-path no file is served.
+        let plain = Server::start(&dir, &[]);
+        let (status, r) = plain.post(
+            "/v1/chat/completions",
+            &reference_request([&ok, &file("alpha.png")], json!({})),
+        );
+        assert_error(status, &r, 400, &[part, "--allowed-local-media-path"]);
+        // A model without a vision tower refuses images.
+        let text_dir = tmp.path().join("text");
+        std::fs::create_dir_all(&text_dir).unwrap();
+        tiny_model(&text_dir);
+        let text = Server::start(&text_dir, &[]);
+        let (status, r) = text.post(
+            "/v1/chat/completions",
+            &reference_request([&ok, &ok], json!({})),
+        );
+        assert_error(
+            status,
+            &r,
+            400,
+            &["messages[0].content[1].image_url", "no vision tower"],
+        );
+    }
+
+    #[test]
+    fn serve_concurrent_image_and_text_requests_equal_each_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        vision_model(tmp.path());
+        let imgs = [
+            data_url(&image("grad_160x120.png")),
+            data_url(&image("alpha_96x64.png")),
+            data_url(&image("gray_200x200.png")),
+        ];
+        let requests: Vec<Value> = (0..6)
+            .map(|i| {
+                if i % 3 == 2 {
+                    chat(
+                        &format!("w{} w{} w9", 10 + i, 20 + i),
+                        json!({"max_tokens": 6, "logprobs": true}),
+                    )
+                } else {
+                    reference_request(
+                        [&imgs[i % 3], &imgs[(i + 1) % 3]],
+                        json!({"max_tokens": 5 + i}),
+                    )
+                }
+            })
+            .collect();
+        // Alone: one sequence at a time.
+        let one = Server::start(
+            tmp.path(),
+            &["--max-num-seqs", "1", "--max-model-len", "32"],
+        );
+        let want: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|r| ids(&one.post("/v1/chat/completions", r).1))
+            .collect();
+        drop(one);
+        // Together: 4 slots, 5 blocks of 16 positions (each request takes 2): preemption.
+        let srv = Server::start(
+            tmp.path(),
+            &[
+                "--max-num-seqs",
+                "4",
+                "--max-model-len",
+                "32",
+                "--num-kv-blocks",
+                "5",
+            ],
+        );
+        std::thread::scope(|sc| {
+            let threads: Vec<_> = requests
+                .iter()
+                .map(|r| sc.spawn(|| srv.post("/v1/chat/completions", r)))
+                .collect();
+            for (k, t) in threads.into_iter().enumerate() {
+                let (status, r) = t.join().unwrap();
+                assert_eq!(status, 200, "{r}");
+                assert_eq!(ids(&r), want[k], "request {k}");
+            }
+        });
+        let (_, m) = srv.get("/metrics");
+        assert!(metric(&m, "e4m3_preemptions_total") > 0.0, "{m}");
+    }
+}

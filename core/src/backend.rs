@@ -329,6 +329,10 @@ pub trait Runner: Send {
     fn check_guards(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Whether [`Runner::step_with_inputs`] runs (false: it reports itself unsupported).
+    fn supports_step_inputs(&self) -> bool {
+        false
+    }
     /// [`Runner::step`] with given embeddings for some rows and bidirectional groups (images). Backends
     /// that cannot run it report it unsupported.
     fn step_with_inputs(

@@ -9,6 +9,12 @@
 //! back when the sequence leaves. When a step needs more blocks than are free, the newest running
 //! sequence is preempted (its slot released) and later recomputed from its prompt plus what it already
 //! generated.
+//!
+//! A request may carry image inputs for its prompt ([`EngineRequest::inputs`]): the embeddings of its
+//! image-token rows and their bidirectional groups. Chunked prefill never splits a group across two
+//! steps (the image mask needs the whole image in one step): a chunk that would end inside an image ends
+//! before it, or, when it starts at the image, takes the whole image even past `prefill_chunk`. A
+//! preempted request is recomputed with the same inputs.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -17,12 +23,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::backend::{Batch, LogitsFor, Runner, SeqStep};
+use crate::backend::{Batch, LogitsFor, Runner, SeqStep, StepInputs};
 use crate::error::{Error, Result};
 use crate::generate::top_k;
 pub use crate::kv_pages::KV_BLOCK;
 use crate::kv_pages::{blocks_for, PageTable};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::tensor::Mat;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -65,6 +72,35 @@ pub struct EngineRequest {
     pub stop_ids: Vec<u32>,
     /// Log-probabilities: `Some(n)` returns the chosen token's and the `n` most likely ones'.
     pub logprobs: Option<usize>,
+    /// Image inputs of the prompt, as [`crate::multimodal::ImageEncoder::prompt`] makes them: `embed_rows`
+    /// are positions in `prompt_ids` (increasing), `groups` has one entry per prompt token (or none). The
+    /// runner must support [`Runner::step_with_inputs`].
+    pub inputs: Option<StepInputs>,
+}
+
+/// Contiguous runs `[start, end)` of equal bidirectional groups.
+fn group_runs(groups: &[Option<u32>]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        if g.is_none() {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(r) if r.1 == i && groups[i - 1] == *g => r.1 = i + 1,
+            _ => runs.push((i, i + 1)),
+        }
+    }
+    runs
+}
+
+/// The end of a chunk `start..end` moved so that it splits no group run: to the start of a run it would
+/// cut, or past the whole run when the chunk starts at it.
+fn chunk_end(runs: &[(usize, usize)], start: usize, end: usize) -> usize {
+    match runs.iter().find(|&&(a, b)| a < end && end < b) {
+        Some(&(a, _)) if a > start => a,
+        Some(&(_, b)) => b,
+        None => end,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +280,8 @@ struct Pending {
     tx: Sender<Event>,
     end: Arc<AtomicU8>,
     submitted: Instant,
+    /// The image groups of the prompt ([`group_runs`] of its inputs).
+    runs: Vec<(usize, usize)>,
 }
 
 /// A request with a KV-cache slot.
@@ -275,6 +313,8 @@ pub struct Engine {
     metrics: Arc<Mutex<MetricsSnapshot>>,
     next_id: AtomicU64,
     config: EngineConfig,
+    /// The runner takes image inputs.
+    step_inputs: bool,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -286,6 +326,7 @@ impl Engine {
                 "max_num_seqs, max_model_len and prefill_chunk must be at least 1",
             ));
         }
+        let step_inputs = runner.supports_step_inputs();
         let (tx, rx) = mpsc::channel();
         let metrics = Arc::new(Mutex::new(MetricsSnapshot {
             kv_blocks_free: config.total_blocks(),
@@ -315,12 +356,18 @@ impl Engine {
             metrics,
             next_id: AtomicU64::new(1),
             config,
+            step_inputs,
             thread: Some(thread),
         })
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// Whether requests may carry image inputs (the runner supports [`Runner::step_with_inputs`]).
+    pub fn supports_inputs(&self) -> bool {
+        self.step_inputs
     }
 
     /// Check and queue a request. Errors name the offending numbers; nothing is queued then.
@@ -354,6 +401,37 @@ impl Engine {
                 c.total_blocks()
             )));
         }
+        let runs = match &req.inputs {
+            None => Vec::new(),
+            Some(inp) => {
+                if !self.step_inputs {
+                    return Err(Error::invalid(
+                        "the backend cannot take image inputs (its runner has no step inputs)",
+                    ));
+                }
+                let n = req.prompt_ids.len();
+                if inp.embeds.rows != inp.embed_rows.len() {
+                    return Err(Error::invalid(format!(
+                        "inputs: {} embeddings for {} embedding rows",
+                        inp.embeds.rows,
+                        inp.embed_rows.len()
+                    )));
+                }
+                let increasing = inp.embed_rows.windows(2).all(|w| w[0] < w[1]);
+                if !increasing || inp.embed_rows.last().is_some_and(|&r| r >= n) {
+                    return Err(Error::invalid(format!(
+                        "inputs: embedding rows must be increasing positions of the prompt of {n} tokens"
+                    )));
+                }
+                if !inp.groups.is_empty() && inp.groups.len() != n {
+                    return Err(Error::invalid(format!(
+                        "inputs: {} attention groups for a prompt of {n} tokens",
+                        inp.groups.len()
+                    )));
+                }
+                group_runs(&inp.groups)
+            }
+        };
         let sampler = Sampler::new(req.sampling.clone())?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, events) = mpsc::channel();
@@ -365,6 +443,7 @@ impl Engine {
             tx,
             end: end.clone(),
             submitted: Instant::now(),
+            runs,
         };
         self.tx
             .send(Command::Submit(Box::new(pending)))
@@ -452,11 +531,6 @@ impl Core {
         let _ = self.runner.release(s.slot);
         self.free_slots.push(s.slot);
         self.blocks.release(s.slot);
-        let _ = s.p.tx.send(Event::Finished {
-            reason,
-            prompt_tokens: s.p.req.prompt_ids.len(),
-            completion_tokens: s.generated(),
-        });
         if let Ok(mut m) = self.metrics.lock() {
             match reason {
                 FinishReason::Stop => m.finished_stop += 1,
@@ -464,6 +538,13 @@ impl Core {
                 FinishReason::Cancelled => m.finished_cancelled += 1,
             }
         }
+        // The metrics count it finished before its caller hears it.
+        self.publish();
+        let _ = s.p.tx.send(Event::Finished {
+            reason,
+            prompt_tokens: s.p.req.prompt_ids.len(),
+            completion_tokens: s.generated(),
+        });
     }
 
     fn drop_cancelled(&mut self) {
@@ -552,6 +633,8 @@ impl Core {
             let s = &self.running[i];
             let left = s.tokens.len() - s.computed;
             let n = if left <= 1 { left } else { left.min(budget) };
+            // Never split an image: its rows must all be in one step.
+            let n = chunk_end(&s.p.runs, s.computed, s.computed + n) - s.computed;
             if n == 0 {
                 i += 1;
                 continue;
@@ -568,7 +651,7 @@ impl Core {
                 continue;
             }
             if left > 1 {
-                budget -= n;
+                budget = budget.saturating_sub(n);
             }
             plan.push((i, n));
             i += 1;
@@ -594,6 +677,7 @@ impl Core {
                 })
                 .collect(),
         };
+        let inputs = self.step_inputs(&plan);
         let prompt_tokens: usize = plan
             .iter()
             .map(|&(i, n)| {
@@ -606,7 +690,20 @@ impl Core {
             let p = &self.running[i].p;
             p.req.sampling.is_greedy() && p.req.logprobs.is_none()
         });
-        let rows: Result<Vec<Vec<f32>>> = if top_only {
+        let rows: Result<Vec<Vec<f32>>> = if let Some(inputs) = &inputs {
+            self.runner.step_with_inputs(&batch, inputs, &[]).map(|o| {
+                (0..o.logits.rows)
+                    .map(|r| {
+                        let row = o.logits.row(r);
+                        if top_only {
+                            vec![top_k(row, 1).first().map_or(0.0, |c| c.0 as f32)]
+                        } else {
+                            row.to_vec()
+                        }
+                    })
+                    .collect()
+            })
+        } else if top_only {
             self.runner.step_top_k(&batch, 1).map(|tops| {
                 tops.into_iter()
                     .map(|t| vec![t.first().map_or(0.0, |c| c.0 as f32)])
@@ -719,10 +816,47 @@ impl Core {
             m.generated_tokens += generated;
             m.recent.record(now, generated);
         }
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             self.finish(i, reason);
         }
+    }
+
+    /// The image inputs of a planned step (flat rows as in `Batch::flat_tokens`), None when no row of
+    /// it has any.
+    fn step_inputs(&self, plan: &[(usize, usize)]) -> Option<StepInputs> {
+        let mut embed_rows = Vec::new();
+        let mut embeds: Option<Mat> = None;
+        let mut groups = Vec::new();
+        let mut base = 0;
+        for &(i, n) in plan {
+            let s = &self.running[i];
+            let (lo, hi) = (s.computed, s.computed + n);
+            match &s.p.req.inputs {
+                Some(inp) => {
+                    for (k, &r) in inp.embed_rows.iter().enumerate() {
+                        if (lo..hi).contains(&r) {
+                            embed_rows.push(base + r - lo);
+                            let e = embeds.get_or_insert_with(|| Mat::zeros(0, inp.embeds.cols));
+                            e.data.extend_from_slice(inp.embeds.row(k));
+                            e.rows += 1;
+                        }
+                    }
+                    groups.extend((lo..hi).map(|r| inp.groups.get(r).copied().flatten()));
+                }
+                None => groups.extend(std::iter::repeat_n(None, n)),
+            }
+            base += n;
+        }
+        let any_group = groups.iter().any(Option::is_some);
+        if embed_rows.is_empty() && !any_group {
+            return None;
+        }
+        Some(StepInputs {
+            embed_rows,
+            embeds: embeds.unwrap_or_else(|| Mat::zeros(0, 0)),
+            groups: if any_group { groups } else { Vec::new() },
+        })
     }
 
     fn publish(&self) {
@@ -739,6 +873,30 @@ impl Core {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn chunks_never_split_an_image() {
+        let groups = [
+            None,
+            Some(0),
+            Some(0),
+            Some(0),
+            None,
+            Some(1),
+            Some(2),
+            Some(2),
+        ];
+        let runs = group_runs(&groups);
+        assert_eq!(runs, vec![(1, 4), (5, 6), (6, 8)]);
+        // Ends inside an image go back to its start, or past its end when the chunk starts at it.
+        assert_eq!(chunk_end(&runs, 0, 2), 1);
+        assert_eq!(chunk_end(&runs, 1, 2), 4);
+        assert_eq!(chunk_end(&runs, 0, 4), 4);
+        assert_eq!(chunk_end(&runs, 4, 7), 6);
+        assert_eq!(chunk_end(&runs, 6, 7), 8);
+        assert_eq!(chunk_end(&runs, 0, 1), 1);
+        assert_eq!(chunk_end(&[], 3, 5), 5);
+    }
 
     #[test]
     fn throughput_averages_the_window() {

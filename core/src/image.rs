@@ -31,16 +31,19 @@ pub struct Rgb8 {
 /// Decode a PNG, JPEG or WebP file to RGB. Errors name the file.
 pub fn load_rgb8(path: &Path) -> Result<Rgb8> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_rgb8(&bytes).map_err(|e| {
-        Error::file(
-            path,
-            format!("cannot read the image: {e} (supported: PNG, JPEG, WebP)"),
-        )
-    })
+    decode_rgb8(&bytes).map_err(|e| Error::file(path, e))
 }
 
-/// Decode image bytes (PNG, JPEG or WebP, detected from their content) to RGB.
+/// Widest and tallest image decoded (larger ones are refused before their pixels are allocated).
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+
+/// Decode image bytes (PNG, JPEG or WebP, detected from their content) to RGB. The error says why and
+/// which formats are supported.
 pub fn decode_rgb8(bytes: &[u8]) -> std::result::Result<Rgb8, String> {
+    decode(bytes).map_err(|e| format!("cannot read the image: {e} (supported: PNG, JPEG, WebP)"))
+}
+
+fn decode(bytes: &[u8]) -> std::result::Result<Rgb8, String> {
     let format = ::image::guess_format(bytes).map_err(|e| e.to_string())?;
     if !matches!(
         format,
@@ -48,7 +51,12 @@ pub fn decode_rgb8(bytes: &[u8]) -> std::result::Result<Rgb8, String> {
     ) {
         return Err(format!("unsupported image format {format:?}"));
     }
-    let img = ::image::load_from_memory_with_format(bytes, format).map_err(|e| e.to_string())?;
+    let mut reader = ::image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let mut limits = ::image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| e.to_string())?;
     if img.width() == 0 || img.height() == 0 {
         return Err("the image is empty".into());
     }
@@ -403,6 +411,14 @@ pub fn load_gemma4_pixels(
         .map_err(|e| Error::file(path, e))
 }
 
+/// Decode image bytes and preprocess them for Gemma 3 (as [`load_gemma3_pixels`] does a file's).
+pub fn gemma3_pixels_from_bytes(
+    bytes: &[u8],
+    size: usize,
+) -> std::result::Result<Vec<f32>, String> {
+    decode_rgb8(bytes).map(|img| gemma3_pixels(&img, size))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,6 +471,21 @@ mod tests {
             Ok((280 * 48, 48))
         );
         assert_eq!(gemma4_target_size(1, 1, 16, 70 * 9, 3), Ok((384, 384)));
+    }
+
+    #[test]
+    fn images_wider_than_the_limit_are_refused() {
+        let png = |w: u32| {
+            let mut out = std::io::Cursor::new(Vec::new());
+            ::image::GrayImage::new(w, 1)
+                .write_to(&mut out, ::image::ImageFormat::Png)
+                .unwrap();
+            out.into_inner()
+        };
+        let ok = decode_rgb8(&png(MAX_IMAGE_SIDE)).unwrap();
+        assert_eq!((ok.width, ok.height), (MAX_IMAGE_SIDE as usize, 1));
+        let err = decode_rgb8(&png(MAX_IMAGE_SIDE + 1)).unwrap_err();
+        assert!(err.contains("limit"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod image;
 pub mod import_gguf;
 pub mod kv_pages;
 pub mod model;
+pub mod multimodal;
 pub mod prepare;
 pub mod quant_config;
 pub mod quantize;

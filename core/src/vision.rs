@@ -592,6 +592,24 @@ pub enum ImageModel {
     Gemma4(Gemma4Vision),
 }
 
+/// Why [`ImageModel::prompt`] failed: one image (its index among the images), or the prompt as a whole.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImagePromptError {
+    Image { index: usize, message: String },
+    Prompt(String),
+}
+
+impl std::fmt::Display for ImagePromptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImagePromptError::Image { index, message } => write!(f, "image {index}: {message}"),
+            ImagePromptError::Prompt(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ImagePromptError {}
+
 /// A prompt with its images, ready for `generate_with_inputs`.
 #[derive(Debug, Clone)]
 pub struct ImagePrompt {
@@ -627,69 +645,99 @@ impl ImageModel {
         }
     }
 
-    /// Preprocess and encode `images` (`(label, image)`: the label names the image in errors) on `backend`,
-    /// expand the markers of `text` (one per image, in order) as the family's processor does, tokenize the
-    /// result with `tokenize`, and place the image embeddings at the soft-token rows with the family's
-    /// attention groups. `text_config` is the text model's config.
+    /// A runner for the tower on `backend` that encodes one image at a time (as [`ImageModel::prompt`] does).
+    pub fn runner(&self, backend: &dyn Backend) -> Result<Box<dyn Runner>> {
+        match self {
+            ImageModel::Gemma3(v) => v.runner(backend, 1),
+            ImageModel::Gemma4(v) => v.runner(backend, 1),
+        }
+    }
+
+    /// The tower's graph (to ask a backend whether it has every op).
+    pub fn graph(&self) -> &Graph {
+        match self {
+            ImageModel::Gemma3(v) => &v.graph,
+            ImageModel::Gemma4(v) => &v.graph,
+        }
+    }
+
+    /// The prompt of `text`, whose [`ImageModel::marker`]s stand for `images` in order: every image
+    /// preprocessed as the family's processor does and encoded on `runner` (from [`ImageModel::runner`]),
+    /// the markers expanded as the processor does, the result tokenized with `tokenize`, and the image
+    /// embeddings placed at the soft-token rows with the family's attention groups. `text_config` is the
+    /// text model's config. The one entry point of `e4m3 run --image` and `e4m3 serve`.
     pub fn prompt(
         &self,
-        backend: &dyn Backend,
+        runner: &mut dyn Runner,
         text_config: &Gemma3Config,
-        images: &[(String, Rgb8)],
+        images: &[Rgb8],
         text: &str,
         tokenize: &mut dyn FnMut(&str) -> Result<Vec<u32>>,
-    ) -> Result<ImagePrompt> {
-        let t0 = std::time::Instant::now();
-        let (features, tokens_per_image, preprocess_s) = match self {
-            ImageModel::Gemma3(v) => {
-                let c = &v.config;
-                let px: Vec<Vec<f32>> = images
-                    .iter()
-                    .map(|(_, img)| gemma3_pixels(img, c.image_size))
-                    .collect();
-                let pre = t0.elapsed().as_secs_f64();
-                let mut runner = v.runner(backend, images.len())?;
-                let (f, _) = v.encode(runner.as_mut(), &px, &[])?;
-                (f, vec![c.mm_tokens_per_image; images.len()], pre)
-            }
-            ImageModel::Gemma4(v) => {
-                let c = &v.config;
-                let cut = if c.unified {
-                    gemma4_merged_pixels
-                } else {
-                    gemma4_pixels
-                };
-                let px = images
-                    .iter()
-                    .map(|(label, img)| {
-                        cut(img, c.patch_size, c.max_soft_tokens, c.pooling_kernel_size)
-                            .map_err(|e| Error::invalid(format!("image {label}: {e}")))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let pre = t0.elapsed().as_secs_f64();
-                let tokens = px
-                    .iter()
-                    .map(|p| p.num_patches() / c.rows_per_token())
-                    .collect();
-                let mut runner = v.runner(backend, images.len())?;
-                let (f, _) = v.encode(runner.as_mut(), &px, &[])?;
-                (f, tokens, pre)
-            }
-        };
-        let encode_s = t0.elapsed().as_secs_f64() - preprocess_s;
-        let (expanded, markers) = match self {
-            ImageModel::Gemma3(v) => expand_image_placeholders(text, v.config.mm_tokens_per_image),
-            ImageModel::Gemma4(_) => expand_gemma4_placeholders(text, &tokens_per_image),
-        };
+    ) -> std::result::Result<ImagePrompt, ImagePromptError> {
+        let markers = text.matches(self.marker()).count();
         if markers != images.len() {
-            return Err(Error::invalid(format!(
+            return Err(ImagePromptError::Prompt(format!(
                 "the prompt has {markers} {} markers but {} images were given",
                 self.marker(),
                 images.len()
             )));
         }
-        let ids = tokenize(&expanded)?;
-        let (ids, inputs) = self.prompt_inputs(ids, &features, text_config)?;
+        let image_err = |index: usize| {
+            move |e: Error| ImagePromptError::Image {
+                index,
+                message: e.to_string(),
+            }
+        };
+        let (mut preprocess_s, mut encode_s) = (0.0, 0.0);
+        let mut features: Option<Mat> = None;
+        let mut tokens_per_image = Vec::with_capacity(images.len());
+        for (index, img) in images.iter().enumerate() {
+            let t = std::time::Instant::now();
+            let (f, tokens) = match self {
+                ImageModel::Gemma3(v) => {
+                    let px = gemma3_pixels(img, v.config.image_size);
+                    preprocess_s += t.elapsed().as_secs_f64();
+                    let (f, _) = v.encode(runner, &[px], &[]).map_err(image_err(index))?;
+                    (f, v.config.mm_tokens_per_image)
+                }
+                ImageModel::Gemma4(v) => {
+                    let c = &v.config;
+                    let cut = if c.unified {
+                        gemma4_merged_pixels
+                    } else {
+                        gemma4_pixels
+                    };
+                    let px = cut(img, c.patch_size, c.max_soft_tokens, c.pooling_kernel_size)
+                        .map_err(|message| ImagePromptError::Image { index, message })?;
+                    preprocess_s += t.elapsed().as_secs_f64();
+                    let tokens = px.num_patches() / c.rows_per_token();
+                    let (f, _) = v.encode(runner, &[px], &[]).map_err(image_err(index))?;
+                    (f, tokens)
+                }
+            };
+            encode_s += t.elapsed().as_secs_f64();
+            tokens_per_image.push(tokens);
+            match &mut features {
+                None => features = Some(f),
+                Some(all) => {
+                    all.data.extend_from_slice(&f.data);
+                    all.rows += f.rows;
+                }
+            }
+        }
+        encode_s -= preprocess_s;
+        let features = features.unwrap_or_else(|| Mat::zeros(0, text_config.hidden_size));
+        let expanded = match self {
+            ImageModel::Gemma3(v) => {
+                expand_image_placeholders(text, v.config.mm_tokens_per_image).0
+            }
+            ImageModel::Gemma4(_) => expand_gemma4_placeholders(text, &tokens_per_image).0,
+        };
+        let prompt_err = |e: Error| ImagePromptError::Prompt(e.to_string());
+        let ids = tokenize(&expanded).map_err(prompt_err)?;
+        let (ids, inputs) = self
+            .prompt_inputs(ids, &features, text_config)
+            .map_err(prompt_err)?;
         Ok(ImagePrompt {
             ids,
             inputs,

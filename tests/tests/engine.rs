@@ -44,6 +44,7 @@ fn request(ids: Vec<u32>, max_tokens: usize) -> EngineRequest {
         sampling: SamplingParams::greedy(),
         stop_ids: vec![],
         logprobs: None,
+        inputs: None,
     }
 }
 
@@ -260,4 +261,215 @@ fn a_caller_stop_finishes_the_request_as_stopped() {
         (mt.finished_stop, mt.finished_cancelled, mt.kv_blocks_used),
         (1, 0, 0)
     );
+}
+
+/// Requests with images (the tiny transformers Gemma 3 with a vision tower, tests/fixtures/tiny-gemma3-vision)
+/// batched with text requests, chunked finer than an image and preempted: each gives the tokens and
+/// log-probabilities of the same request generated alone with its images.
+mod images {
+    use e4m3_core::cpu::CpuBackend;
+    use e4m3_core::engine::{Engine, EngineConfig, EngineRequest, Event};
+    use e4m3_core::generate::{generate_with_inputs, GenerateRequest};
+    use e4m3_core::model::Model;
+    use e4m3_core::multimodal::{ImageEncoder, ImagePrompt};
+    use e4m3_core::sampling::SamplingParams;
+    use e4m3_tests::{cpu_runner, fixture, json_u32s, read_json};
+
+    const MAX_LEN: usize = 48;
+
+    /// Word ids `wN` and the image tokens of the tiny model (boi 58, eoi 59, image 60).
+    fn tokenize(text: &str) -> e4m3_core::Result<Vec<u32>> {
+        Ok(text
+            .replace("<start_of_image>", " w58 ")
+            .replace("<end_of_image>", " w59 ")
+            .replace("<image_soft_token>", " w60 ")
+            .split_whitespace()
+            .map(|w| w.strip_prefix('w').unwrap().parse().unwrap())
+            .collect())
+    }
+
+    fn image(name: &str) -> Vec<u8> {
+        std::fs::read(fixture("images").join(name)).unwrap()
+    }
+
+    /// Text with image markers, its images, max tokens, logprobs.
+    type Case<'a> = (&'a str, Vec<&'a [u8]>, usize, Option<usize>);
+
+    /// The prompts of the workload, max tokens and logprobs; the first is the reference prompt.
+    fn workload(enc: &ImageEncoder) -> Vec<(ImagePrompt, usize, Option<usize>)> {
+        let (grad, alpha, gray) = (
+            image("grad_160x120.png"),
+            image("alpha_96x64.png"),
+            image("gray_200x200.png"),
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "w2 w5 w17 <start_of_image> w9 w33 w41 <start_of_image> w7 w21 w3",
+                vec![&grad, &alpha],
+                8,
+                None,
+            ),
+            ("w2 w11 <start_of_image> w12 w13", vec![&gray], 10, Some(3)),
+            ("w2 w4 w8 w15 w16 w23 w42", vec![], 9, None),
+            (
+                "w2 <start_of_image><start_of_image> w40",
+                vec![&alpha, &grad],
+                7,
+                Some(2),
+            ),
+            (
+                "w2 w30 w31 w32 w33 w34 w35 w36 w37 w38 w39 w40 w41 w42 w43 w44",
+                vec![],
+                12,
+                Some(1),
+            ),
+            (
+                "w2 w5 w17 <start_of_image> w9 w33 w41 <start_of_image> w7 w21 w3",
+                vec![&gray, &grad],
+                8,
+                None,
+            ),
+        ];
+        cases
+            .into_iter()
+            .map(|(text, imgs, n, lp)| (enc.prompt(text, &imgs, &mut tokenize).unwrap(), n, lp))
+            .collect()
+    }
+
+    /// Greedy tokens and the log-softmax of every step's logits, generated alone.
+    fn alone(m: &Model, p: &ImagePrompt, n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+        let mut r = cpu_runner(m, 1, MAX_LEN);
+        let req = GenerateRequest {
+            prompt_ids: p.ids.clone(),
+            max_new_tokens: n,
+            sampling: SamplingParams::greedy(),
+            stop_ids: vec![],
+            top_logits: m.config.vocab_size,
+        };
+        let out = generate_with_inputs(r.as_mut(), 0, &req, Some(&p.inputs), |_| true).unwrap();
+        let lps = out
+            .top_logits
+            .iter()
+            .map(|step| {
+                let mut row = vec![0f32; m.config.vocab_size];
+                for &(id, x) in step {
+                    row[id as usize] = x;
+                }
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+                row.iter().map(|&x| x - max - sum.ln() as f32).collect()
+            })
+            .collect();
+        (out.generated, lps)
+    }
+
+    fn check(chunk: usize, blocks: Option<usize>) -> u64 {
+        let dir = fixture("tiny-gemma3-vision");
+        let m = Model::load(&dir).unwrap();
+        let c = &m.config;
+        let enc = ImageEncoder::load(&dir, c, &CpuBackend).unwrap().unwrap();
+        let work = workload(&enc);
+        let reference = read_json(&dir.join("reference.json"));
+        assert_eq!(work[0].0.ids, json_u32s(&reference["input_ids"]));
+        let mut cfg = EngineConfig::new(4, MAX_LEN, c.vocab_size);
+        cfg.prefill_chunk = chunk;
+        cfg.kv_blocks = blocks;
+        let e = Engine::start(cpu_runner(&m, 4, MAX_LEN), cfg).unwrap();
+        assert!(e.supports_inputs());
+        let handles: Vec<_> = work
+            .iter()
+            .map(|(p, n, lp)| {
+                let has_images = !p.inputs.embed_rows.is_empty();
+                e.submit(EngineRequest {
+                    prompt_ids: p.ids.clone(),
+                    max_tokens: *n,
+                    sampling: SamplingParams::greedy(),
+                    stop_ids: vec![],
+                    logprobs: *lp,
+                    inputs: has_images.then(|| p.inputs.clone()),
+                })
+                .unwrap()
+            })
+            .collect();
+        for (k, ((p, n, lp), h)) in work.iter().zip(handles).enumerate() {
+            let (want, want_lps) = alone(&m, p, *n);
+            let mut got = Vec::new();
+            for ev in h.events.iter() {
+                match ev {
+                    Event::Token { id, logprob, .. } => {
+                        if lp.is_some() {
+                            let (l, w) = (logprob.unwrap(), want_lps[got.len()][id as usize]);
+                            assert!(
+                                (l - w).abs() < 1e-4,
+                                "request {k} token {}: logprob {l} vs alone {w}",
+                                got.len()
+                            );
+                        }
+                        got.push(id);
+                    }
+                    Event::Finished { .. } => break,
+                    Event::Error(e) => panic!("request {k}: {e}"),
+                }
+            }
+            assert_eq!(got, want, "request {k}");
+            if k == 0 {
+                // The reference prompt and images give transformers' greedy tokens.
+                assert_eq!(got, json_u32s(&reference["greedy"]));
+            }
+        }
+        e.metrics().preemptions
+    }
+
+    #[test]
+    fn image_requests_chunked_finer_than_an_image_equal_each_alone() {
+        // 3 prompt tokens a step, an image is 4: a chunk that would cut an image stops before it, and one
+        // that starts at an image takes it whole.
+        check(3, None);
+    }
+
+    #[test]
+    fn preempted_image_requests_are_recomputed_with_their_images() {
+        // 4 slots, 5 blocks of 16 positions; the image prompts take 2 blocks each with their completions.
+        let preemptions = check(5, Some(5));
+        assert!(preemptions > 0, "this workload must preempt");
+    }
+
+    #[test]
+    fn image_inputs_are_checked_at_submit() {
+        let dir = fixture("tiny-gemma3-vision");
+        let m = Model::load(&dir).unwrap();
+        let c = &m.config;
+        let enc = ImageEncoder::load(&dir, c, &CpuBackend).unwrap().unwrap();
+        let img = image("alpha_96x64.png");
+        let p = enc
+            .prompt("w2 w7 <start_of_image> w9", &[&img], &mut tokenize)
+            .unwrap();
+        let e = Engine::start(
+            cpu_runner(&m, 1, MAX_LEN),
+            EngineConfig::new(1, MAX_LEN, c.vocab_size),
+        )
+        .unwrap();
+        let submit = |inputs| {
+            e.submit(EngineRequest {
+                prompt_ids: p.ids.clone(),
+                max_tokens: 2,
+                sampling: SamplingParams::greedy(),
+                stop_ids: vec![],
+                logprobs: None,
+                inputs: Some(inputs),
+            })
+            .err()
+            .map(|e| e.to_string())
+        };
+        let mut bad = p.inputs.clone();
+        bad.groups.pop();
+        assert!(submit(bad).unwrap().contains("attention groups"));
+        let mut bad = p.inputs.clone();
+        bad.embed_rows.reverse();
+        assert!(submit(bad).unwrap().contains("increasing"));
+        let mut bad = p.inputs.clone();
+        bad.embeds.rows -= 1;
+        assert!(submit(bad).unwrap().contains("embeddings"));
+        assert_eq!(submit(p.inputs.clone()), None);
+    }
 }

@@ -324,27 +324,22 @@ mod tiny {
     #[test]
     fn image_prompt_expands_markers_per_image() {
         let f = load("bidir");
-        let images: Vec<(String, _)> = f.reference["images"]
+        let images: Vec<_> = f.reference["images"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|n| {
-                let file = n.as_str().unwrap();
-                (
-                    file.to_string(),
-                    load_rgb8(&fixture("images").join(file)).unwrap(),
-                )
-            })
+            .map(|n| load_rgb8(&fixture("images").join(n.as_str().unwrap())).unwrap())
             .collect();
         let mut seen = String::new();
         let mut tokenize = |t: &str| {
             seen = t.to_string();
             Ok(json_u32s(&f.reference["input_ids"]))
         };
+        let mut runner = f.vision.runner(&CpuBackend).unwrap();
         let p = f
             .vision
             .prompt(
-                &CpuBackend,
+                runner.as_mut(),
                 &f.model.config,
                 &images,
                 "a<|image|>b<|image|>c",
@@ -361,7 +356,7 @@ mod tiny {
         let err = f
             .vision
             .prompt(
-                &CpuBackend,
+                runner.as_mut(),
                 &f.model.config,
                 &images,
                 "one <|image|> only",

@@ -346,3 +346,26 @@ fn image_prompts_tokenize_as_the_processor() {
         assert_ne!(inputs.groups[firsts[0]], inputs.groups[firsts[1]]);
     }
 }
+
+/// The real Gemma 3 chat template given image parts as `e4m3 serve` passes them (`{"type": "image"}` for
+/// each `image_url` part) writes one `<start_of_image>` per image: the rendered prompt is the processor's
+/// chat case of `prompt_ids.json`, so its ids are transformers' too.
+#[test]
+fn the_chat_template_places_image_parts_as_the_processor() {
+    use e4m3_core::chat::{render_chat, ChatMessage, MessageContent};
+    use e4m3_core::tokenizer::Tokenizer;
+    use e4m3_core::vision::expand_image_placeholders;
+    let tok = Tokenizer::from_dir(&real_model_dir()).unwrap();
+    let fx = read_json(&fixture("images").join("prompt_ids.json"));
+    let case = &fx["cases"][0];
+    let parts = serde_json::json!([{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Describe both."}]);
+    let mut msg = ChatMessage::new("user", "");
+    msg.content = Some(MessageContent::Parts(
+        serde_json::from_value(parts).unwrap(),
+    ));
+    let text = render_chat(tok.chat_template().unwrap(), &[msg], "<bos>", "<eos>", true).unwrap();
+    assert_eq!(text, format!("<bos>{}", case["text"].as_str().unwrap()));
+    let (text, n) = expand_image_placeholders(&text, 256);
+    assert_eq!(n, 2);
+    assert_eq!(tok.encode(&text, false).unwrap(), json_u32s(&case["ids"]));
+}
