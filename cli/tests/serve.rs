@@ -1097,18 +1097,36 @@ mod images {
     const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m.content is string %}{{ m.content }} {% else %}{% for p in m.content %}{% if p.type == 'image' %}<start_of_image>{% elif p.type == 'text' %}{{ p.text }} {% endif %}{% endfor %}{% endif %}{% endfor %}";
 
     fn vision_model(dir: &Path) {
-        let src = root().join("tests/fixtures/tiny-gemma3-vision");
+        vision_model_from(
+            dir,
+            "tests/fixtures/tiny-gemma3-vision",
+            &[
+                (58, "<start_of_image>"),
+                (59, "<end_of_image>"),
+                (60, "<image_soft_token>"),
+            ],
+            TEMPLATE,
+        );
+    }
+
+    /// A tiny vision checkpoint (`fixture`) with a 64-word tokenizer whose ids `specials` are the image
+    /// tokens, and a chat template.
+    fn vision_model_from(dir: &Path, fixture: &str, specials: &[(u32, &str)], template: &str) {
+        let src = root().join(fixture);
         for f in ["config.json", "model.safetensors"] {
             std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        if src.join("processor_config.json").is_file() {
+            std::fs::copy(
+                src.join("processor_config.json"),
+                dir.join("processor_config.json"),
+            )
+            .unwrap();
         }
         write_word_tokenizer(dir, 64);
         let path = dir.join("tokenizer.json");
         let mut tok: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        for (id, t) in [
-            (58, "<start_of_image>"),
-            (59, "<end_of_image>"),
-            (60, "<image_soft_token>"),
-        ] {
+        for &(id, t) in specials {
             let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
             vocab.remove(&format!("w{id}"));
             vocab.insert(t.into(), json!(id));
@@ -1119,7 +1137,7 @@ mod images {
         std::fs::write(&path, tok.to_string()).unwrap();
         std::fs::write(
             dir.join("tokenizer_config.json"),
-            json!({"add_bos_token": true, "bos_token": "<bos>", "eos_token": "<eos>", "chat_template": TEMPLATE})
+            json!({"add_bos_token": true, "bos_token": "<bos>", "eos_token": "<eos>", "chat_template": template})
                 .to_string(),
         )
         .unwrap();
@@ -1210,6 +1228,57 @@ mod images {
             }
         });
         addr
+    }
+
+    /// A Gemma 4 tower checkpoint (tiny, 31B-like: clipped linears, standardize, the image mask on sliding
+    /// layers) over HTTP: its images and text parts become transformers' prompt ids, and the greedy tokens
+    /// are transformers' (tests/fixtures/tiny-gemma4-vision/bidir).
+    #[test]
+    fn serve_gemma4_images_give_the_reference_tokens() {
+        const G4_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% for p in m.content %}{% if p.type == 'image' %}<|image|>{% elif p.type == 'text' %}{{ p.text }} {% endif %}{% endfor %}{% endfor %}";
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("model");
+        std::fs::create_dir_all(&dir).unwrap();
+        let specials = [(60, "<|image|>"), (61, "<|image>"), (62, "<image|>")];
+        vision_model_from(
+            &dir,
+            "tests/fixtures/tiny-gemma4-vision/bidir",
+            &specials,
+            G4_TEMPLATE,
+        );
+        let reference = e4m3_tests::read_json(
+            &root().join("tests/fixtures/tiny-gemma4-vision/bidir/reference.json"),
+        );
+        assert_eq!(
+            reference["images"],
+            json!(["grad_160x120.png", "alpha_96x64.png"])
+        );
+        let srv = Server::start(&dir, &[]);
+        let (grad, alpha) = (image("grad_160x120.png"), image("alpha_96x64.png"));
+        let req = json!({"model": "tiny", "temperature": 0, "max_tokens": 8, "logprobs": true, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "w24 w9 w34 w4"},
+            {"type": "image_url", "image_url": {"url": data_url(&grad)}},
+            {"type": "text", "text": "w16 w41 w17"},
+            {"type": "image_url", "image_url": {"url": data_url(&alpha)}},
+            {"type": "text", "text": "w4 w6 w51"},
+        ]}]});
+        let (status, r) = srv.post("/v1/chat/completions", &req);
+        assert_eq!(status, 200, "{r}");
+        let prompt = e4m3_tests::json_u32s(&reference["input_ids"]);
+        assert_eq!(r["usage"]["prompt_tokens"], prompt.len(), "{r}");
+        let got: Vec<u32> = r["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{r}"))
+            .iter()
+            .map(|t| {
+                let t = t["token"].as_str().unwrap();
+                match specials.iter().find(|s| s.1 == t) {
+                    Some(s) => s.0,
+                    None => t.strip_prefix('w').unwrap().parse().unwrap(),
+                }
+            })
+            .collect();
+        assert_eq!(got, e4m3_tests::json_u32s(&reference["greedy"]), "{r}");
     }
 
     #[test]
