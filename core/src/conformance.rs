@@ -1555,7 +1555,7 @@ mod tests {
                 .iter()
                 .any(|n| CPU_ONLY.contains(&n.op.kind()))
             {
-                assert!(!ok(true), "{}", c.name);
+                assert!(!ok(true, true), "{}", c.name);
                 continue;
             }
             let gemma4 = names.iter().any(|n| c.name.starts_with(n));
