@@ -60,8 +60,8 @@ pub fn decode_rgb8(bytes: &[u8]) -> std::result::Result<Rgb8, String> {
 
 /// Decode a JPEG as PIL does: libjpeg-turbo's C code (vendored by the mozjpeg crate), with its defaults, the
 /// ISLOW integer IDCT and "fancy" (triangular) chroma upsampling, so pixels equal transformers' processors'.
-/// Greyscale, YCbCr and RGB JPEGs (baseline, progressive or arithmetic-coded, 8-bit) are supported; CMYK/YCCK,
-/// 12-bit and truncated files are errors. `limits` bound the size as for the other formats.
+/// 8-bit greyscale, YCbCr and RGB JPEGs (baseline or progressive) are supported; CMYK/YCCK, 12-bit,
+/// arithmetic-coded and truncated files are errors. `limits` bound the size as for the other formats.
 fn decode_jpeg(bytes: &[u8], mut limits: ::image::Limits) -> std::result::Result<Rgb8, String> {
     use mozjpeg::ColorSpace;
     // libjpeg reports fatal errors by unwinding (the mozjpeg crate's error handler), caught here.
