@@ -96,10 +96,19 @@ fn unsupported_or_broken_jpegs_are_errors_naming_the_file() {
     assert_eq!(good[sof + 4..sof + 9], [8, 0, 37, 0, 45]);
     let mut twelve_bit = good.clone();
     twelve_bit[sof + 4] = 12;
+    // 60000x60000: past the decoder's memory limit (512 MiB).
     let mut huge = good.clone();
-    huge[sof + 5..sof + 9].copy_from_slice(&[0xea, 0x60, 0xea, 0x60]); // 60000x60000
+    huge[sof + 5..sof + 9].copy_from_slice(&[0xea, 0x60, 0xea, 0x60]);
+    // The same frame as arithmetic-coded (SOF9): libjpeg's arithmetic decoder is not built in.
+    let mut arithmetic = good.clone();
+    arithmetic[sof + 1] = 0xc9;
     let tmp = tempfile::tempdir().unwrap();
     for (name, bytes, says) in [
+        (
+            "arithmetic.jpg",
+            arithmetic,
+            "arithmetic coding is not implemented",
+        ),
         ("twelve_bit.jpg", twelve_bit, "precision 12"),
         ("huge.jpg", huge, "60000x60000"),
         (
