@@ -51,16 +51,96 @@ fn decode(bytes: &[u8]) -> std::result::Result<Rgb8, String> {
     ) {
         return Err(format!("unsupported image format {format:?}"));
     }
-    let mut reader = ::image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
     let mut limits = ::image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    if format == ::image::ImageFormat::Jpeg {
+        return decode_jpeg(bytes, limits);
+    }
+    let mut reader = ::image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
     reader.limits(limits);
     let img = reader.decode().map_err(|e| e.to_string())?;
     if img.width() == 0 || img.height() == 0 {
         return Err("the image is empty".into());
     }
     Ok(to_rgb8(&img))
+}
+
+/// Decode a JPEG as PIL does: libjpeg-turbo's C code (vendored by the mozjpeg crate), with its defaults, the
+/// ISLOW integer IDCT and "fancy" (triangular) chroma upsampling, so pixels equal transformers' processors'.
+/// 8-bit greyscale, YCbCr and RGB JPEGs (baseline or progressive) are supported; CMYK/YCCK, 12-bit,
+/// arithmetic-coded and truncated files are errors. `limits` bound the size as for the other formats.
+fn decode_jpeg(bytes: &[u8], mut limits: ::image::Limits) -> std::result::Result<Rgb8, String> {
+    use mozjpeg::ColorSpace;
+    // libjpeg reports fatal errors by unwinding (the mozjpeg crate's error handler), caught here.
+    let decoded = std::panic::catch_unwind(move || {
+        let jpeg =
+            mozjpeg::Decompress::new_reader(EndIsAnError(bytes)).map_err(|e| e.to_string())?;
+        let (width, height) = jpeg.size();
+        match jpeg.color_space() {
+            ColorSpace::JCS_GRAYSCALE | ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB => {}
+            ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => {
+                return Err("CMYK JPEGs are not supported (convert it to RGB)".to_string());
+            }
+            other => return Err(format!("unsupported JPEG colour space {other:?}")),
+        }
+        if width == 0 || height == 0 {
+            return Err("the image is empty".into());
+        }
+        let too_big = |e: ::image::ImageError| format!("{width}x{height} JPEG: {e}");
+        limits
+            .check_dimensions(width as u32, height as u32)
+            .map_err(too_big)?;
+        limits
+            .reserve_usize(width.saturating_mul(height).saturating_mul(3))
+            .map_err(too_big)?;
+        let mut started = jpeg.rgb().map_err(|e| e.to_string())?;
+        let data: Vec<u8> = started.read_scanlines().map_err(|e| e.to_string())?;
+        started.finish().map_err(|e| e.to_string())?;
+        Ok(Rgb8 {
+            width,
+            height,
+            data,
+        })
+    });
+    decoded.unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown error");
+        // The reader below fails at the end of the data: libjpeg asked for more, the file is cut short.
+        Err(if msg.ends_with("Input file read error") {
+            "the JPEG data ends early (truncated file)".to_string()
+        } else {
+            msg.trim_start_matches("libjpeg fatal error: ").to_string()
+        })
+    })
+}
+
+/// The JPEG bytes as a reader that fails when read past their end: libjpeg would only warn and fill the rest
+/// of a truncated image with grey, where PIL refuses it.
+struct EndIsAnError<'a>(&'a [u8]);
+
+impl std::io::Read for EndIsAnError<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+impl std::io::BufRead for EndIsAnError<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.0.is_empty() {
+            return Err(std::io::Error::other("the JPEG data ends early"));
+        }
+        Ok(self.0)
+    }
+    fn consume(&mut self, n: usize) {
+        self.0 = &self.0[n..];
+    }
 }
 
 /// RGB as transformers' `convert_to_rgb` makes it: images with an alpha channel are composited onto opaque
@@ -486,6 +566,20 @@ mod tests {
         assert_eq!((ok.width, ok.height), (MAX_IMAGE_SIDE as usize, 1));
         let err = decode_rgb8(&png(MAX_IMAGE_SIDE + 1)).unwrap_err();
         assert!(err.contains("limit"), "{err}");
+    }
+
+    #[test]
+    fn broken_jpegs_are_errors_not_panics() {
+        // libjpeg's fatal errors unwind out of its C code and come back as errors.
+        let cases: [(&[u8], &str); 3] = [
+            (b"\xff\xd8\xff", "truncated"),
+            (b"\xff\xd8\xff\xd9", "no image"),
+            (b"\xff\xd8\xff\xc8\x00\x02\xff\xd9", "SOF type 0xc8"),
+        ];
+        for (bytes, says) in cases {
+            let err = decode_rgb8(bytes).unwrap_err();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

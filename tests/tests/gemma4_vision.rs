@@ -45,13 +45,8 @@ fn preprocessing_matches_transformers() {
             let patch = (y / 16) * px.grid_w + x / 16;
             px.patches[patch * 768 + ((y % 16) * 16 + x % 16) * 3 + c]
         };
-        // PNG and WebP decode identically, so the bicubic resize must be exact; JPEG decoders differ by a
-        // level or two (see vision.rs), and the filter spreads that a little.
-        let (levels_tol, mean_tol) = if file.ends_with(".jpg") {
-            (3.0, 1e-3)
-        } else {
-            (0.0, 1e-6)
-        };
+        // Every format decodes as PIL does (JPEG with libjpeg-turbo's code), so the bicubic resize must be exact.
+        let (levels_tol, mean_tol) = (0.0, 1e-6);
         let sub = img["subsample"].as_array().unwrap();
         let mut worst = 0f32;
         for c in 0..3 {

@@ -1,7 +1,7 @@
 //! Images in, text out (Gemma 3): preprocessing against transformers' Gemma3ImageProcessor
 //! (tests/fixtures/images, tools/make_image_fixtures.py).
 
-use e4m3_core::image::load_gemma3_pixels;
+use e4m3_core::image::{load_gemma3_pixels, load_rgb8};
 use e4m3_tests::*;
 
 const SIZE: usize = 896;
@@ -17,16 +17,9 @@ fn preprocessing_matches_transformers() {
     for img in images {
         let file = img["file"].as_str().unwrap();
         let px = load_gemma3_pixels(&dir.join(file), SIZE).unwrap();
-        // PNG and WebP decode identically, so the resize is checked bit for bit (one uint8 level is 2/255
-        // after normalization). JPEG decoders differ: the image crate's (zune-jpeg) IDCT differs from
-        // libjpeg-turbo's (PIL) by a level on some pixels, and its 4:2:0 chroma upsampling by up to two.
-        let (levels_tol, mean_tol) = if file.ends_with("_444.jpg") {
-            (1.0, 1e-4)
-        } else if file.ends_with(".jpg") {
-            (2.0, 2e-3)
-        } else {
-            (0.0, 1e-6)
-        };
+        // Every format decodes as PIL does (JPEG with libjpeg-turbo's code, as PIL), so the resize is checked bit
+        // for bit (one uint8 level is 2/255 after normalization).
+        let (levels_tol, mean_tol) = (0.0, 1e-6);
         assert_eq!(px.len(), 3 * SIZE * SIZE, "{file}");
         let sub = img["subsample"].as_array().unwrap();
         let mut worst = 0f32;
@@ -50,11 +43,90 @@ fn preprocessing_matches_transformers() {
                 "{file} channel {c}: mean {mean} vs transformers {want_mean}"
             );
         }
+        eprintln!(
+            "{file}: max |diff| on the subsample {:.2} levels",
+            worst * 127.5
+        );
         assert!(
             worst <= levels_tol * 2.0 / 255.0 + 1e-5,
             "{file}: max |diff| {worst} on the subsample ({} uint8 levels allowed)",
             levels_tol
         );
+    }
+}
+
+/// JPEG decoding equals PIL's (libjpeg-turbo), which transformers' processors use, value for value:
+/// tests/fixtures/jpeg (4:2:0, 4:2:2, 4:4:4, progressive and grey, odd sizes), tools/make_jpeg_fixtures.py.
+#[test]
+fn jpeg_decodes_to_pil_pixels() {
+    let dir = fixture("jpeg");
+    let summary = read_json(&dir.join("decoded.json"));
+    let images = summary["images"].as_array().unwrap();
+    assert_eq!(images.len(), 5);
+    for img in images {
+        let file = img["file"].as_str().unwrap();
+        let got = load_rgb8(&dir.join(file)).unwrap();
+        let want = std::fs::read(dir.join(img["rgb"].as_str().unwrap())).unwrap();
+        let size = [&img["width"], &img["height"]].map(|v| v.as_u64().unwrap() as usize);
+        assert_eq!([got.width, got.height], size, "{file}");
+        assert_eq!(got.data.len(), want.len(), "{file}");
+        let differing = got.data.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differing,
+            0,
+            "{file}: {differing} of {} values differ from PIL's",
+            want.len()
+        );
+    }
+}
+
+#[test]
+fn unsupported_or_broken_jpegs_are_errors_naming_the_file() {
+    let dir = fixture("jpeg");
+    let err = |path: &std::path::Path| load_rgb8(path).unwrap_err().to_string();
+    let cmyk = err(&dir.join("cmyk_16x16.jpg"));
+    assert!(
+        cmyk.contains("cmyk_16x16.jpg") && cmyk.contains("CMYK"),
+        "{cmyk}"
+    );
+
+    let good = std::fs::read(dir.join("yuv420_45x37.jpg")).unwrap();
+    // The baseline frame header: FF C0, length (2 bytes), precision, height (2), width (2).
+    let sof = good.windows(2).position(|w| w == [0xff, 0xc0]).unwrap();
+    assert_eq!(good[sof + 4..sof + 9], [8, 0, 37, 0, 45]);
+    let mut twelve_bit = good.clone();
+    twelve_bit[sof + 4] = 12;
+    // 60000x60000: past the decoder's memory limit (512 MiB).
+    let mut huge = good.clone();
+    huge[sof + 5..sof + 9].copy_from_slice(&[0xea, 0x60, 0xea, 0x60]);
+    // The same frame as arithmetic-coded (SOF9): libjpeg's arithmetic decoder is not built in.
+    let mut arithmetic = good.clone();
+    arithmetic[sof + 1] = 0xc9;
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, bytes, says) in [
+        (
+            "arithmetic.jpg",
+            arithmetic,
+            "arithmetic coding is not implemented",
+        ),
+        ("twelve_bit.jpg", twelve_bit, "precision 12"),
+        ("huge.jpg", huge, "60000x60000"),
+        (
+            "truncated.jpg",
+            good[..good.len() / 2].to_vec(),
+            "truncated",
+        ),
+        ("header_only.jpg", good[..4].to_vec(), "truncated"),
+        (
+            "bad_marker.jpg",
+            b"\xff\xd8\xff\xc0\x00\x02\x08\x00\x10\x00\x10\x01\x01\x11\x00\xff\xd9".to_vec(),
+            "Bogus marker length",
+        ),
+    ] {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let e = err(&path);
+        assert!(e.contains(name) && e.contains(says), "{e}");
     }
 }
 
