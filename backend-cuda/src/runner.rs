@@ -1238,7 +1238,8 @@ impl CudaRunner {
         }
         // 16-byte loads where the rows allow them (kernels/linear.cu linear_vec_*).
         let per_chunk = [4, 8, 8, 16][lp.dt as usize];
-        let vec = k % per_chunk == 0 && (lp.scheme < 3 || lp.block[1] % per_chunk == 0);
+        let vec =
+            k.is_multiple_of(per_chunk) && (lp.scheme < 3 || lp.block[1].is_multiple_of(per_chunk));
         let name = match (vec, lp.scheme, lp.dt) {
             (true, 0, 0) => "linear_vec_dense_f32",
             (true, 0, 1) => "linear_vec_dense_bf16",

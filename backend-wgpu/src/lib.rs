@@ -96,7 +96,7 @@ fn summary(a: &wgpu::Adapter) -> AdapterSummary {
         driver: format!("{} {}", info.driver, info.driver_info)
             .trim()
             .to_string(),
-        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size as u64,
+        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
         max_buffer_size: l.max_buffer_size,
         max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
         max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
@@ -218,7 +218,8 @@ struct Gpu {
 impl Gpu {
     /// The largest range one binding may cover (`E4M3_WGPU_MAX_BINDING` lowers it, to test splitting).
     fn max_binding(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64)
+        self.limits
+            .max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size)
             .min(self.binding_cap)
     }

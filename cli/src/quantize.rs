@@ -7,6 +7,8 @@ use anyhow::{bail, Result};
 use clap::ValueEnum;
 use e4m3_core::quantize::{quantize, CalibSource, QuantizeOptions, Scheme, WeightCalib};
 
+/// The FP8 schemes, named as the CLI spells them (every one is FP8).
+#[allow(clippy::enum_variant_names)]
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum SchemeArg {
     /// ModelOpt FP8 per-tensor W8A8 with static (calibrated) input scales.

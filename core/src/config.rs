@@ -595,7 +595,10 @@ impl Gemma3Config {
                 return Err(Error::field(p, name, "must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(Error::field(
                 p,
                 "num_key_value_heads",
@@ -605,10 +608,10 @@ impl Gemma3Config {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::field(p, "head_dim", "must be even for RoPE"));
         }
-        if !(self.query_pre_attn_scalar > 0.0) {
+        if self.query_pre_attn_scalar.is_nan() || self.query_pre_attn_scalar <= 0.0 {
             return Err(Error::field(p, "query_pre_attn_scalar", "must be positive"));
         }
         Ok(())
@@ -819,7 +822,7 @@ fn parse_rope_object(
         }
         "linear" if !gemma4 => {
             let factor = sub.f32_or("factor", 1.0)?;
-            if !(factor > 0.0) {
+            if factor.is_nan() || factor <= 0.0 {
                 return Err(sub.err("factor", "must be positive"));
             }
             factor

@@ -82,7 +82,7 @@ pub fn node_weights<'a>(
             NodeWeights::Embed(w)
         }
         Op::RmsNorm { weight, group, .. } => {
-            if *group == 0 || n.cols % group != 0 {
+            if *group == 0 || !n.cols.is_multiple_of(*group) {
                 return Err(Error::invalid(format!(
                     "node `{}`: {} columns are not groups of {group}",
                     n.name, n.cols

@@ -190,7 +190,7 @@ impl Sampler {
 
         // 1. temperature (NaN -> dropped, -inf -> dropped). +inf logits: only they survive, equally likely.
         self.cand.clear();
-        if logits.iter().any(|&x| x == f32::INFINITY) {
+        if logits.contains(&f32::INFINITY) {
             self.cand.extend(
                 logits
                     .iter()

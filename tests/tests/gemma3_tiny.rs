@@ -542,7 +542,7 @@ fn bad_steps_are_errors_not_panics() {
         ),
     ];
     for (b, want) in cases {
-        let e = r.step(&b, &[]).err().expect("must fail").to_string();
+        let e = r.step(&b, &[]).expect_err("must fail").to_string();
         assert!(e.contains(want), "expected `{want}` in: {e}");
     }
 }

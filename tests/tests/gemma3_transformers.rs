@@ -102,7 +102,8 @@ fn dropping_a_feature_breaks_the_match() {
             .fold(0.0, f32::max)
     };
     assert!(far(&model) < 1e-3);
-    let variants: Vec<(&str, Box<dyn Fn(&mut e4m3_core::config::Gemma3Config)>)> = vec![
+    type Edit = Box<dyn Fn(&mut e4m3_core::config::Gemma3Config)>;
+    let variants: Vec<(&str, Edit)> = vec![
         (
             "no rope scaling",
             Box::new(|c| c.rope_full.linear_factor = 1.0),

@@ -31,7 +31,7 @@ pub fn rms_norm(x: &Mat, weight: Option<&[f32]>, group: usize, eps: f32, add_one
     let mut out = x.clone();
     out.data.par_chunks_mut(group).for_each(|g| {
         let ss: f64 = g.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let inv = (1.0 / ((ss / group as f64) as f32 + eps).sqrt()) as f32;
+        let inv = 1.0 / ((ss / group as f64) as f32 + eps).sqrt();
         match weight {
             Some(w) => {
                 for (v, &wi) in g.iter_mut().zip(w) {

@@ -499,7 +499,7 @@ impl CpuRunner {
                 Op::Clamp { min, max } => vision::clamp(input(0), *min, *max),
                 Op::ChannelScale { weight } => vision::channel_scale(input(0), &self.norms[weight]),
             };
-            if taps.iter().any(|t| *t == node.name) {
+            if taps.contains(&node.name) {
                 tapped.insert(node.name.clone(), out.clone());
             }
             values[i] = Some(out);
