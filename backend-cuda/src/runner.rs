@@ -13,7 +13,7 @@ use e4m3_core::backend::{
 };
 use e4m3_core::cpu::{kv_rounding, KvRounding};
 use e4m3_core::error::{Error, Result};
-use e4m3_core::graph::{Graph, Op, WeightMap};
+use e4m3_core::graph::{Graph, ImageGroups, Op, WeightMap};
 use e4m3_core::prepare::{
     dtype_code, node_weights, scheme_code, ExpertLinear, KernelScales, NodeWeights,
 };
@@ -827,7 +827,7 @@ impl CudaRunner {
                             scale,
                             window,
                             softcap,
-                            ..
+                            image_groups,
                         }
                         | Op::AttentionShared {
                             cache_layer,
@@ -837,10 +837,22 @@ impl CudaRunner {
                             scale,
                             window,
                             softcap,
-                            ..
+                            image_groups,
                         },
                         _,
                     ) => {
+                        // The kernels take the Windowed ends (attention_ends); Off is plain causal.
+                        let ends_p = match image_groups {
+                            ImageGroups::Off => 0,
+                            ImageGroups::Windowed => ends_p,
+                            ImageGroups::WholeGroup if ends_p == 0 => 0,
+                            ImageGroups::WholeGroup => return Err(Error::Unsupported {
+                                backend: "cuda".into(),
+                                op: "attention with whole-group images (ImageGroups::WholeGroup)"
+                                    .into(),
+                                node: node.name.clone(),
+                            }),
+                        };
                         let l = &self.kv[*cache_layer];
                         let c = &self.classes[l.class];
                         let mut p: Vec<u8> = Vec::with_capacity(56);

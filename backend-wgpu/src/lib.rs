@@ -14,21 +14,21 @@
 //! KV cache and the weights are not guarded. `E4M3_WGPU_PROFILE=1` times every dispatch alone and prints
 //! the time per op and shape when the runner is dropped. Images (`Runner::step_with_inputs`): given rows
 //! are uploaded once per step and copied into the Embed (or Input) node's buffer; the attention kernel
-//! reads per row the last position it sees (its image group's end); EncoderAttention has its own entry
+//! reads per row the first and last positions it sees besides the window (by the node's `ImageGroups`); EncoderAttention has its own entry
 //! point there, one dispatch per image.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use e4m3_core::backend::{
-    attention_ends, check_step_inputs, check_supported, guard_damage, guard_fill, validate_batch,
+    attention_spans, check_step_inputs, check_supported, guard_damage, guard_fill, validate_batch,
     Backend, Batch, CacheConfig, Runner, StepInputs, StepOutput,
 };
 use e4m3_core::checkpoint::Weight;
 use e4m3_core::cpu::fp8_linear::Fp8Scales;
 use e4m3_core::cpu::{kv_rounding, KvRounding};
 use e4m3_core::error::{Error, Result};
-use e4m3_core::graph::{Graph, Op, QuantScheme, WeightMap};
+use e4m3_core::graph::{Graph, ImageGroups, Op, QuantScheme, WeightMap};
 use e4m3_core::prepare::{
     dtype_code, node_weights, scheme_code, ExpertLinear, KernelScales, NodeWeights,
 };
@@ -57,6 +57,12 @@ const XU_BYTES: u64 = 65536;
 /// Largest head_dim the attention shader handles (8 values per thread of a 64-thread workgroup).
 pub const MAX_HEAD_DIM: usize = 512;
 /// Query rows per workgroup of attention.wgsl's encoder_attention (`ER`).
+/// The `ImageGroups` modes in the order of `WgpuRunner::spans`.
+const GROUP_MODES: [ImageGroups; 3] = [
+    ImageGroups::Off,
+    ImageGroups::Windowed,
+    ImageGroups::WholeGroup,
+];
 const ENCODER_ROWS: usize = 4;
 
 /// One adapter as `e4m3 devices` lists it.
@@ -415,7 +421,7 @@ impl Backend for WgpuBackend {
     }
 
     fn supports(&self, op: &Op) -> bool {
-        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true, true)
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true, true, false)
     }
 
     fn load(
@@ -686,8 +692,9 @@ struct WgpuRunner {
     cap_rows: usize,
     ids: wgpu::Buffer,
     info: wgpu::Buffer,
-    /// Per row: the last position its attention sees (itself, or the end of its image group).
-    ends: wgpu::Buffer,
+    /// Per `ImageGroups` mode (Off, Windowed, WholeGroup), per row: the (first, last) positions its
+    /// attention sees besides the window (`attention_spans`).
+    spans: [wgpu::Buffer; 3],
     sel: wgpu::Buffer,
     /// (inv_freq, head_dim, table of [rows, head_dim] cos|sin).
     rope: Vec<(Vec<f32>, usize, wgpu::Buffer)>,
@@ -867,7 +874,7 @@ impl WgpuRunner {
             cap_rows: 0,
             ids: dummy.clone(),
             info: dummy.clone(),
-            ends: dummy.clone(),
+            spans: [dummy.clone(), dummy.clone(), dummy.clone()],
             sel: dummy.clone(),
             xq: dummy.clone(),
             xs: dummy.clone(),
@@ -946,7 +953,7 @@ impl WgpuRunner {
         self.ids = storage(&gpu, "ids", (cap * 4) as u64);
         self.sel = storage(&gpu, "select", (cap * 4) as u64);
         self.info = storage(&gpu, "rows", (cap * 16) as u64);
-        self.ends = storage(&gpu, "attention ends", (cap * 4) as u64);
+        self.spans = [0, 1, 2].map(|_| storage(&gpu, "attention spans", (cap * 8) as u64));
         for t in &mut self.rope {
             t.2 = storage(&gpu, "rope", (cap * t.1 * 4) as u64);
         }
@@ -1367,8 +1374,11 @@ impl WgpuRunner {
                 base += s.tokens.len() as u32;
             }
             q.write_buffer(&self.info, 0, bytemuck::cast_slice(&info));
-            let ends = attention_ends(batch, inputs.map_or(&[][..], |i| &i.groups));
-            q.write_buffer(&self.ends, 0, bytemuck::cast_slice(&ends));
+            let groups = inputs.map_or(&[][..], |i| &i.groups);
+            for (buf, mode) in self.spans.iter().zip(GROUP_MODES) {
+                let spans = attention_spans(batch, groups, mode);
+                q.write_buffer(buf, 0, bytemuck::cast_slice(&spans));
+            }
             for (inv_freq, hd, buf) in &self.rope {
                 let half = hd / 2;
                 let mut tab = vec![0f32; t * hd];
@@ -1513,7 +1523,7 @@ impl WgpuRunner {
                             scale,
                             window,
                             softcap,
-                            ..
+                            image_groups,
                         }
                         | Op::AttentionShared {
                             cache_layer,
@@ -1523,10 +1533,12 @@ impl WgpuRunner {
                             scale,
                             window,
                             softcap,
-                            ..
+                            image_groups,
                         },
                         _,
                     ) => {
+                        let mode = GROUP_MODES.iter().position(|m| m == image_groups);
+                        let spans = &self.spans[mode.expect("every mode")];
                         let kvb = &self.kv[*cache_layer];
                         let binds = vec![
                             inp(0),
@@ -1536,7 +1548,7 @@ impl WgpuRunner {
                             whole(&kvb.k, kvb.k.size()),
                             whole(&kvb.v, kvb.v.size()),
                             whole(&self.info, (t * 16) as u64),
-                            whole(&self.ends, (t * 4) as u64),
+                            whole(spans, (t * 8) as u64),
                         ];
                         let prm = params(&[
                             *n_heads as u32,
@@ -1738,7 +1750,7 @@ impl WgpuRunner {
                                         none.clone(),
                                         none.clone(),
                                         whole(&self.info, (t * 16) as u64),
-                                        whole(&self.ends, (t * 4) as u64),
+                                        whole(&self.spans[0], (t * 8) as u64),
                                     ],
                                     params: params(&[
                                         *n_heads as u32,

@@ -138,7 +138,7 @@ fn wgpu_runs_every_vision_case() {
             assert!(report.passed() > 0, "{filter}: no case");
             total += report.passed();
         }
-        let image_groups = if limit.is_some() { 0 } else { 2 };
+        let image_groups = if limit.is_some() { 0 } else { 4 };
         assert_eq!(total, 3 * 3 + 3 + 2 + 1 + image_groups, "{limit:?}");
     }
 }
