@@ -700,7 +700,7 @@ impl CudaRunner {
             ptr(&self.xs),
         );
         let ends_p = if self.groups { ptr(&self.ends) } else { 0 };
-        let has_input = self.graph.nodes.iter().any(|n| matches!(n.op, Op::Input));
+        let given_node = self.graph.given_rows_node();
         let mut tapped = BTreeMap::new();
         #[allow(clippy::needless_range_loop)] // the loop body mutates self.plans[i]
         // Fusions need every fused-away value unread: none when taps are asked for.
@@ -733,7 +733,7 @@ impl CudaRunner {
                                 A::F(*scale),
                             ],
                         )?;
-                        if !has_input {
+                        if given_node == Some(i) {
                             self.copy_given(*cols, out)?;
                         }
                     }

@@ -210,6 +210,10 @@ struct Pipes {
     bias_add: wgpu::ComputePipeline,
     layer_norm: wgpu::ComputePipeline,
     avg_pool2d: wgpu::ComputePipeline,
+    pos_embed2d: Vec<wgpu::ComputePipeline>,
+    pool_positions: wgpu::ComputePipeline,
+    clamp: wgpu::ComputePipeline,
+    channel_scale: wgpu::ComputePipeline,
 }
 
 struct Gpu {
@@ -361,6 +365,20 @@ impl Pipes {
             bias_add: pipeline(device, &el, &el_layout, "bias_add", &[]),
             layer_norm: pipeline(device, &norm, &el_layout, "layer_norm", &[]),
             avg_pool2d: pipeline(device, &pool, &el_layout, "avg_pool2d", &[]),
+            pos_embed2d: (0..4)
+                .map(|dt| {
+                    pipeline(
+                        device,
+                        &gather,
+                        &el_layout,
+                        "pos_embed2d",
+                        &[("DT", dt as f64)],
+                    )
+                })
+                .collect(),
+            pool_positions: pipeline(device, &pool, &el_layout, "pool_positions", &[]),
+            clamp: pipeline(device, &el, &el_layout, "clamp_op", &[]),
+            channel_scale: pipeline(device, &el, &el_layout, "channel_scale", &[]),
             el_layout,
             lin_layout,
             lin_layout_s,
@@ -421,7 +439,7 @@ impl Backend for WgpuBackend {
     }
 
     fn supports(&self, op: &Op) -> bool {
-        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true, true, false)
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true, true, true)
     }
 
     fn load(
@@ -619,12 +637,46 @@ enum Plan {
     Linear(Lin),
     /// Index into the runner's RoPE tables.
     Rope(usize),
+    /// Index into the runner's Rope2d tables.
+    Rope2d(usize),
     /// RouterTopK: the per-expert scales.
     Router(wgpu::Buffer),
     /// MoeExperts: per expert, gate_up `[2I, H]` and down `[H, I]`.
     Moe(Vec<[Lin; 2]>),
     /// BiasAdd: the bias; LayerNorm: the weight then the bias, in one buffer.
     Vector(wgpu::Buffer),
+}
+
+/// A Rope2d node's per-step cos/sin table: its values read as heads of `head_dim / 2` (rope.wgsl's rows),
+/// alternately at the row's x and y (core/src/cpu/vision.rs rope2d).
+struct Rope2dTable {
+    inv_freq: Vec<f32>,
+    head_dim: usize,
+    size: usize,
+    cols: usize,
+    buf: wgpu::Buffer,
+}
+
+impl Rope2dTable {
+    /// `[rows * halves, head_dim / 2]`: per half-head, cos then sin at its position, as the CPU computes them.
+    fn table(&self, ids: &[u32]) -> Vec<f32> {
+        let (hd, q) = (self.head_dim / 2, self.head_dim / 4);
+        let halves = self.cols / hd;
+        let mut tab = vec![0f32; ids.len() * self.cols];
+        for (r, &id) in ids.iter().enumerate() {
+            let (px, py) = ((id as usize) % self.size, (id as usize) / self.size);
+            for h in 0..halves {
+                let pos = if h % 2 == 0 { px } else { py };
+                let row = &mut tab[(r * halves + h) * hd..(r * halves + h + 1) * hd];
+                for (i, &fr) in self.inv_freq.iter().enumerate() {
+                    let a = pos as f32 * fr;
+                    row[i] = a.cos();
+                    row[q + i] = a.sin();
+                }
+            }
+        }
+        tab
+    }
 }
 
 /// A linear weight as linear.wgsl reads it.
@@ -698,6 +750,7 @@ struct WgpuRunner {
     sel: wgpu::Buffer,
     /// (inv_freq, head_dim, table of [rows, head_dim] cos|sin).
     rope: Vec<(Vec<f32>, usize, wgpu::Buffer)>,
+    rope2d: Vec<Rope2dTable>,
     max_k: usize,
     max_groups: usize,
     xq: wgpu::Buffer,
@@ -767,12 +820,18 @@ impl WgpuRunner {
     ) -> Result<WgpuRunner> {
         let mut plans = Vec::with_capacity(graph.nodes.len());
         let mut rope: Vec<(Vec<f32>, usize, wgpu::Buffer)> = Vec::new();
+        let mut rope2d: Vec<Rope2dTable> = Vec::new();
         let (mut max_k, mut max_groups) = (1usize, 1usize);
         // Widest MoE scratch rows: gate_up output, hidden activation, one expert's output.
         let mut moe_cols = [0usize; 3];
         for n in &graph.nodes {
             let plan = match (&n.op, node_weights(graph, n, weights)?) {
                 (Op::Embed { .. }, NodeWeights::Embed(w)) => Plan::Embed {
+                    chunks: upload_rows(&gpu, w)?,
+                    dt: dtype_code(w.dtype),
+                    cols: n.cols,
+                },
+                (Op::PosEmbed2d { .. }, NodeWeights::Embed(w)) => Plan::Embed {
                     chunks: upload_rows(&gpu, w)?,
                     dt: dtype_code(w.dtype),
                     cols: n.cols,
@@ -836,6 +895,23 @@ impl WgpuRunner {
                     };
                     Plan::Rope(idx)
                 }
+                (
+                    Op::Rope2d {
+                        head_dim,
+                        inv_freq,
+                        size,
+                    },
+                    _,
+                ) => {
+                    rope2d.push(Rope2dTable {
+                        inv_freq: inv_freq.clone(),
+                        head_dim: *head_dim,
+                        size: *size,
+                        cols: n.cols,
+                        buf: storage(&gpu, "rope2d", 16),
+                    });
+                    Plan::Rope2d(rope2d.len() - 1)
+                }
                 _ => Plan::None,
             };
             plans.push(plan);
@@ -897,6 +973,7 @@ impl WgpuRunner {
             slot_of,
             slot_cols,
             rope,
+            rope2d,
             max_k,
             max_groups,
             kv,
@@ -956,6 +1033,9 @@ impl WgpuRunner {
         self.spans = [0, 1, 2].map(|_| storage(&gpu, "attention spans", (cap * 8) as u64));
         for t in &mut self.rope {
             t.2 = storage(&gpu, "rope", (cap * t.1 * 4) as u64);
+        }
+        for t in &mut self.rope2d {
+            t.buf = storage(&gpu, "rope2d", (cap * t.cols * 4) as u64);
         }
         let (xq_bytes, xs_bytes) = (
             (cap * self.max_k * 4) as u64,
@@ -1254,11 +1334,11 @@ impl WgpuRunner {
         n: usize,
         factor: f32,
     ) {
-        self.elementwise_v(cmds, pipe, a, b, o, n, factor, 0)
+        self.elementwise_v(cmds, pipe, a, b, o, n, [factor, 0.0], 0)
     }
 
     /// [`Self::elementwise`]; with `bias_cols` > 0, `b` is a vector of that many values (one per column of
-    /// rows of `bias_cols`), bound whole.
+    /// rows of `bias_cols`), bound whole; `factor` holds the op's two scalars (Clamp: min, max).
     #[allow(clippy::too_many_arguments)]
     fn elementwise_v(
         &self,
@@ -1268,7 +1348,7 @@ impl WgpuRunner {
         b: Option<&B>,
         o: &B,
         n: usize,
-        factor: f32,
+        factor: [f32; 2],
         bias_cols: usize,
     ) {
         let chunk = ((self.gpu.max_binding() / 4) as usize / 64 * 64).max(64);
@@ -1292,9 +1372,10 @@ impl WgpuRunner {
                 binds: vec![win(a), bb, win(o)],
                 params: params(&[
                     len as u32,
-                    f(factor),
+                    f(factor[0]),
                     bias_cols as u32,
                     (e0 % bias_cols.max(1)) as u32,
+                    f(factor[1]),
                 ]),
                 groups: grid(len, 256),
             });
@@ -1337,8 +1418,9 @@ impl WgpuRunner {
         let p = &gpu.pipes;
         let q = &gpu.queue;
 
-        // Rows of every node's value this step.
+        // Rows of every node's value this step, and the input rows of each PoolPositions node's rows.
         let mut rows = vec![0usize; self.graph.nodes.len()];
+        let mut pool_src: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
         for (i, n) in self.graph.nodes.iter().enumerate() {
             rows[i] = match n.op {
                 Op::Embed { .. } | Op::Input => t,
@@ -1352,6 +1434,25 @@ impl WgpuRunner {
                         )));
                     }
                     batch.seqs.len() * (side / kernel) * (side / kernel)
+                }
+                Op::PoolPositions { kernel, size } => {
+                    if n.inputs.first().map(|v| rows[v.0]) != Some(t) {
+                        return Err(Error::invalid(format!(
+                            "node `{}` pools the step's {t} rows by position; its input has other rows",
+                            n.name
+                        )));
+                    }
+                    let spans = batch.seq_spans();
+                    let (cells, total) =
+                        e4m3_core::cpu::vision::pool_cells(&ids, &spans, kernel, size)
+                            .map_err(|e| Error::invalid(format!("node `{}`: {e}", n.name)))?;
+                    // Per pooled row, its kernel^2 input rows in row order.
+                    let mut src = vec![Vec::with_capacity(kernel * kernel); total];
+                    for (r, &c) in cells.iter().enumerate() {
+                        src[c].push(r as u32);
+                    }
+                    pool_src.insert(i, src.concat());
+                    total
                 }
                 _ => n.inputs.first().map_or(t, |v| rows[v.0]),
             };
@@ -1391,6 +1492,9 @@ impl WgpuRunner {
                 }
                 q.write_buffer(buf, 0, bytemuck::cast_slice(&tab));
             }
+            for t in &self.rope2d {
+                q.write_buffer(&t.buf, 0, bytemuck::cast_slice(&t.table(&ids)));
+            }
         }
         if nsel > 0 {
             let sel: Vec<u32> = logit_rows.iter().map(|r| r.0 as u32).collect();
@@ -1399,7 +1503,7 @@ impl WgpuRunner {
 
         // Given rows (Op::Input, or replacing the Embed rows of a text step), as (row, index of the given
         // row) runs of consecutive rows, copied from one upload.
-        let has_input = self.graph.nodes.iter().any(|n| matches!(n.op, Op::Input));
+        let given_node = self.graph.given_rows_node();
         let given = inputs.filter(|i| !i.embed_rows.is_empty()).map(|inp| {
             let buf = gpu
                 .device
@@ -1455,7 +1559,7 @@ impl WgpuRunner {
                                 groups: grid(t * cols, 256),
                             });
                         }
-                        if !has_input && given.as_ref().is_some_and(|g| g.2 == *cols) {
+                        if given_node == Some(i) {
                             copy_given(&mut cmds, &out);
                         }
                     }
@@ -1696,7 +1800,7 @@ impl WgpuRunner {
                         Some(&whole(b, b.size())),
                         &out,
                         r * node.cols,
-                        0.0,
+                        [0.0; 2],
                         node.cols,
                     ),
                     (Op::GeluTanh, _) => self.elementwise(
@@ -1776,6 +1880,90 @@ impl WgpuRunner {
                             row0 += n;
                         }
                     }
+                    (Op::PosEmbed2d { size, .. }, Plan::Embed { chunks, dt, cols }) => {
+                        for phase in 0..2 {
+                            for c in chunks {
+                                cmds.push(Cmd::Dispatch {
+                                    tex: None,
+                                    pipe: p.pos_embed2d[*dt as usize].clone(),
+                                    layout: el(),
+                                    binds: vec![
+                                        whole(&c.buf, c.buf.size()),
+                                        whole(&self.ids, (t * 4) as u64),
+                                        out.clone(),
+                                    ],
+                                    params: params(&[
+                                        t as u32,
+                                        *cols as u32,
+                                        c.row0 as u32,
+                                        c.rows as u32,
+                                        f(1.0),
+                                        *size as u32,
+                                        phase,
+                                    ]),
+                                    groups: grid(t * cols, 256),
+                                });
+                            }
+                        }
+                    }
+                    (Op::Rope2d { head_dim, .. }, Plan::Rope2d(ti)) => {
+                        // rope.wgsl over the values read as rows of one head of head_dim / 2.
+                        let hd = head_dim / 2;
+                        let rr = r * node.cols / hd;
+                        cmds.push(Cmd::Dispatch {
+                            tex: None,
+                            pipe: p.rope.clone(),
+                            layout: el(),
+                            binds: vec![
+                                inp(0),
+                                whole(&self.rope2d[*ti].buf, (r * node.cols * 4) as u64),
+                                out.clone(),
+                            ],
+                            params: params(&[rr as u32, hd as u32, hd as u32, (hd / 2) as u32]),
+                            groups: grid(rr * hd / 2, 256),
+                        });
+                    }
+                    (Op::PoolPositions { kernel, .. }, _) => {
+                        let src =
+                            gpu.device
+                                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                                    label: Some("pool sources"),
+                                    contents: bytemuck::cast_slice(&pool_src[&i]),
+                                    usage: wgpu::BufferUsages::STORAGE,
+                                });
+                        cmds.push(Cmd::Dispatch {
+                            tex: None,
+                            pipe: p.pool_positions.clone(),
+                            layout: el(),
+                            binds: vec![inp(0), whole(&src, src.size()), out.clone()],
+                            params: params(&[
+                                (r * node.cols) as u32,
+                                node.cols as u32,
+                                (kernel * kernel) as u32,
+                            ]),
+                            groups: grid(r * node.cols, 256),
+                        });
+                    }
+                    (Op::Clamp { min, max }, _) => self.elementwise_v(
+                        &mut cmds,
+                        &p.clamp,
+                        &inp(0),
+                        None,
+                        &out,
+                        r * node.cols,
+                        [*min, *max],
+                        0,
+                    ),
+                    (Op::ChannelScale { .. }, Plan::Vector(w)) => self.elementwise_v(
+                        &mut cmds,
+                        &p.channel_scale,
+                        &inp(0),
+                        Some(&whole(w, w.size())),
+                        &out,
+                        r * node.cols,
+                        [0.0; 2],
+                        node.cols,
+                    ),
                     (Op::AvgPool2d { side, kernel }, _) => {
                         cmds.push(Cmd::Dispatch {
                             tex: None,

@@ -73,6 +73,18 @@ impl Batch {
         }
         (ids, pos)
     }
+
+    /// (first flat row, rows) of each sequence.
+    pub fn seq_spans(&self) -> Vec<(usize, usize)> {
+        let mut b = 0;
+        self.seqs
+            .iter()
+            .map(|s| {
+                b += s.tokens.len();
+                (b - s.tokens.len(), s.tokens.len())
+            })
+            .collect()
+    }
 }
 
 /// Inputs of a step beyond its token ids (images): see [`Runner::step_with_inputs`].
