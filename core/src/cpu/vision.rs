@@ -139,8 +139,8 @@ pub fn pool_positions(
     let mut out = Mat::zeros(total, x.cols);
     let inv = 1.0 / (kernel * kernel) as f32;
     for &(row0, n) in spans {
-        for r in row0..row0 + n {
-            let o = out.row_mut(cells[r]);
+        for (r, &c) in cells.iter().enumerate().skip(row0).take(n) {
+            let o = out.row_mut(c);
             o.iter_mut().zip(x.row(r)).for_each(|(a, b)| *a += b * inv);
         }
     }
@@ -167,7 +167,7 @@ pub fn pool_cells(
         }
         let pos = |r: usize| ((ids[r] as usize) % size, (ids[r] as usize) / size);
         let w = ((row0..row0 + n).map(|r| pos(r).0).max().unwrap_or(0) + 1) / kernel;
-        for r in row0..row0 + n {
+        for (r, slot) in cells.iter_mut().enumerate().skip(row0).take(n) {
             let (px, py) = pos(r);
             let cell = px / kernel + w * (py / kernel);
             if px / kernel >= w || cell >= n / k2 {
@@ -176,7 +176,7 @@ pub fn pool_cells(
                 ));
             }
             hits[base + cell] += 1;
-            cells[r] = base + cell;
+            *slot = base + cell;
         }
         base += n / k2;
     }
