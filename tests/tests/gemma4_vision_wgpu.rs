@@ -144,3 +144,35 @@ fn wgpu_runs_gemma4_images_like_the_cpu() {
         );
     }
 }
+
+/// Patches that are not a full grid of pooling blocks are an error naming the pooling node on wgpu, as on
+/// the CPU (both check with `pool_cells`).
+#[test]
+fn wgpu_refuses_patches_that_do_not_pool() {
+    use e4m3_core::backend::StepInputs;
+    let Some(backend) = wgpu() else { return };
+    let dir = fixture("tiny-gemma4-vision").join("bidir");
+    let model = Model::load(&dir).unwrap();
+    let Some(ImageModel::Gemma4(v)) = ImageModel::load(&dir, &model.config).unwrap() else {
+        panic!("a Gemma 4 vision model");
+    };
+    // One row of 9 patches: 3 pooled columns for 1 pooled row.
+    let batch = Batch::single(0, 0, (0..9).collect(), LogitsFor::None);
+    let inputs = StepInputs {
+        embed_rows: (0..9).collect(),
+        embeds: Mat::zeros(9, v.config.patch_dim()),
+        groups: vec![],
+    };
+    for b in [backend.as_ref(), &CpuBackend as &dyn Backend] {
+        let mut r = v.runner(b, 1).unwrap();
+        let err = r
+            .step_with_inputs(&batch, &inputs, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vision.pool") && err.contains("patch (3, 0) is outside a grid of 9"),
+            "{}: {err}",
+            b.name()
+        );
+    }
+}
