@@ -178,22 +178,6 @@ impl StepInputs {
     }
 }
 
-/// Per flat row of `batch`, the last position its attention sees ([`group_ends`] of each sequence, with
-/// `groups` one per flat row or empty), as GPU kernels take it.
-pub fn attention_ends(batch: &Batch, groups: &[Option<u32>]) -> Vec<u32> {
-    let mut ends: Vec<u32> = Vec::with_capacity(batch.num_tokens());
-    for s in &batch.seqs {
-        let (row0, n) = (ends.len(), s.tokens.len());
-        let g = if groups.is_empty() {
-            groups
-        } else {
-            &groups[row0..row0 + n]
-        };
-        ends.extend(group_ends(g, n).iter().map(|&l| (s.start_pos + l) as u32));
-    }
-    ends
-}
-
 /// Per flat row of `batch`, the (first, last) positions its attention sees besides the window, under
 /// `mode` (graph.rs [`ImageGroups`]), as GPU kernels take it: a row sees `[min(window start, first), last]`.
 /// Off: (itself, itself); Windowed: (itself, its group's end); WholeGroup: (its group's start, its end).
@@ -512,14 +496,15 @@ mod tests {
             Some(2),
             Some(2),
         ];
-        assert_eq!(attention_ends(&batch, &g), vec![3, 5, 5, 6, 7, 2, 2, 2]);
-        assert_eq!(attention_ends(&batch, &[]), vec![3, 4, 5, 6, 7, 0, 1, 2]);
         let spans = |m| attention_spans(&batch, &g, m);
         let firsts = |m| spans(m).iter().map(|s| s[0]).collect::<Vec<u32>>();
         let lasts = |m| spans(m).iter().map(|s| s[1]).collect::<Vec<u32>>();
         assert_eq!(lasts(ImageGroups::Off), vec![3, 4, 5, 6, 7, 0, 1, 2]);
         assert_eq!(firsts(ImageGroups::Off), vec![3, 4, 5, 6, 7, 0, 1, 2]);
         assert_eq!(lasts(ImageGroups::Windowed), vec![3, 5, 5, 6, 7, 2, 2, 2]);
+        let no_groups = attention_spans(&batch, &[], ImageGroups::WholeGroup);
+        let own: Vec<[u32; 2]> = [3, 4, 5, 6, 7, 0, 1, 2].iter().map(|&p| [p, p]).collect();
+        assert_eq!(no_groups, own);
         assert_eq!(firsts(ImageGroups::Windowed), vec![3, 4, 5, 6, 7, 0, 1, 2]);
         assert_eq!(lasts(ImageGroups::WholeGroup), vec![3, 5, 5, 6, 7, 2, 2, 2]);
         assert_eq!(
