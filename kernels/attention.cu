@@ -62,7 +62,7 @@ __device__ __forceinline__ float score_warp(const float* qs, const float* k, con
 template <int KT>
 __device__ void attention_impl(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                                float* __restrict__ o, const u8* kc, const u8* vc, const u32* table,
-                               const uint4* info, AttnP p, const u32* ends) {
+                               const uint4* info, AttnP p, const uint2* spans) {
     __shared__ float qs[MAX_D];
     __shared__ float pt[ATT_THREADS];
     __shared__ float red_m[ATT_THREADS / 32], red_l[ATT_THREADS / 32];
@@ -70,9 +70,11 @@ __device__ void attention_impl(const float* __restrict__ q, const float* __restr
     uint4 inf = info[r];
     u32 slot = inf.x, start = inf.y, row0 = inf.w;
     u32 pos = start + (r - row0);
-    // The last position the row sees: itself, or the end of its image group (`ends`, when given).
-    u32 hi = ends ? ends[r] : pos;
+    // The row sees [min(window start, first), last], (first, last) from `spans` when given (its image
+    // group by the node's ImageGroups mode, core attention_spans), else itself.
+    u32 hi = spans ? spans[r].y : pos;
     u32 lo = (p.window != 0 && pos + 1 > p.window) ? pos + 1 - p.window : 0;
+    if (spans) lo = min(lo, spans[r].x);
     u32 kvh = h / (p.n_heads / p.n_kv_heads);
     u32 kvo = kvh * p.d;
     for (u32 c = tid; c < p.d; c += ATT_THREADS) qs[c] = q[(u64)r * p.q_cols + h * p.d + c];
@@ -248,8 +250,8 @@ extern "C" __global__ void attention_combine(const float* __restrict__ part, flo
 #define ATTN(sfx, KT)                                                                                           \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_##sfx(                                 \
         const float* q, const float* k, const float* v, float* o, const u8* kc, const u8* vc, const u32* table, \
-        const uint4* info, AttnP p, const u32* ends) {                                                          \
-        attention_impl<KT>(q, k, v, o, kc, vc, table, info, p, ends);                                           \
+        const uint4* info, AttnP p, const uint2* spans) {                                                       \
+        attention_impl<KT>(q, k, v, o, kc, vc, table, info, p, spans);                                          \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_split_##sfx(                           \
         const float* q, const float* k, const float* v, const u8* kc, const u8* vc, const u32* table,           \

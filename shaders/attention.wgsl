@@ -1,7 +1,8 @@
 // Causal attention over the GPU KV cache (core/src/cpu/kernels.rs attention_grouped) and the cache write.
 // Keys of positions before the step's start come from the ring buffer (row p % cap of the slot), the
-// step's own keys from `k`/`v`, rounded like the cache stores them (round_kv). A row sees positions up to
-// `ends[row]`: itself, or the end of its image group (bidirectional within an image).
+// step's own keys from `k`/`v`, rounded like the cache stores them (round_kv). A row sees positions
+// `[min(window start, spans[row].x), spans[row].y]` (core backend.rs attention_spans: its image group by the
+// node's ImageGroups mode).
 // encoder_attention is EncoderAttention (core/src/cpu/vision.rs encoder_attention) over one sequence.
 struct P {
     n_heads: u32,
@@ -30,8 +31,8 @@ struct P {
 @group(0) @binding(6) var<storage, read_write> vc: array<f32>;
 // Per row: slot, start position of its sequence, tokens of the sequence in this step, first row of it.
 @group(0) @binding(7) var<storage, read> info: array<vec4<u32>>;
-// Per row: the last position it sees.
-@group(0) @binding(8) var<storage, read> ends: array<u32>;
+// Per row: the first and last positions it sees besides the window.
+@group(0) @binding(8) var<storage, read> spans: array<vec2<u32>>;
 
 fn rnd(x: f32, s: f32) -> f32 {
     if (p.round_mode == 1u) { return bf16_round(x); }
@@ -81,11 +82,12 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     let inf = info[r];
     let slot = inf.x;
     let start = inf.y;
-    let hi = ends[r];
+    let hi = spans[r].y;
     let row0 = inf.w;
     let pos = start + (r - row0);
     var lo = 0u;
     if (p.window != 0u && pos + 1u > p.window) { lo = pos + 1u - p.window; }
+    lo = min(lo, spans[r].x);
     let kvh = h / (p.n_heads / p.n_kv_heads);
     let kvo = kvh * p.d;
     for (var c = lid; c < p.d; c += 64u) { qs[c] = q[r * p.q_cols + h * p.d + c]; }

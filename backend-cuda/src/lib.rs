@@ -551,7 +551,7 @@ impl Backend for CudaBackend {
 
     fn supports(&self, op: &Op) -> bool {
         // Gemma 4 ops: kernels/gemma4.cu, not yet run on a GPU (issue #8).
-        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true, true)
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true, true, false)
     }
 
     fn describe(&self) -> String {

@@ -8,12 +8,12 @@ use cudarc::driver::CudaGraph;
 use std::sync::Arc;
 
 use e4m3_core::backend::{
-    attention_ends, check_step_inputs, validate_batch, Batch, CacheConfig, Runner, StepInputs,
+    attention_spans, check_step_inputs, validate_batch, Batch, CacheConfig, Runner, StepInputs,
     StepOutput,
 };
 use e4m3_core::cpu::{kv_rounding, KvRounding};
 use e4m3_core::error::{Error, Result};
-use e4m3_core::graph::{Graph, Op, WeightMap};
+use e4m3_core::graph::{Graph, ImageGroups, Op, WeightMap};
 use e4m3_core::prepare::{
     dtype_code, node_weights, scheme_code, ExpertLinear, KernelScales, NodeWeights,
 };
@@ -118,9 +118,10 @@ pub struct CudaRunner {
     fused: Vec<Option<Fused>>,
     /// Partial results of split attention: SPLIT_MAX_ROWS x heads x splits x (head_dim + 2).
     attn_part: Option<Mem>,
-    /// Per row: the last position its attention sees (a step with image groups).
-    ends: Option<Mem>,
-    /// This step's given rows (`Runner::step_with_inputs`), and whether `ends` holds image groups.
+    /// Per row: the (first, last) positions its attention sees besides the window (a step with image
+    /// groups; core `attention_spans`), for `ImageGroups::Windowed` and `WholeGroup`.
+    spans: [Option<Mem>; 2],
+    /// This step's given rows (`Runner::step_with_inputs`), and whether `spans` hold image groups.
     given: Option<Given>,
     groups: bool,
 }
@@ -456,7 +457,7 @@ impl CudaRunner {
             seen: HashSet::new(),
             fused,
             attn_part,
-            ends: None,
+            spans: [None, None],
             given: None,
             groups: false,
             profile: (std::env::var("E4M3_CUDA_PROFILE").as_deref() == Ok("1"))
@@ -482,7 +483,9 @@ impl CudaRunner {
         self.ids = Some(self.dev.alloc(cap * 4)?);
         self.sel = Some(self.dev.alloc(cap * 4)?);
         self.info = Some(self.dev.alloc(cap * 16)?);
-        self.ends = Some(self.dev.alloc(cap * 4)?);
+        for s in &mut self.spans {
+            *s = Some(self.dev.alloc(cap * 8)?);
+        }
         for t in &mut self.rope {
             t.2 = Some(self.dev.alloc(cap * t.1 * 4)?);
         }
@@ -603,13 +606,19 @@ impl CudaRunner {
             let sel: Vec<u32> = logit_rows.iter().map(|r| r.0 as u32).collect();
             dev.write(self.sel.as_ref().expect("allocated"), &sel)?;
         }
-        // Image inputs: the given rows on the device, and where a row's attention ends.
+        // Image inputs: the given rows on the device, and the positions each row attends to.
         self.given = None;
         self.groups = inputs.is_some_and(|i| !i.groups.is_empty());
         if let Some(inp) = inputs {
             if self.groups {
-                let ends = attention_ends(batch, &inp.groups);
-                dev.write(self.ends.as_ref().expect("allocated"), &ends)?;
+                for (buf, mode) in self
+                    .spans
+                    .iter()
+                    .zip([ImageGroups::Windowed, ImageGroups::WholeGroup])
+                {
+                    let spans = attention_spans(batch, &inp.groups, mode);
+                    dev.write(buf.as_ref().expect("allocated"), &spans)?;
+                }
             }
             if !inp.embed_rows.is_empty() {
                 self.given = Some(Given {
@@ -699,8 +708,12 @@ impl CudaRunner {
             ptr(&self.xq),
             ptr(&self.xs),
         );
-        let ends_p = if self.groups { ptr(&self.ends) } else { 0 };
-        let has_input = self.graph.nodes.iter().any(|n| matches!(n.op, Op::Input));
+        let spans_p = if self.groups {
+            [ptr(&self.spans[0]), ptr(&self.spans[1])]
+        } else {
+            [0, 0]
+        };
+        let given_node = self.graph.given_rows_node();
         let mut tapped = BTreeMap::new();
         #[allow(clippy::needless_range_loop)] // the loop body mutates self.plans[i]
         // Fusions need every fused-away value unread: none when taps are asked for.
@@ -733,7 +746,7 @@ impl CudaRunner {
                                 A::F(*scale),
                             ],
                         )?;
-                        if !has_input {
+                        if given_node == Some(i) {
                             self.copy_given(*cols, out)?;
                         }
                     }
@@ -827,7 +840,7 @@ impl CudaRunner {
                             scale,
                             window,
                             softcap,
-                            ..
+                            image_groups,
                         }
                         | Op::AttentionShared {
                             cache_layer,
@@ -837,10 +850,16 @@ impl CudaRunner {
                             scale,
                             window,
                             softcap,
-                            ..
+                            image_groups,
                         },
                         _,
                     ) => {
+                        // Each row's (first, last) positions by the node's mode; Off is plain causal.
+                        let ends_p = match image_groups {
+                            ImageGroups::Off => 0,
+                            ImageGroups::Windowed => spans_p[0],
+                            ImageGroups::WholeGroup => spans_p[1],
+                        };
                         let l = &self.kv[*cache_layer];
                         let c = &self.classes[l.class];
                         let mut p: Vec<u8> = Vec::with_capacity(56);
@@ -875,7 +894,7 @@ impl CudaRunner {
                             A::S(p.clone()),
                             A::P(ends_p),
                         ];
-                        // Image groups (ends) take the one-block-per-row kernel: a group may see past the
+                        // Image groups (spans) take the one-block-per-row kernel: a group may see past the
                         // keys a split grid sized for the ring capacity covers.
                         if r <= SPLIT_MAX_ROWS && ends_p == 0 {
                             // Decode: keys split over blocks sized for the ring capacity, then merged.

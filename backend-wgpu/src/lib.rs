@@ -14,21 +14,21 @@
 //! KV cache and the weights are not guarded. `E4M3_WGPU_PROFILE=1` times every dispatch alone and prints
 //! the time per op and shape when the runner is dropped. Images (`Runner::step_with_inputs`): given rows
 //! are uploaded once per step and copied into the Embed (or Input) node's buffer; the attention kernel
-//! reads per row the last position it sees (its image group's end); EncoderAttention has its own entry
+//! reads per row the first and last positions it sees besides the window (by the node's `ImageGroups`); EncoderAttention has its own entry
 //! point there, one dispatch per image.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use e4m3_core::backend::{
-    attention_ends, check_step_inputs, check_supported, guard_damage, guard_fill, validate_batch,
+    attention_spans, check_step_inputs, check_supported, guard_damage, guard_fill, validate_batch,
     Backend, Batch, CacheConfig, Runner, StepInputs, StepOutput,
 };
 use e4m3_core::checkpoint::Weight;
 use e4m3_core::cpu::fp8_linear::Fp8Scales;
 use e4m3_core::cpu::{kv_rounding, KvRounding};
 use e4m3_core::error::{Error, Result};
-use e4m3_core::graph::{Graph, Op, QuantScheme, WeightMap};
+use e4m3_core::graph::{Graph, ImageGroups, Op, QuantScheme, WeightMap};
 use e4m3_core::prepare::{
     dtype_code, node_weights, scheme_code, ExpertLinear, KernelScales, NodeWeights,
 };
@@ -57,6 +57,12 @@ const XU_BYTES: u64 = 65536;
 /// Largest head_dim the attention shader handles (8 values per thread of a 64-thread workgroup).
 pub const MAX_HEAD_DIM: usize = 512;
 /// Query rows per workgroup of attention.wgsl's encoder_attention (`ER`).
+/// The `ImageGroups` modes in the order of `WgpuRunner::spans`.
+const GROUP_MODES: [ImageGroups; 3] = [
+    ImageGroups::Off,
+    ImageGroups::Windowed,
+    ImageGroups::WholeGroup,
+];
 const ENCODER_ROWS: usize = 4;
 
 /// One adapter as `e4m3 devices` lists it.
@@ -204,6 +210,10 @@ struct Pipes {
     bias_add: wgpu::ComputePipeline,
     layer_norm: wgpu::ComputePipeline,
     avg_pool2d: wgpu::ComputePipeline,
+    pos_embed2d: Vec<wgpu::ComputePipeline>,
+    pool_positions: wgpu::ComputePipeline,
+    clamp: wgpu::ComputePipeline,
+    channel_scale: wgpu::ComputePipeline,
 }
 
 struct Gpu {
@@ -356,6 +366,20 @@ impl Pipes {
             bias_add: pipeline(device, &el, &el_layout, "bias_add", &[]),
             layer_norm: pipeline(device, &norm, &el_layout, "layer_norm", &[]),
             avg_pool2d: pipeline(device, &pool, &el_layout, "avg_pool2d", &[]),
+            pos_embed2d: (0..4)
+                .map(|dt| {
+                    pipeline(
+                        device,
+                        &gather,
+                        &el_layout,
+                        "pos_embed2d",
+                        &[("DT", dt as f64)],
+                    )
+                })
+                .collect(),
+            pool_positions: pipeline(device, &pool, &el_layout, "pool_positions", &[]),
+            clamp: pipeline(device, &el, &el_layout, "clamp_op", &[]),
+            channel_scale: pipeline(device, &el, &el_layout, "channel_scale", &[]),
             el_layout,
             lin_layout,
             lin_layout_s,
@@ -416,7 +440,7 @@ impl Backend for WgpuBackend {
     }
 
     fn supports(&self, op: &Op) -> bool {
-        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true, true)
+        e4m3_core::prepare::gpu_supports(op, MAX_HEAD_DIM, true, true, true)
     }
 
     fn load(
@@ -614,12 +638,46 @@ enum Plan {
     Linear(Lin),
     /// Index into the runner's RoPE tables.
     Rope(usize),
+    /// Index into the runner's Rope2d tables.
+    Rope2d(usize),
     /// RouterTopK: the per-expert scales.
     Router(wgpu::Buffer),
     /// MoeExperts: per expert, gate_up `[2I, H]` and down `[H, I]`.
     Moe(Vec<[Lin; 2]>),
     /// BiasAdd: the bias; LayerNorm: the weight then the bias, in one buffer.
     Vector(wgpu::Buffer),
+}
+
+/// A Rope2d node's per-step cos/sin table: its values read as heads of `head_dim / 2` (rope.wgsl's rows),
+/// alternately at the row's x and y (core/src/cpu/vision.rs rope2d).
+struct Rope2dTable {
+    inv_freq: Vec<f32>,
+    head_dim: usize,
+    size: usize,
+    cols: usize,
+    buf: wgpu::Buffer,
+}
+
+impl Rope2dTable {
+    /// `[rows * halves, head_dim / 2]`: per half-head, cos then sin at its position, as the CPU computes them.
+    fn table(&self, ids: &[u32]) -> Vec<f32> {
+        let (hd, q) = (self.head_dim / 2, self.head_dim / 4);
+        let halves = self.cols / hd;
+        let mut tab = vec![0f32; ids.len() * self.cols];
+        for (r, &id) in ids.iter().enumerate() {
+            let (px, py) = ((id as usize) % self.size, (id as usize) / self.size);
+            for h in 0..halves {
+                let pos = if h % 2 == 0 { px } else { py };
+                let row = &mut tab[(r * halves + h) * hd..(r * halves + h + 1) * hd];
+                for (i, &fr) in self.inv_freq.iter().enumerate() {
+                    let a = pos as f32 * fr;
+                    row[i] = a.cos();
+                    row[q + i] = a.sin();
+                }
+            }
+        }
+        tab
+    }
 }
 
 /// A linear weight as linear.wgsl reads it.
@@ -687,11 +745,13 @@ struct WgpuRunner {
     cap_rows: usize,
     ids: wgpu::Buffer,
     info: wgpu::Buffer,
-    /// Per row: the last position its attention sees (itself, or the end of its image group).
-    ends: wgpu::Buffer,
+    /// Per `ImageGroups` mode (Off, Windowed, WholeGroup), per row: the (first, last) positions its
+    /// attention sees besides the window (`attention_spans`).
+    spans: [wgpu::Buffer; 3],
     sel: wgpu::Buffer,
     /// (inv_freq, head_dim, table of [rows, head_dim] cos|sin).
     rope: Vec<(Vec<f32>, usize, wgpu::Buffer)>,
+    rope2d: Vec<Rope2dTable>,
     max_k: usize,
     max_groups: usize,
     xq: wgpu::Buffer,
@@ -761,12 +821,18 @@ impl WgpuRunner {
     ) -> Result<WgpuRunner> {
         let mut plans = Vec::with_capacity(graph.nodes.len());
         let mut rope: Vec<(Vec<f32>, usize, wgpu::Buffer)> = Vec::new();
+        let mut rope2d: Vec<Rope2dTable> = Vec::new();
         let (mut max_k, mut max_groups) = (1usize, 1usize);
         // Widest MoE scratch rows: gate_up output, hidden activation, one expert's output.
         let mut moe_cols = [0usize; 3];
         for n in &graph.nodes {
             let plan = match (&n.op, node_weights(graph, n, weights)?) {
                 (Op::Embed { .. }, NodeWeights::Embed(w)) => Plan::Embed {
+                    chunks: upload_rows(&gpu, w)?,
+                    dt: dtype_code(w.dtype),
+                    cols: n.cols,
+                },
+                (Op::PosEmbed2d { .. }, NodeWeights::Embed(w)) => Plan::Embed {
                     chunks: upload_rows(&gpu, w)?,
                     dt: dtype_code(w.dtype),
                     cols: n.cols,
@@ -830,6 +896,23 @@ impl WgpuRunner {
                     };
                     Plan::Rope(idx)
                 }
+                (
+                    Op::Rope2d {
+                        head_dim,
+                        inv_freq,
+                        size,
+                    },
+                    _,
+                ) => {
+                    rope2d.push(Rope2dTable {
+                        inv_freq: inv_freq.clone(),
+                        head_dim: *head_dim,
+                        size: *size,
+                        cols: n.cols,
+                        buf: storage(&gpu, "rope2d", 16),
+                    });
+                    Plan::Rope2d(rope2d.len() - 1)
+                }
                 _ => Plan::None,
             };
             plans.push(plan);
@@ -868,7 +951,7 @@ impl WgpuRunner {
             cap_rows: 0,
             ids: dummy.clone(),
             info: dummy.clone(),
-            ends: dummy.clone(),
+            spans: [dummy.clone(), dummy.clone(), dummy.clone()],
             sel: dummy.clone(),
             xq: dummy.clone(),
             xs: dummy.clone(),
@@ -891,6 +974,7 @@ impl WgpuRunner {
             slot_of,
             slot_cols,
             rope,
+            rope2d,
             max_k,
             max_groups,
             kv,
@@ -947,9 +1031,12 @@ impl WgpuRunner {
         self.ids = storage(&gpu, "ids", (cap * 4) as u64);
         self.sel = storage(&gpu, "select", (cap * 4) as u64);
         self.info = storage(&gpu, "rows", (cap * 16) as u64);
-        self.ends = storage(&gpu, "attention ends", (cap * 4) as u64);
+        self.spans = [0, 1, 2].map(|_| storage(&gpu, "attention spans", (cap * 8) as u64));
         for t in &mut self.rope {
             t.2 = storage(&gpu, "rope", (cap * t.1 * 4) as u64);
+        }
+        for t in &mut self.rope2d {
+            t.buf = storage(&gpu, "rope2d", (cap * t.cols * 4) as u64);
         }
         let (xq_bytes, xs_bytes) = (
             (cap * self.max_k * 4) as u64,
@@ -1248,11 +1335,11 @@ impl WgpuRunner {
         n: usize,
         factor: f32,
     ) {
-        self.elementwise_v(cmds, pipe, a, b, o, n, factor, 0)
+        self.elementwise_v(cmds, pipe, a, b, o, n, [factor, 0.0], 0)
     }
 
     /// [`Self::elementwise`]; with `bias_cols` > 0, `b` is a vector of that many values (one per column of
-    /// rows of `bias_cols`), bound whole.
+    /// rows of `bias_cols`), bound whole; `factor` holds the op's two scalars (Clamp: min, max).
     #[allow(clippy::too_many_arguments)]
     fn elementwise_v(
         &self,
@@ -1262,7 +1349,7 @@ impl WgpuRunner {
         b: Option<&B>,
         o: &B,
         n: usize,
-        factor: f32,
+        factor: [f32; 2],
         bias_cols: usize,
     ) {
         let chunk = ((self.gpu.max_binding() / 4) as usize / 64 * 64).max(64);
@@ -1286,9 +1373,10 @@ impl WgpuRunner {
                 binds: vec![win(a), bb, win(o)],
                 params: params(&[
                     len as u32,
-                    f(factor),
+                    f(factor[0]),
                     bias_cols as u32,
                     (e0 % bias_cols.max(1)) as u32,
+                    f(factor[1]),
                 ]),
                 groups: grid(len, 256),
             });
@@ -1331,8 +1419,9 @@ impl WgpuRunner {
         let p = &gpu.pipes;
         let q = &gpu.queue;
 
-        // Rows of every node's value this step.
+        // Rows of every node's value this step, and the input rows of each PoolPositions node's rows.
         let mut rows = vec![0usize; self.graph.nodes.len()];
+        let mut pool_src: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
         for (i, n) in self.graph.nodes.iter().enumerate() {
             rows[i] = match n.op {
                 Op::Embed { .. } | Op::Input => t,
@@ -1346,6 +1435,25 @@ impl WgpuRunner {
                         )));
                     }
                     batch.seqs.len() * (side / kernel) * (side / kernel)
+                }
+                Op::PoolPositions { kernel, size } => {
+                    if n.inputs.first().map(|v| rows[v.0]) != Some(t) {
+                        return Err(Error::invalid(format!(
+                            "node `{}` pools the step's {t} rows by position; its input has other rows",
+                            n.name
+                        )));
+                    }
+                    let spans = batch.seq_spans();
+                    let (cells, total) =
+                        e4m3_core::cpu::vision::pool_cells(&ids, &spans, kernel, size)
+                            .map_err(|e| Error::invalid(format!("node `{}`: {e}", n.name)))?;
+                    // Per pooled row, its kernel^2 input rows in row order.
+                    let mut src = vec![Vec::with_capacity(kernel * kernel); total];
+                    for (r, &c) in cells.iter().enumerate() {
+                        src[c].push(r as u32);
+                    }
+                    pool_src.insert(i, src.concat());
+                    total
                 }
                 _ => n.inputs.first().map_or(t, |v| rows[v.0]),
             };
@@ -1368,8 +1476,11 @@ impl WgpuRunner {
                 base += s.tokens.len() as u32;
             }
             q.write_buffer(&self.info, 0, bytemuck::cast_slice(&info));
-            let ends = attention_ends(batch, inputs.map_or(&[][..], |i| &i.groups));
-            q.write_buffer(&self.ends, 0, bytemuck::cast_slice(&ends));
+            let groups = inputs.map_or(&[][..], |i| &i.groups);
+            for (buf, mode) in self.spans.iter().zip(GROUP_MODES) {
+                let spans = attention_spans(batch, groups, mode);
+                q.write_buffer(buf, 0, bytemuck::cast_slice(&spans));
+            }
             for (inv_freq, hd, buf) in &self.rope {
                 let half = hd / 2;
                 let mut tab = vec![0f32; t * hd];
@@ -1382,6 +1493,9 @@ impl WgpuRunner {
                 }
                 q.write_buffer(buf, 0, bytemuck::cast_slice(&tab));
             }
+            for t in &self.rope2d {
+                q.write_buffer(&t.buf, 0, bytemuck::cast_slice(&t.table(&ids)));
+            }
         }
         if nsel > 0 {
             let sel: Vec<u32> = logit_rows.iter().map(|r| r.0 as u32).collect();
@@ -1390,7 +1504,7 @@ impl WgpuRunner {
 
         // Given rows (Op::Input, or replacing the Embed rows of a text step), as (row, index of the given
         // row) runs of consecutive rows, copied from one upload.
-        let has_input = self.graph.nodes.iter().any(|n| matches!(n.op, Op::Input));
+        let given_node = self.graph.given_rows_node();
         let given = inputs.filter(|i| !i.embed_rows.is_empty()).map(|inp| {
             let buf = gpu
                 .device
@@ -1446,7 +1560,7 @@ impl WgpuRunner {
                                 groups: grid(t * cols, 256),
                             });
                         }
-                        if !has_input && given.as_ref().is_some_and(|g| g.2 == *cols) {
+                        if given_node == Some(i) {
                             copy_given(&mut cmds, &out);
                         }
                     }
@@ -1514,7 +1628,7 @@ impl WgpuRunner {
                             scale,
                             window,
                             softcap,
-                            ..
+                            image_groups,
                         }
                         | Op::AttentionShared {
                             cache_layer,
@@ -1524,10 +1638,12 @@ impl WgpuRunner {
                             scale,
                             window,
                             softcap,
-                            ..
+                            image_groups,
                         },
                         _,
                     ) => {
+                        let mode = GROUP_MODES.iter().position(|m| m == image_groups);
+                        let spans = &self.spans[mode.expect("every mode")];
                         let kvb = &self.kv[*cache_layer];
                         let binds = vec![
                             inp(0),
@@ -1537,7 +1653,7 @@ impl WgpuRunner {
                             whole(&kvb.k, kvb.k.size()),
                             whole(&kvb.v, kvb.v.size()),
                             whole(&self.info, (t * 16) as u64),
-                            whole(&self.ends, (t * 4) as u64),
+                            whole(spans, (t * 8) as u64),
                         ];
                         let prm = params(&[
                             *n_heads as u32,
@@ -1685,7 +1801,7 @@ impl WgpuRunner {
                         Some(&whole(b, b.size())),
                         &out,
                         r * node.cols,
-                        0.0,
+                        [0.0; 2],
                         node.cols,
                     ),
                     (Op::GeluTanh, _) => self.elementwise(
@@ -1739,7 +1855,7 @@ impl WgpuRunner {
                                         none.clone(),
                                         none.clone(),
                                         whole(&self.info, (t * 16) as u64),
-                                        whole(&self.ends, (t * 4) as u64),
+                                        whole(&self.spans[0], (t * 8) as u64),
                                     ],
                                     params: params(&[
                                         *n_heads as u32,
@@ -1765,6 +1881,90 @@ impl WgpuRunner {
                             row0 += n;
                         }
                     }
+                    (Op::PosEmbed2d { size, .. }, Plan::Embed { chunks, dt, cols }) => {
+                        for phase in 0..2 {
+                            for c in chunks {
+                                cmds.push(Cmd::Dispatch {
+                                    tex: None,
+                                    pipe: p.pos_embed2d[*dt as usize].clone(),
+                                    layout: el(),
+                                    binds: vec![
+                                        whole(&c.buf, c.buf.size()),
+                                        whole(&self.ids, (t * 4) as u64),
+                                        out.clone(),
+                                    ],
+                                    params: params(&[
+                                        t as u32,
+                                        *cols as u32,
+                                        c.row0 as u32,
+                                        c.rows as u32,
+                                        f(1.0),
+                                        *size as u32,
+                                        phase,
+                                    ]),
+                                    groups: grid(t * cols, 256),
+                                });
+                            }
+                        }
+                    }
+                    (Op::Rope2d { head_dim, .. }, Plan::Rope2d(ti)) => {
+                        // rope.wgsl over the values read as rows of one head of head_dim / 2.
+                        let hd = head_dim / 2;
+                        let rr = r * node.cols / hd;
+                        cmds.push(Cmd::Dispatch {
+                            tex: None,
+                            pipe: p.rope.clone(),
+                            layout: el(),
+                            binds: vec![
+                                inp(0),
+                                whole(&self.rope2d[*ti].buf, (r * node.cols * 4) as u64),
+                                out.clone(),
+                            ],
+                            params: params(&[rr as u32, hd as u32, hd as u32, (hd / 2) as u32]),
+                            groups: grid(rr * hd / 2, 256),
+                        });
+                    }
+                    (Op::PoolPositions { kernel, .. }, _) => {
+                        let src =
+                            gpu.device
+                                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                                    label: Some("pool sources"),
+                                    contents: bytemuck::cast_slice(&pool_src[&i]),
+                                    usage: wgpu::BufferUsages::STORAGE,
+                                });
+                        cmds.push(Cmd::Dispatch {
+                            tex: None,
+                            pipe: p.pool_positions.clone(),
+                            layout: el(),
+                            binds: vec![inp(0), whole(&src, src.size()), out.clone()],
+                            params: params(&[
+                                (r * node.cols) as u32,
+                                node.cols as u32,
+                                (kernel * kernel) as u32,
+                            ]),
+                            groups: grid(r * node.cols, 256),
+                        });
+                    }
+                    (Op::Clamp { min, max }, _) => self.elementwise_v(
+                        &mut cmds,
+                        &p.clamp,
+                        &inp(0),
+                        None,
+                        &out,
+                        r * node.cols,
+                        [*min, *max],
+                        0,
+                    ),
+                    (Op::ChannelScale { .. }, Plan::Vector(w)) => self.elementwise_v(
+                        &mut cmds,
+                        &p.channel_scale,
+                        &inp(0),
+                        Some(&whole(w, w.size())),
+                        &out,
+                        r * node.cols,
+                        [0.0; 2],
+                        node.cols,
+                    ),
                     (Op::AvgPool2d { side, kernel }, _) => {
                         cmds.push(Cmd::Dispatch {
                             tex: None,

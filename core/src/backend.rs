@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Op, WeightMap};
+use crate::graph::{Graph, ImageGroups, Op, WeightMap};
 use crate::tensor::Mat;
 
 /// Which positions of a sequence's step produce logits.
@@ -72,6 +72,18 @@ impl Batch {
             pos.extend((0..s.tokens.len()).map(|i| s.start_pos + i));
         }
         (ids, pos)
+    }
+
+    /// (first flat row, rows) of each sequence.
+    pub fn seq_spans(&self) -> Vec<(usize, usize)> {
+        let mut b = 0;
+        self.seqs
+            .iter()
+            .map(|s| {
+                b += s.tokens.len();
+                (b - s.tokens.len(), s.tokens.len())
+            })
+            .collect()
     }
 }
 
@@ -166,20 +178,49 @@ impl StepInputs {
     }
 }
 
-/// Per flat row of `batch`, the last position its attention sees ([`group_ends`] of each sequence, with
-/// `groups` one per flat row or empty), as GPU kernels take it.
-pub fn attention_ends(batch: &Batch, groups: &[Option<u32>]) -> Vec<u32> {
-    let mut ends: Vec<u32> = Vec::with_capacity(batch.num_tokens());
+/// Per flat row of `batch`, the (first, last) positions its attention sees besides the window, under
+/// `mode` (graph.rs [`ImageGroups`]), as GPU kernels take it: a row sees `[min(window start, first), last]`.
+/// Off: (itself, itself); Windowed: (itself, its group's end); WholeGroup: (its group's start, its end).
+pub fn attention_spans(batch: &Batch, groups: &[Option<u32>], mode: ImageGroups) -> Vec<[u32; 2]> {
+    let groups = if mode == ImageGroups::Off {
+        &[][..]
+    } else {
+        groups
+    };
+    let mut spans: Vec<[u32; 2]> = Vec::with_capacity(batch.num_tokens());
     for s in &batch.seqs {
-        let (row0, n) = (ends.len(), s.tokens.len());
+        let (row0, n) = (spans.len(), s.tokens.len());
         let g = if groups.is_empty() {
             groups
         } else {
             &groups[row0..row0 + n]
         };
-        ends.extend(group_ends(g, n).iter().map(|&l| (s.start_pos + l) as u32));
+        let first = if mode == ImageGroups::WholeGroup {
+            group_firsts(g, n)
+        } else {
+            (0..n).collect()
+        };
+        let last = group_ends(g, n);
+        spans.extend((0..n).map(|i| {
+            [
+                (s.start_pos + first[i]) as u32,
+                (s.start_pos + last[i]) as u32,
+            ]
+        }));
     }
-    ends
+    spans
+}
+
+/// For each of a sequence's `n` rows in a step, the first row (within the sequence's rows) of its
+/// contiguous image group (`groups` as in [`group_ends`]), itself outside a group.
+pub fn group_firsts(groups: &[Option<u32>], n: usize) -> Vec<usize> {
+    let mut first: Vec<usize> = (0..n).collect();
+    for i in 1..groups.len().min(n) {
+        if groups[i].is_some() && groups[i] == groups[i - 1] {
+            first[i] = first[i - 1];
+        }
+    }
+    first
 }
 
 /// For each of a sequence's `n` rows in a step, with `groups` its rows' image groups (or empty), the last
@@ -459,8 +500,21 @@ mod tests {
             Some(2),
             Some(2),
         ];
-        assert_eq!(attention_ends(&batch, &g), vec![3, 5, 5, 6, 7, 2, 2, 2]);
-        assert_eq!(attention_ends(&batch, &[]), vec![3, 4, 5, 6, 7, 0, 1, 2]);
+        let spans = |m| attention_spans(&batch, &g, m);
+        let firsts = |m| spans(m).iter().map(|s| s[0]).collect::<Vec<u32>>();
+        let lasts = |m| spans(m).iter().map(|s| s[1]).collect::<Vec<u32>>();
+        assert_eq!(lasts(ImageGroups::Off), vec![3, 4, 5, 6, 7, 0, 1, 2]);
+        assert_eq!(firsts(ImageGroups::Off), vec![3, 4, 5, 6, 7, 0, 1, 2]);
+        assert_eq!(lasts(ImageGroups::Windowed), vec![3, 5, 5, 6, 7, 2, 2, 2]);
+        let no_groups = attention_spans(&batch, &[], ImageGroups::WholeGroup);
+        let own: Vec<[u32; 2]> = [3, 4, 5, 6, 7, 0, 1, 2].iter().map(|&p| [p, p]).collect();
+        assert_eq!(no_groups, own);
+        assert_eq!(firsts(ImageGroups::Windowed), vec![3, 4, 5, 6, 7, 0, 1, 2]);
+        assert_eq!(lasts(ImageGroups::WholeGroup), vec![3, 5, 5, 6, 7, 2, 2, 2]);
+        assert_eq!(
+            firsts(ImageGroups::WholeGroup),
+            vec![3, 4, 4, 6, 7, 0, 0, 0]
+        );
         let inputs = StepInputs {
             embed_rows: vec![1, 2, 4, 5, 6, 7],
             embeds: Mat::zeros(6, 1),

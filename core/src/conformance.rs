@@ -1520,44 +1520,43 @@ mod tests {
             assert_eq!(report.passed(), report.results.len(), "{n}");
         }
         // A GPU backend without Gemma 4 kernels (prepare::gpu_supports with `gemma4` false) refuses exactly
-        // these cases, one without vision kernels exactly the vision-op cases; one with both runs every case.
-        let vision_ops = [
-            "bias_add(",
-            "gelu_tanh(",
-            "layer_norm(",
-            "encoder_attention(",
-            "avg_pool2d(",
-            "input(",
+        // these cases, one without vision kernels exactly the cases with a vision-encoder op, one without
+        // Gemma 4 vision kernels exactly those with a Gemma 4 vision-tower op; one with all runs every case.
+        const VISION: [&str; 6] = [
+            "input",
+            "bias_add",
+            "layer_norm",
+            "gelu_tanh",
+            "encoder_attention",
+            "avg_pool2d",
         ];
+        const VISION4: [&str; 5] = [
+            "pos_embed2d",
+            "rope2d",
+            "pool_positions",
+            "clamp",
+            "channel_scale",
+        ];
+        let mut seen = [0usize; 3];
         for c in cases() {
-            let ok = |gemma4, vision| {
+            let ok = |gemma4, vision, vision4| {
                 c.graph
                     .nodes
                     .iter()
-                    .all(|n| crate::prepare::gpu_supports(&n.op, 512, gemma4, vision))
+                    .all(|n| crate::prepare::gpu_supports(&n.op, 512, gemma4, vision, vision4))
             };
-            // The Gemma 4 vision-tower ops run on the CPU reference only (issue #9).
-            const CPU_ONLY: [&str; 5] = [
-                "pos_embed2d",
-                "rope2d",
-                "pool_positions",
-                "clamp",
-                "channel_scale",
-            ];
-            if c.graph
-                .nodes
-                .iter()
-                .any(|n| CPU_ONLY.contains(&n.op.kind()))
-            {
-                assert!(!ok(true, true), "{}", c.name);
-                continue;
-            }
+            let has = |kinds: &[&str]| c.graph.nodes.iter().any(|n| kinds.contains(&n.op.kind()));
             let gemma4 = names.iter().any(|n| c.name.starts_with(n));
-            let vision = vision_ops.iter().any(|n| c.name.starts_with(n));
-            assert_eq!(ok(false, true), !gemma4, "{}", c.name);
-            assert_eq!(ok(true, false), !vision, "{}", c.name);
-            assert!(ok(true, true), "{}", c.name);
+            let (vision, vision4) = (has(&VISION), has(&VISION4));
+            for (k, on) in [gemma4, vision, vision4].into_iter().enumerate() {
+                seen[k] += on as usize;
+            }
+            assert_eq!(ok(false, true, true), !gemma4, "{}", c.name);
+            assert_eq!(ok(true, false, true), !vision, "{}", c.name);
+            assert_eq!(ok(true, true, false), !vision4, "{}", c.name);
+            assert!(ok(true, true, true), "{}", c.name);
         }
+        assert!(seen.iter().all(|&n| n >= 4), "{seen:?}");
     }
 
     #[test]

@@ -361,6 +361,18 @@ impl Graph {
     /// `max_seq_len`, else `max_seq_len`. A layer that [`Op::AttentionShared`] nodes read keeps every
     /// position: its owner appends a whole step before the sharers read it, so a ring of the window would
     /// already have overwritten keys that the step's first queries still see.
+    /// The node a step's given rows (`StepInputs::embeds`) feed: the `Op::Input` node (an encoder), else
+    /// the first `Op::Embed` (the token embedding, whose rows they replace; a later one, such as Gemma 4's
+    /// per-layer table, gathers by id).
+    pub fn given_rows_node(&self) -> Option<usize> {
+        let input = self.nodes.iter().position(|n| matches!(n.op, Op::Input));
+        input.or_else(|| {
+            self.nodes
+                .iter()
+                .position(|n| matches!(n.op, Op::Embed { .. }))
+        })
+    }
+
     pub fn cache_capacity(&self, layer: usize, max_seq_len: usize) -> usize {
         let shared = self.nodes.iter().any(
             |n| matches!(n.op, Op::AttentionShared { cache_layer, .. } if cache_layer == layer),

@@ -161,6 +161,23 @@ pub fn node_weights<'a>(
             )
         }
         Op::BiasAdd { bias } => NodeWeights::Vectors(vec![vector(get(bias)?, n)?]),
+        Op::ChannelScale { weight } => NodeWeights::Vectors(vec![vector(get(weight)?, n)?]),
+        Op::PosEmbed2d { table, size } => {
+            let w = get(table)?;
+            if w.shape != [2 * size, n.cols] {
+                return Err(Error::tensor(
+                    table,
+                    format!(
+                        "shape {:?} does not fit node `{}` (x and y tables of {size} positions, [{}, {}])",
+                        w.shape,
+                        n.name,
+                        2 * size,
+                        n.cols
+                    ),
+                ));
+            }
+            NodeWeights::Embed(w)
+        }
         Op::LayerNorm { weight, bias, .. } => {
             NodeWeights::Vectors(vec![vector(get(weight)?, n)?, vector(get(bias)?, n)?])
         }
@@ -189,8 +206,16 @@ fn vector(w: &Weight, n: &Node) -> Result<Vec<f32>> {
 /// The ops a GPU backend runs, with attention limited to `max_head_dim` and whole GQA groups; the Gemma 4
 /// ops (`SliceCols`, `AttentionShared`, `RouterTopK`, `MoeExperts`) only where `gemma4` says the backend has
 /// kernels for them, and the vision-encoder ops (`Input`, `BiasAdd`, `LayerNorm`, `GeluTanh`,
-/// `EncoderAttention`, `AvgPool2d`, which come with `Runner::step_with_inputs`) only where `vision` does.
-pub fn gpu_supports(op: &Op, max_head_dim: usize, gemma4: bool, vision: bool) -> bool {
+/// `EncoderAttention`, `AvgPool2d`, which come with `Runner::step_with_inputs`) only where `vision` does,
+/// and the Gemma 4 vision-tower ops (`PosEmbed2d`, `Rope2d`, `PoolPositions`, `Clamp`, `ChannelScale`)
+/// only where `vision4` does.
+pub fn gpu_supports(
+    op: &Op,
+    max_head_dim: usize,
+    gemma4: bool,
+    vision: bool,
+    vision4: bool,
+) -> bool {
     match op {
         Op::Attention {
             head_dim,
@@ -222,12 +247,11 @@ pub fn gpu_supports(op: &Op, max_head_dim: usize, gemma4: bool, vision: bool) ->
         Op::EncoderAttention { head_dim, .. } => vision && *head_dim <= max_head_dim,
         Op::AvgPool2d { kernel, .. } => vision && *kernel > 0,
         Op::Input | Op::BiasAdd { .. } | Op::LayerNorm { .. } | Op::GeluTanh => vision,
-        // Gemma 4 vision-tower ops: CPU reference only for now (issue #9).
-        Op::PosEmbed2d { .. }
-        | Op::Rope2d { .. }
-        | Op::PoolPositions { .. }
-        | Op::Clamp { .. }
-        | Op::ChannelScale { .. } => false,
+        Op::PosEmbed2d { .. } | Op::Clamp { .. } | Op::ChannelScale { .. } => vision4,
+        Op::Rope2d {
+            head_dim, inv_freq, ..
+        } => vision4 && head_dim % 4 == 0 && inv_freq.len() == head_dim / 4,
+        Op::PoolPositions { kernel, .. } => vision4 && *kernel > 0,
     }
 }
 

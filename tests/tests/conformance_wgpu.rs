@@ -138,7 +138,57 @@ fn wgpu_runs_every_vision_case() {
             assert!(report.passed() > 0, "{filter}: no case");
             total += report.passed();
         }
-        let image_groups = if limit.is_some() { 0 } else { 2 };
+        let image_groups = if limit.is_some() { 0 } else { 4 };
         assert_eq!(total, 3 * 3 + 3 + 2 + 1 + image_groups, "{limit:?}");
+    }
+}
+
+/// The Gemma 4 vision-tower ops and the image-groups modes of attention (issue #9) have wgpu kernels:
+/// every one of their cases runs and passes; Clamp and ChannelScale also with the binding limit lowered
+/// to 24 KiB (`channel_scale(cols=1000,rows=7)` runs in two windows, the second from column 144).
+#[test]
+fn wgpu_runs_every_gemma4_vision_case() {
+    for limit in [None, Some(24 << 10)] {
+        let opened = match limit {
+            None => e4m3_backend_wgpu::open(None),
+            Some(l) => e4m3_backend_wgpu::open_with_binding_limit(None, l),
+        };
+        let backend = match opened {
+            Ok(b) => b,
+            Err(e) => {
+                println!("skipped: no wgpu adapter ({e})");
+                if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
+                    return;
+                }
+                panic!(
+                    "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
+                );
+            }
+        };
+        let filters = [
+            "clamp(",
+            "channel_scale(",
+            "pos_embed2d(",
+            "rope2d(",
+            "pool_positions(",
+            "image_groups=Off",
+            "image_groups=WholeGroup",
+        ];
+        let n = if limit.is_some() { 2 } else { filters.len() };
+        let mut total = 0;
+        for filter in &filters[..n] {
+            let report = run_suite(backend.as_ref(), Some(filter));
+            for r in &report.results {
+                assert!(
+                    r.reason().is_none(),
+                    "{limit:?} {}: {:?}",
+                    r.name,
+                    r.reason()
+                );
+            }
+            assert!(report.passed() > 0, "{filter}: no case");
+            total += report.passed();
+        }
+        assert_eq!(total, if limit.is_some() { 4 } else { 12 }, "{limit:?}");
     }
 }

@@ -363,7 +363,7 @@ mod tiny {
     }
 }
 
-/// The Gemma 4 vision conformance cases run on the CPU reference (other backends report them unsupported).
+/// The Gemma 4 vision conformance cases run on the CPU reference (wgpu: tests/tests/conformance_wgpu.rs).
 #[test]
 fn gemma4_vision_conformance_cases_run_on_the_cpu() {
     use e4m3_core::conformance::run_suite;

@@ -295,12 +295,7 @@ pub fn attention_grouped(
     // Last row (within the step) each row sees: itself, or the end of its group; and the first row of its
     // group.
     let last = crate::backend::group_ends(groups, n);
-    let mut first = (0..n).collect::<Vec<usize>>();
-    for i in 1..groups.len().min(n) {
-        if groups[i].is_some() && groups[i] == groups[i - 1] {
-            first[i] = first[i - 1];
-        }
-    }
+    let first = crate::backend::group_firsts(groups, n);
     let d = g.head_dim;
     let group = g.n_heads / g.n_kv_heads;
     let cache_ref = &*cache;

@@ -308,27 +308,10 @@ impl CpuRunner {
         let (ids, positions) = batch.flat_tokens();
         // Given rows feed `Op::Input` where the graph has one (an encoder), else replace embeddings.
         check_step_inputs(inputs, &self.graph, ids.len())?;
-        let has_input = self.graph.nodes.iter().any(|n| matches!(n.op, Op::Input));
-        // Given embeddings replace rows of the graph's first Embed (the token embedding; a later one, such
-        // as Gemma 4's per-layer table, gathers by id).
-        let first_embed = self
-            .graph
-            .nodes
-            .iter()
-            .position(|n| matches!(n.op, Op::Embed { .. }));
+        let given_node = self.graph.given_rows_node();
         let no_groups: Vec<Option<u32>> = Vec::new();
         let groups = inputs.map_or(&no_groups, |i| &i.groups);
-        let seq_spans: Vec<(usize, usize)> = {
-            let mut b = 0;
-            batch
-                .seqs
-                .iter()
-                .map(|s| {
-                    b += s.tokens.len();
-                    (b - s.tokens.len(), s.tokens.len())
-                })
-                .collect()
-        };
+        let seq_spans = batch.seq_spans();
         let logit_rows = batch.logit_rows();
         let select: Vec<usize> = logit_rows.iter().map(|r| r.0).collect();
         // (first row in the step, tokens, start position, slot) of each sequence.
@@ -347,7 +330,7 @@ impl CpuRunner {
             let out = match &node.op {
                 Op::Embed { table, scale } => {
                     let mut e = kernels::embed(&self.weights[table], &ids, *scale);
-                    if let Some(inp) = inputs.filter(|_| !has_input && first_embed == Some(i)) {
+                    if let Some(inp) = inputs.filter(|_| given_node == Some(i)) {
                         for (i, &r) in inp.embed_rows.iter().enumerate() {
                             e.row_mut(r).copy_from_slice(inp.embeds.row(i));
                         }

@@ -135,11 +135,31 @@ pub fn pool_positions(
     kernel: usize,
     size: usize,
 ) -> Result<Mat, String> {
+    let (cells, total) = pool_cells(ids, spans, kernel, size)?;
+    let mut out = Mat::zeros(total, x.cols);
+    let inv = 1.0 / (kernel * kernel) as f32;
+    for &(row0, n) in spans {
+        for (r, &c) in cells.iter().enumerate().skip(row0).take(n) {
+            let o = out.row_mut(c);
+            o.iter_mut().zip(x.row(r)).for_each(|(a, b)| *a += b * inv);
+        }
+    }
+    Ok(out)
+}
+
+/// The pooled row (over all spans) each row of each `(first row, rows)` span adds to under
+/// `Op::PoolPositions`, indexed by row, and the number of pooled rows; checked: every pooled cell of a
+/// span gets exactly `kernel^2` of its rows.
+pub fn pool_cells(
+    ids: &[u32],
+    spans: &[(usize, usize)],
+    kernel: usize,
+    size: usize,
+) -> Result<(Vec<usize>, usize), String> {
     let k2 = kernel * kernel;
     let total: usize = spans.iter().map(|s| s.1 / k2).sum();
-    let mut out = Mat::zeros(total, x.cols);
+    let mut cells = vec![0usize; spans.iter().map(|s| s.0 + s.1).max().unwrap_or(0)];
     let mut hits = vec![0usize; total];
-    let inv = 1.0 / k2 as f32;
     let mut base = 0;
     for &(row0, n) in spans {
         if n % k2 != 0 {
@@ -147,7 +167,7 @@ pub fn pool_positions(
         }
         let pos = |r: usize| ((ids[r] as usize) % size, (ids[r] as usize) / size);
         let w = ((row0..row0 + n).map(|r| pos(r).0).max().unwrap_or(0) + 1) / kernel;
-        for r in row0..row0 + n {
+        for (r, slot) in cells.iter_mut().enumerate().skip(row0).take(n) {
             let (px, py) = pos(r);
             let cell = px / kernel + w * (py / kernel);
             if px / kernel >= w || cell >= n / k2 {
@@ -156,8 +176,7 @@ pub fn pool_positions(
                 ));
             }
             hits[base + cell] += 1;
-            let o = out.row_mut(base + cell);
-            o.iter_mut().zip(x.row(r)).for_each(|(a, b)| *a += b * inv);
+            *slot = base + cell;
         }
         base += n / k2;
     }
@@ -167,7 +186,7 @@ pub fn pool_positions(
             hits[cell]
         ));
     }
-    Ok(out)
+    Ok((cells, total))
 }
 
 /// `min(max(x, lo), hi)`.
