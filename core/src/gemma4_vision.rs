@@ -410,26 +410,7 @@ impl Gemma4Vision {
                     ),
                 ));
             };
-            if &w.shape != shape {
-                return Err(Error::tensor(
-                    &name,
-                    format!(
-                        "expected shape {shape:?}, found {:?} (in {})",
-                        w.shape,
-                        w.file.display()
-                    ),
-                ));
-            }
-            if !matches!(w.dtype, DType::F32 | DType::BF16 | DType::F16) {
-                return Err(Error::tensor(
-                    &name,
-                    format!(
-                        "dtype {}: the vision tower must be F32, BF16 or F16 (in {})",
-                        w.dtype,
-                        w.file.display()
-                    ),
-                ));
-            }
+            w.expect(shape, &[DType::F32, DType::BF16, DType::F16])?;
             weights.insert(c.clone(), w.renamed(&c));
         }
         if let Some(missing) = expected.keys().find(|k| !weights.contains_key(*k)) {
