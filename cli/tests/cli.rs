@@ -254,7 +254,7 @@ fn bad_input_is_a_clear_error() {
 }
 
 /// `crosscheck --backends wgpu,cpu` on the real model in BF16 and two FP8 schemes quantized on the fly.
-/// Without a wgpu adapter this fails, unless E4M3_ALLOW_NO_GPU=1 (then it says it was skipped).
+/// Without a wgpu adapter this fails (scripts/setup.sh installs lavapipe).
 #[test]
 fn crosscheck_wgpu_against_cpu_on_the_real_model() {
     let m = real_model();
@@ -268,12 +268,6 @@ fn crosscheck_wgpu_against_cpu_on_the_real_model() {
         "6",
     ]);
     let err = String::from_utf8_lossy(&probe.stderr).to_string();
-    if err.contains("backend `wgpu` is not available")
-        && std::env::var_os("E4M3_ALLOW_NO_GPU").is_some()
-    {
-        eprintln!("skipped: no wgpu adapter (E4M3_ALLOW_NO_GPU=1)");
-        return;
-    }
     assert!(
         probe.status.success(),
         "BF16 crosscheck failed: {err}\n{}",
@@ -523,7 +517,7 @@ fn run_chat_gemma4_thinking() {
 /// `run --image` on the tiny Gemma 4 checkpoints (tests/fixtures/tiny-gemma4-vision/{bidir,unified})
 /// and a word tokenizer whose `<|image|>`, `<|image>`, `<image|>` are the fixture's ids 60, 61, 62: the
 /// prompt ids and the greedy tokens are transformers', on the CPU and on wgpu (without a wgpu adapter the
-/// wgpu run fails, unless E4M3_ALLOW_NO_GPU=1).
+/// wgpu run fails).
 #[test]
 fn run_image_on_gemma4_matches_transformers() {
     // The tower model, and the 12B-like encoder-free one: the same prompt and images.
@@ -620,13 +614,6 @@ fn run_image_on_gemma4(variant: &str, backend: &str) {
     };
     let a1 = args(&prompt);
     let out = e4m3(&a1.iter().map(String::as_str).collect::<Vec<_>>());
-    let err = String::from_utf8_lossy(&out.stderr);
-    if err.contains("backend `wgpu` is not available")
-        && std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1")
-    {
-        eprintln!("skipped: no wgpu adapter (E4M3_ALLOW_NO_GPU=1)");
-        return;
-    }
     assert!(
         out.status.success(),
         "{}",

@@ -488,3 +488,15 @@ pub fn json_f32s(v: &Value) -> Vec<f32> {
 pub fn json_f32_matrix(v: &Value) -> Vec<Vec<f32>> {
     v.as_array().unwrap().iter().map(json_f32s).collect()
 }
+
+/// The wgpu backend (its binding limit lowered to `binding_limit` bytes when given). A missing adapter
+/// fails the test, never skips it: scripts/setup.sh installs lavapipe.
+pub fn wgpu_backend(binding_limit: Option<u64>) -> Box<dyn e4m3_core::backend::Backend> {
+    let opened = match binding_limit {
+        None => e4m3_backend_wgpu::open(None),
+        Some(l) => e4m3_backend_wgpu::open_with_binding_limit(None, l),
+    };
+    opened.unwrap_or_else(|e| {
+        panic!("no wgpu adapter: {e} (scripts/setup.sh installs mesa-vulkan-drivers for lavapipe)")
+    })
+}

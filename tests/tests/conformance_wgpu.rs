@@ -1,22 +1,11 @@
 //! The backend conformance suite (`e4m3_core::conformance`) on the wgpu backend, against the CPU
-//! reference. Without a wgpu adapter this test fails unless `E4M3_ALLOW_NO_GPU=1` (CI installs lavapipe).
+//! reference. Without a wgpu adapter this test fails (it never skips; CI installs lavapipe).
 
 use e4m3_core::conformance::run_suite;
 
 #[test]
 fn wgpu_matches_cpu_reference_on_every_op() {
-    let backend = match e4m3_backend_wgpu::open(None) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("skipped: no wgpu adapter ({e})");
-            if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
-                return;
-            }
-            panic!(
-                "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
-            );
-        }
-    };
+    let backend = e4m3_tests::wgpu_backend(None);
     let report = run_suite(backend.as_ref(), None);
     assert_eq!(report.failed(), 0, "{} cases failed", report.failed());
     assert!(report.passed() > 0, "no case ran");
@@ -25,18 +14,7 @@ fn wgpu_matches_cpu_reference_on_every_op() {
 /// Weights split across several buffers (binding limit lowered to 64 KiB): linear and embed cases.
 #[test]
 fn wgpu_splits_tensors_larger_than_one_binding() {
-    let backend = match e4m3_backend_wgpu::open_with_binding_limit(None, 64 << 10) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("skipped: no wgpu adapter ({e})");
-            if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
-                return;
-            }
-            panic!(
-                "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
-            );
-        }
-    };
+    let backend = e4m3_tests::wgpu_backend(Some(64 << 10));
     for filter in ["linear(dense", "linear(fp8", "embed("] {
         let report = run_suite(backend.as_ref(), Some(filter));
         // Cases whose input rows are longer than the lowered limit must fail with that reason, not
@@ -59,18 +37,7 @@ fn wgpu_splits_tensors_larger_than_one_binding() {
 /// The Gemma 4 ops (issue #8) have wgpu kernels: every one of their cases runs and passes.
 #[test]
 fn wgpu_runs_every_gemma4_case() {
-    let backend = match e4m3_backend_wgpu::open(None) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("skipped: no wgpu adapter ({e})");
-            if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
-                return;
-            }
-            panic!(
-                "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
-            );
-        }
-    };
+    let backend = e4m3_tests::wgpu_backend(None);
     for filter in [
         "slice_cols(",
         "attention_shared(",
@@ -98,22 +65,7 @@ fn wgpu_runs_every_gemma4_case() {
 #[test]
 fn wgpu_runs_every_vision_case() {
     for limit in [None, Some(24 << 10)] {
-        let opened = match limit {
-            None => e4m3_backend_wgpu::open(None),
-            Some(l) => e4m3_backend_wgpu::open_with_binding_limit(None, l),
-        };
-        let backend = match opened {
-            Ok(b) => b,
-            Err(e) => {
-                println!("skipped: no wgpu adapter ({e})");
-                if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
-                    return;
-                }
-                panic!(
-                    "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
-                );
-            }
-        };
+        let backend = e4m3_tests::wgpu_backend(limit);
         let mut total = 0;
         let filters = [
             "bias_add(",
@@ -149,22 +101,7 @@ fn wgpu_runs_every_vision_case() {
 #[test]
 fn wgpu_runs_every_gemma4_vision_case() {
     for limit in [None, Some(24 << 10)] {
-        let opened = match limit {
-            None => e4m3_backend_wgpu::open(None),
-            Some(l) => e4m3_backend_wgpu::open_with_binding_limit(None, l),
-        };
-        let backend = match opened {
-            Ok(b) => b,
-            Err(e) => {
-                println!("skipped: no wgpu adapter ({e})");
-                if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
-                    return;
-                }
-                panic!(
-                    "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
-                );
-            }
-        };
+        let backend = e4m3_tests::wgpu_backend(limit);
         let filters = [
             "clamp(",
             "channel_scale(",

@@ -386,18 +386,7 @@ fn steps_of_several_tokens_equal_one_prefill() {
 fn wgpu_runs_every_gemma4_variant() {
     use e4m3_core::backend::CacheConfig;
     use e4m3_core::quantize::{quantize, QuantizeOptions, Scheme};
-    let backend = match e4m3_backend_wgpu::open(None) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("skipped: no wgpu adapter ({e})");
-            if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
-                return;
-            }
-            panic!(
-                "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
-            );
-        }
-    };
+    let backend = e4m3_tests::wgpu_backend(None);
     for v in VARIANTS {
         let m = Model::load(&dir(v)).unwrap();
         let ids = &cases(v)[0].ids;

@@ -1,6 +1,6 @@
 //! The tiny Gemma 4 vision checkpoints (tests/fixtures/tiny-gemma4-vision: `bidir`, `e2b`, `unified`) on
 //! the wgpu backend against the CPU reference and transformers: image features, image-prompt logits and
-//! greedy tokens. Without a wgpu adapter this test fails unless `E4M3_ALLOW_NO_GPU=1` (CI installs
+//! greedy tokens. Without a wgpu adapter this test fails (it never skips; CI installs
 //! lavapipe).
 
 use e4m3_core::backend::{Backend, Batch, CacheConfig, LogitsFor};
@@ -23,24 +23,9 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     max_abs_diff(got, want) / (hi - lo)
 }
 
-fn wgpu() -> Option<Box<dyn Backend>> {
-    match e4m3_backend_wgpu::open(None) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            println!("skipped: no wgpu adapter ({e})");
-            if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
-                return None;
-            }
-            panic!(
-                "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
-            );
-        }
-    }
-}
-
 #[test]
 fn wgpu_runs_gemma4_images_like_the_cpu() {
-    let Some(backend) = wgpu() else { return };
+    let backend = e4m3_tests::wgpu_backend(None);
     for variant in ["bidir", "e2b", "unified"] {
         let dir = fixture("tiny-gemma4-vision").join(variant);
         let reference = read_json(&dir.join("reference.json"));
@@ -150,7 +135,7 @@ fn wgpu_runs_gemma4_images_like_the_cpu() {
 #[test]
 fn wgpu_refuses_patches_that_do_not_pool() {
     use e4m3_core::backend::StepInputs;
-    let Some(backend) = wgpu() else { return };
+    let backend = e4m3_tests::wgpu_backend(None);
     let dir = fixture("tiny-gemma4-vision").join("bidir");
     let model = Model::load(&dir).unwrap();
     let Some(ImageModel::Gemma4(v)) = ImageModel::load(&dir, &model.config).unwrap() else {

@@ -269,18 +269,7 @@ mod tiny {
     fn wgpu_runs_images_like_the_cpu() {
         use e4m3_core::backend::CacheConfig;
         use e4m3_core::conformance::{nmse, NMSE_ATTENTION, NMSE_MATMUL};
-        let backend = match e4m3_backend_wgpu::open(None) {
-            Ok(b) => b,
-            Err(e) => {
-                println!("skipped: no wgpu adapter ({e})");
-                if std::env::var("E4M3_ALLOW_NO_GPU").as_deref() == Ok("1") {
-                    return;
-                }
-                panic!(
-                    "no wgpu adapter: {e} (set E4M3_ALLOW_NO_GPU=1 to skip on machines without one)"
-                );
-            }
-        };
+        let backend = e4m3_tests::wgpu_backend(None);
         let f = load();
         let mut vr = f.vision.runner(backend.as_ref(), 2).unwrap();
         let taps = ["vision_last_hidden".to_string()];
